@@ -1,0 +1,78 @@
+"""The statistics of the merge in progress, which the merge kernels read by tensor name.
+
+A mergekit kernel sees only the output tensor name and each input's ``ModelReference``; the
+pre-pass (``prepass.run_with_statistics``) activates a ``MergeContext`` for the duration of
+``run_merge`` so the kernel can find the right Hessian statistics.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from mergekit.common import ModelReference
+
+from mergekit_sparsegpt.hessian import HessianStatistics
+from mergekit_sparsegpt.statistics import TaskStatistics
+
+TaskKey = tuple[ModelReference, str]  # (model whose task vector it is, calibration source)
+
+
+@dataclass
+class MergeContext:
+    # output tensor name -> model -> the tensor name whose Hessian applies (differs under slices)
+    hessian_inputs: dict[str, dict[ModelReference, str]]
+    tasks: dict[TaskKey, TaskStatistics]
+    usage: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def statistics_for(
+        self, output_name: str, model: ModelReference, calibration: str | None
+    ) -> HessianStatistics | None:
+        """Hessian statistics for ``model``'s contribution to ``output_name`` (None: fallback)."""
+        task = self.tasks.get((model, calibration or ""))
+        if task is None:
+            raise ValueError(
+                f"No Hessian statistics were prepared for model {model} with calibration "
+                f"{calibration!r}; run the merge through mergekit-yaml or run_merge"
+            )
+        input_name = self.hessian_inputs.get(output_name, {}).get(model, output_name)
+        try:
+            return task.for_weight(input_name)
+        except KeyError:
+            raise ValueError(
+                f"Tensor {input_name} of model {model} is a linear layer but no Hessian was "
+                f"captured for it (calibration {calibration!r}); does the calibrated model have "
+                "that layer? Delete the statistics cache entry or fix hessian_source / slices."
+            ) from None
+
+    def record(self, path: str, tensors: int, parameters: int) -> None:
+        with self._lock:
+            self.usage[(path, "tensors")] += tensors
+            self.usage[(path, "parameters")] += parameters
+
+
+_active: MergeContext | None = None
+
+
+@contextmanager
+def activated(context: MergeContext) -> Iterator[MergeContext]:
+    global _active
+    previous, _active = _active, context
+    try:
+        yield context
+    finally:
+        _active = previous
+
+
+def active_context(method_name: str) -> MergeContext:
+    if _active is None:
+        raise RuntimeError(
+            f"{method_name} needs Hessian statistics, which are prepared by the pre-pass that "
+            "runs inside mergekit.merge.run_merge / mergekit-yaml. Call it through those (with "
+            "mergekit_sparsegpt installed) or mergekit_sparsegpt.registration.install() first."
+        )
+    return _active

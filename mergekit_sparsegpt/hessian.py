@@ -1,0 +1,115 @@
+"""Layer-input Hessians and the per-column statistics the importance scores read.
+
+For a linear layer y = W x the layer-wise reconstruction loss ||(W - W') X||^2 has Hessian
+H = 2 X X^T with respect to each row of W (SparseGPT, Frantar & Alistarh 2023, eq. 1).
+``HessianAccumulator`` is SparseGPT's ``add_batch``; ``hessian_statistics`` is the preamble of
+SparseGPT's ``fasterprune`` (dead columns, damping, Cholesky of H^-1), keeping only the diagonals
+that the scores need so that a task's statistics stay O(columns) per layer on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Relative damping steps tried after the configured one when Cholesky fails; SparseGPT uses a
+# single fixed 1% and simply crashes on failure.
+DAMPING_LADDER = (0.01, 0.1, 1.0)
+
+
+class HessianError(ValueError):
+    """A Hessian that cannot be turned into statistics (non-finite, wrong shape)."""
+
+
+class HessianAccumulator:
+    """Running average of H = (2/n) * sum X X^T over calibration batches.
+
+    As in SparseGPT, n counts sequences (the leading dimension of a 3-D input), not tokens; the
+    scale cancels in every importance score and in the relative damping.
+    """
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        batch = inputs.shape[0] if inputs.dim() > 2 else 1
+        rows = inputs.reshape(-1, inputs.shape[-1]).to(self.hessian.device, torch.float32)
+        self.hessian *= self.samples / (self.samples + batch)
+        self.samples += batch
+        rows = rows * math.sqrt(2 / self.samples)
+        self.hessian.addmm_(rows.t(), rows)
+
+
+@dataclass(frozen=True)
+class HessianStatistics:
+    """Per-input-column statistics of one Hessian (one entry per column of W[out, in]).
+
+    ``hessian_diagonal`` is undamped (with dead columns set to 1); the other two come from the
+    damped Hessian. ``damping`` is the relative damping that succeeded and ``method`` says whether
+    Cholesky worked or the pseudo-inverse fallback was needed.
+    """
+
+    hessian_diagonal: torch.Tensor
+    inverse_diagonal: torch.Tensor
+    cholesky_diagonal: torch.Tensor
+    damping: float
+    method: str
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "hessian_diagonal": self.hessian_diagonal,
+            "inverse_diagonal": self.inverse_diagonal,
+            "cholesky_diagonal": self.cholesky_diagonal,
+        }
+
+
+def hessian_statistics(hessian: torch.Tensor, dampening: float = 0.01) -> HessianStatistics:
+    """Dead columns -> 1, relative damping, Cholesky of H^-1; escalate damping, then pinv."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise HessianError(f"Hessian must be square, got shape {tuple(hessian.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise HessianError("Hessian has non-finite entries (inf/NaN activations)")
+    hessian = hessian.to(torch.float32).clone()
+    diagonal = torch.diagonal(hessian)
+    # A column whose input is always zero carries no curvature; SparseGPT sets it to 1 so the
+    # matrix stays invertible and the column is ranked by |tau| alone.
+    diagonal[diagonal == 0] = 1
+    hessian_diagonal = diagonal.clone()
+    mean_diagonal = diagonal.mean().item()
+
+    for damping in _damping_steps(dampening):
+        damped = hessian + damping * mean_diagonal * torch.eye(len(hessian), device=hessian.device)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info.item() != 0:
+            continue
+        inverse = torch.cholesky_inverse(lower)
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        if info.item() == 0:
+            return HessianStatistics(
+                hessian_diagonal,
+                torch.diagonal(inverse).clone(),
+                torch.diagonal(upper).clone(),
+                damping,
+                "cholesky",
+            )
+    return _pseudo_inverse_statistics(hessian, hessian_diagonal, mean_diagonal, dampening)
+
+
+def _damping_steps(dampening: float) -> list[float]:
+    return [dampening] + [step for step in DAMPING_LADDER if step > dampening]
+
+
+def _pseudo_inverse_statistics(
+    hessian: torch.Tensor, hessian_diagonal: torch.Tensor, mean_diagonal: float, dampening: float
+) -> HessianStatistics:
+    damped = hessian + dampening * mean_diagonal * torch.eye(len(hessian), device=hessian.device)
+    inverse = torch.linalg.pinv(damped.double(), hermitian=True)
+    inverse_diagonal = torch.diagonal(inverse).clamp_min(torch.finfo(torch.float32).tiny).float()
+    # Without a Cholesky factor, sqrt(diag H^-1) (the first step of sequential OBS) stands in for
+    # the factor's diagonal.
+    return HessianStatistics(
+        hessian_diagonal, inverse_diagonal, inverse_diagonal.sqrt(), dampening, "pinv"
+    )

@@ -1,0 +1,159 @@
+"""``sparsegpt_ties`` and ``sparsegpt_dare``: mergekit's task arithmetic with importance trimming.
+
+Each task vector is trimmed to its top-``density`` entries by second-order importance; the
+trimmed vectors are then combined by mergekit's own ``GeneralizedTaskArithmeticMerge`` (weights,
+sign election, normalize, lambda, int8_mask), so only the trimming step is ours. Tensors without a
+Hessian (embeddings, norms, lm_head, biases) go through the stock method untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from mergekit import merge_methods
+from mergekit.merge_methods.base import MergeMethodSpec, ParameterScope, ParameterSpec, TensorGroup
+from mergekit.merge_methods.generalized_task_arithmetic import (
+    ConsensusMethod,
+    GeneralizedTaskArithmeticMerge,
+)
+from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor, sparsify
+
+from mergekit_sparsegpt.context import active_context
+from mergekit_sparsegpt.hessian import HessianStatistics
+from mergekit_sparsegpt.importance import DEFAULT_IMPORTANCE, importance_scores, top_density_mask
+
+# Parameters read by the pre-pass (calibration, Hessians, cache) rather than by the kernel.
+PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("calibration", str | None, ParameterScope.NON_BASE, default=None),
+    ParameterSpec("calibration_samples", int, ParameterScope.SHARED, default=128),
+    ParameterSpec("calibration_seq_len", int, ParameterScope.SHARED, default=512),
+    ParameterSpec("calibration_field", str, ParameterScope.SHARED, default="text"),
+    ParameterSpec("calibration_split", str, ParameterScope.SHARED, default="train"),
+    ParameterSpec("calibration_batch_size", int, ParameterScope.SHARED, default=8),
+    ParameterSpec("hessian_source", str, ParameterScope.SHARED, default="finetuned"),
+    ParameterSpec("dampening", float, ParameterScope.SHARED, default=0.01),
+    ParameterSpec("cache_dir", str | None, ParameterScope.SHARED, default=None),
+)
+KERNEL_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("importance", str, ParameterScope.SHARED, default=DEFAULT_IMPORTANCE),
+)
+
+
+@dataclass(frozen=True)
+class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
+    """Importance trimming in front of a stock task-arithmetic combination.
+
+    ``sparsification_method`` of the parent stays None: trimming happens here, and the parent
+    only combines. ``fallback_method`` names the registered stock method used, unchanged, for
+    tensors that have no Hessian.
+    """
+
+    fallback_method: str
+
+    @cached_property
+    def combine_parameters(self) -> tuple[str, ...]:
+        """The parameters mergekit's own task arithmetic reads."""
+        return tuple(p.name for p in GeneralizedTaskArithmeticMerge.spec.func(self).parameters)
+
+    @cached_property
+    def spec(self) -> MergeMethodSpec:
+        stock = GeneralizedTaskArithmeticMerge.spec.func(self)
+        return MergeMethodSpec(
+            name=stock.name,
+            pretty_name=stock.pretty_name,
+            reference_url=stock.reference_url,
+            parameters=stock.parameters + PREPASS_PARAMETERS + KERNEL_PARAMETERS,
+            contract=stock.contract,
+        )
+
+    @property
+    def fallback(self) -> GeneralizedTaskArithmeticMerge:
+        return merge_methods.get(self.fallback_method)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        base = group.base.tensor
+        if not group.non_base:
+            return base
+        context = active_context(self.spec.name)
+        name = group.metadata.name or "<unnamed tensor>"
+        statistics = {
+            entry.id: context.statistics_for(name, entry.id, parameters["calibration"][entry.id])
+            for entry in group.non_base
+        }
+        if all(stats is None for stats in statistics.values()):
+            context.record("fallback", 1, base.numel())
+            stock = {p.name: parameters[p.name] for p in self.fallback.spec.parameters}
+            return self.fallback.merge_group(group, **stock)
+
+        context.record("importance", 1, base.numel())
+        trimmed = [
+            self._trim(entry.tensor - base, statistics[entry.id], parameters, entry.id, name)
+            for entry in group.non_base
+        ]
+        task_vectors = TensorGroup.from_tensors(
+            [torch.zeros_like(base), *trimmed],
+            ids=[group.base.id, *(entry.id for entry in group.non_base)],
+            base_index=0,
+            name=name,
+        )
+        combine = {key: parameters[key] for key in self.combine_parameters}
+        return base + super().merge_group(task_vectors, **combine)
+
+    def _trim(
+        self,
+        task_vector: torch.Tensor,
+        statistics: HessianStatistics | None,
+        parameters: dict[str, Any],
+        model: Any,
+        name: str,
+    ) -> torch.Tensor:
+        density = parameters["density"][model]
+        rescale = RescaleNorm.l1 if parameters["rescale"] else None
+        if statistics is None:
+            return _stock_trim(self.fallback, task_vector, density, rescale)
+        try:
+            scores = importance_scores(task_vector, statistics, parameters["importance"])
+        except ValueError as error:
+            raise ValueError(f"{name} of model {model}: {error}") from None
+        mask = top_density_mask(scores, density)
+        return rescaled_masked_tensor(task_vector, mask.to(task_vector.dtype), rescale)
+
+
+def _stock_trim(
+    method: GeneralizedTaskArithmeticMerge,
+    task_vector: torch.Tensor,
+    density: float,
+    rescale: RescaleNorm | None,
+) -> torch.Tensor:
+    return sparsify(task_vector, density, method.sparsification_method, rescale_norm=rescale)
+
+
+SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
+    SparseGPTMerge(
+        consensus_method=ConsensusMethod.sum,
+        sparsification_method=None,
+        default_normalize=True,
+        default_rescale=False,
+        method_name="sparsegpt_ties",
+        method_pretty_name="SparseGPT-importance TIES",
+        method_reference_url="https://arxiv.org/abs/2301.00774",
+        fallback_method="ties",
+    ),
+    SparseGPTMerge(
+        consensus_method=None,
+        sparsification_method=None,
+        default_normalize=False,
+        default_rescale=True,
+        method_name="sparsegpt_dare",
+        method_pretty_name="SparseGPT-importance DARE",
+        method_reference_url="https://arxiv.org/abs/2301.00774",
+        fallback_method="dare_linear",
+    ),
+)
+
+
+def is_sparsegpt_method(name: str) -> bool:
+    return any(method.spec.name == name for method in SPARSEGPT_METHODS)

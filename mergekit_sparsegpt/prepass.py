@@ -1,0 +1,371 @@
+"""The pre-pass: validate the config, load calibration data, and compute (or load) Hessians.
+
+mergekit plans one kernel call per output tensor and gives a kernel no way to add graph
+dependencies, so the statistics are prepared here, before ``run_merge`` starts, and handed to
+the kernels through ``context.activated``. Everything a user can get wrong is checked before
+any weight is read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+from mergekit.io.tasks import LoaderCache, SaveTensor
+from mergekit.merge_methods.base import ParameterScope
+from mergekit.options import MergeOptions
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from mergekit_sparsegpt import cache
+from mergekit_sparsegpt.calibration import (
+    CalibrationSource,
+    calibration_windows,
+    read_calibration_texts,
+)
+from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, empty_model
+from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
+from mergekit_sparsegpt.hessian import HessianError
+from mergekit_sparsegpt.importance import validate_importance
+from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SPARSEGPT_METHODS
+from mergekit_sparsegpt.statistics import TaskStatistics
+
+HESSIAN_SOURCES = ("finetuned", "base")
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor as mergekit planned it, with its resolved parameters."""
+
+    output_name: str
+    inputs: dict[ModelReference, str]  # model -> its own tensor name (differs under slices)
+    base_model: ModelReference | None
+    shared: dict[str, Any]
+    per_input: dict[ModelReference, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PrepassSettings:
+    """Settings that shape the Hessians; one value for the whole merge."""
+
+    calibration_samples: int
+    calibration_seq_len: int
+    calibration_field: str
+    calibration_split: str
+    calibration_batch_size: int
+    hessian_source: str
+    dampening: float
+    cache_dir: str | None
+
+
+@dataclass(frozen=True)
+class CalibrationTask:
+    key: TaskKey  # (model whose task vector is trimmed, calibration source)
+    forward_model: ModelReference  # the model the calibration text runs through
+
+
+def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) -> MergeContext:
+    """Validate ``merge_config`` and return the statistics every kernel call will need."""
+    method = _method(merge_config.merge_method)
+    check_parameter_names(merge_config, {p.name for p in method.spec.parameters})
+    planned = plan_tensors(merge_config, options)
+    settings = validate_parameters(planned)
+    tasks, hessian_inputs = calibration_tasks(planned, settings)
+    windows = {task.key: _calibration_windows(task, settings, options) for task in tasks}
+    statistics = {
+        task.key: task_statistics(task, windows[task.key], settings, options)
+        for task in tqdm(tasks, desc="Calibrating tasks", disable=options.quiet)
+    }
+    return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
+
+
+def run_with_statistics(
+    run_merge: Callable[..., Any],
+    merge_config: MergeConfiguration,
+    out_path: str,
+    options: MergeOptions,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """``run_merge`` with the pre-pass in front; a failed run leaves no new output directory."""
+    existed = os.path.exists(out_path)
+    try:
+        context = prepare_statistics(merge_config, options)
+        with activated(context):
+            result = run_merge(merge_config, out_path, options, *args, **kwargs)
+    except BaseException:
+        if not existed and os.path.exists(out_path):
+            shutil.rmtree(out_path, ignore_errors=True)
+        raise
+    _say(options, usage_summary(merge_config.merge_method, context))
+    return result
+
+
+def usage_summary(method_name: str, context: MergeContext) -> str:
+    fallback = _method(method_name).fallback_method
+    lines = [f"{method_name}: how each tensor was trimmed"]
+    for path, label in (("importance", "Hessian importance"), ("fallback", f"stock {fallback}")):
+        tensors = context.usage[(path, "tensors")]
+        parameters = context.usage[(path, "parameters")]
+        lines.append(f"  {label}: {tensors} tensors, {parameters:,} parameters")
+    return "\n".join(lines)
+
+
+def check_parameter_names(merge_config: MergeConfiguration, known: set[str]) -> None:
+    """mergekit silently ignores unknown keys; a typo here would silently change the merge."""
+    for where, parameters in _parameter_blocks(merge_config):
+        for name in parameters or {}:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"Unknown parameter {name!r} in {where} for {merge_config.merge_method}.{hint}"
+                    f" Known parameters: {', '.join(sorted(known))}."
+                )
+
+
+def _parameter_blocks(config: MergeConfiguration) -> Iterable[tuple[str, dict | None]]:
+    yield "parameters", config.parameters
+    for index, model in enumerate(config.models or []):
+        yield f"models[{index}] ({model.model})", model.parameters
+    for prefix, slices in [("slices", config.slices)] + [
+        (f"modules.{name}.slices", module.slices) for name, module in (config.modules or {}).items()
+    ]:
+        for index, output_slice in enumerate(slices or []):
+            yield f"{prefix}[{index}]", output_slice.parameters
+            for source_index, source in enumerate(output_slice.sources):
+                yield f"{prefix}[{index}].sources[{source_index}]", source.parameters
+    for name, module in (config.modules or {}).items():
+        yield f"modules.{name}", module.parameters
+        for index, model in enumerate(module.models or []):
+            yield f"modules.{name}.models[{index}] ({model.model})", model.parameters
+
+
+def plan_tensors(merge_config: MergeConfiguration, options: MergeOptions) -> list[PlannedTensor]:
+    """Ask mergekit's own planner which inputs and parameters feed each output tensor."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.merge import _model_out_config
+    from mergekit.plan import MergePlanner
+
+    config = merge_config.model_copy(deep=True)  # the planner normalises it in place
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    planned = []
+    # plan_in_memory() cannot build its ReturnTensor tasks in mergekit 0.1.5; the save tasks of
+    # plan_to_disk() carry the same merge tasks and nothing is written until they execute.
+    for target in planner.plan_to_disk(out_path=os.devnull):
+        if not isinstance(target, SaveTensor):
+            continue
+        task = target.tensor_task
+        gather = task.gather_tensors
+        while not hasattr(gather, "weight_info"):  # vocabulary permutation wraps the gather
+            gather = gather.gather_tensors
+        planned.append(
+            PlannedTensor(
+                output_name=task.output_weight.name,
+                inputs={model: weight.name for model, weight in gather.weight_info.items()},
+                base_model=task.base_model,
+                shared=dict(task.parameters.items()),
+                per_input={m: dict(p.items()) for m, p in task.input_parameters.items()},
+            )
+        )
+    return planned
+
+
+def validate_parameters(planned: list[PlannedTensor]) -> PrepassSettings:
+    """Check every resolved value; return the settings that must be constant."""
+    for tensor in planned:
+        validate_importance(tensor.shared["importance"])
+        for model, values in tensor.per_input.items():
+            if model == tensor.base_model:
+                continue
+            density = values["density"]
+            if not 0 <= density <= 1:
+                raise ValueError(
+                    f"density {density} for model {model} at {tensor.output_name} is outside "
+                    "[0, 1]; it is the fraction of task-vector entries kept"
+                )
+            if not values["calibration"]:
+                raise ValueError(
+                    f"Model {model} has no 'calibration' parameter. Every merged model needs "
+                    "calibration text: add `calibration: <file or dataset>` to its parameters "
+                    "(or a default under the top-level `parameters:`)."
+                )
+    values = {
+        spec.name: _constant(planned, spec.name)
+        for spec in PREPASS_PARAMETERS
+        if spec.scope == ParameterScope.SHARED
+    }
+    settings = PrepassSettings(**values)
+    _check_settings(settings)
+    return settings
+
+
+def _constant(planned: list[PlannedTensor], name: str) -> Any:
+    values = {tensor.shared[name] for tensor in planned}
+    if len(values) != 1:
+        raise ValueError(
+            f"{name} must have one value for the whole merge (it shapes the Hessians); the "
+            f"config resolves it to {sorted(values, key=str)} for different tensors"
+        )
+    return values.pop()
+
+
+def _check_settings(settings: PrepassSettings) -> None:
+    for name in ("calibration_samples", "calibration_seq_len", "calibration_batch_size"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
+    if settings.hessian_source not in HESSIAN_SOURCES:
+        raise ValueError(
+            f"hessian_source must be one of {', '.join(HESSIAN_SOURCES)}, "
+            f"got {settings.hessian_source!r}"
+        )
+    if not (math.isfinite(settings.dampening) and settings.dampening >= 0):
+        raise ValueError(f"dampening must be a finite number >= 0, got {settings.dampening}")
+
+
+def calibration_tasks(
+    planned: list[PlannedTensor], settings: PrepassSettings
+) -> tuple[list[CalibrationTask], dict[str, dict[ModelReference, str]]]:
+    """The distinct (model, calibration) tasks and, per output tensor, whose Hessian to use."""
+    tasks: dict[TaskKey, CalibrationTask] = {}
+    hessian_inputs: dict[str, dict[ModelReference, str]] = {}
+    for tensor in planned:
+        for model, values in tensor.per_input.items():
+            if model == tensor.base_model:
+                continue
+            forward = model if settings.hessian_source == "finetuned" else tensor.base_model
+            if forward is None:
+                raise ValueError("hessian_source: base needs a base_model")
+            key = (model, values["calibration"])
+            task = tasks.setdefault(key, CalibrationTask(key, forward))
+            if task.forward_model != forward:
+                raise ValueError(f"Model {model} would be calibrated through two base models")
+            hessian_inputs.setdefault(tensor.output_name, {})[model] = tensor.inputs[forward]
+    return list(tasks.values()), hessian_inputs
+
+
+def _calibration_windows(
+    task: CalibrationTask, settings: PrepassSettings, options: MergeOptions
+) -> torch.Tensor:
+    model, source = task.key
+    name = str(task.forward_model)
+    texts = read_calibration_texts(
+        CalibrationSource(source, settings.calibration_field, settings.calibration_split),
+        model_name=str(model),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        task.forward_model.model.path,
+        revision=task.forward_model.model.revision,
+        trust_remote_code=options.trust_remote_code,
+    )
+    return calibration_windows(
+        texts,
+        tokenizer,
+        settings.calibration_samples,
+        settings.calibration_seq_len,
+        model_name=name,
+        source_name=source,
+    )
+
+
+def task_statistics(
+    task: CalibrationTask, windows: torch.Tensor, settings: PrepassSettings, options: MergeOptions
+) -> TaskStatistics:
+    """Load the task's statistics from the cache, or run the calibration forward pass."""
+    index = LoaderCache().get(task.forward_model).index
+    weight_files = sorted({os.path.join(index.base_path, f) for f in index.tensor_paths.values()})
+    payload = {
+        "format": cache.FORMAT_VERSION,
+        "model": str(task.forward_model),
+        "weights": cache.weights_fingerprint(weight_files),
+        "tokens": cache.tokens_fingerprint(windows),
+        "token_shape": list(windows.shape),
+        "dampening": settings.dampening,
+    }
+    path = cache.cache_path(settings.cache_dir or cache.default_cache_dir(), payload)
+    cached = cache.load_statistics(path, payload)
+    if cached is not None:
+        _say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
+        return cached
+    statistics = compute_statistics(task, windows, settings, options)
+    cache.save_statistics(path, statistics, payload)
+    _report_fallbacks(task, statistics, settings, options)
+    return statistics
+
+
+def compute_statistics(
+    task: CalibrationTask, windows: torch.Tensor, settings: PrepassSettings, options: MergeOptions
+) -> TaskStatistics:
+    model_ref = task.forward_model
+    loader = LoaderCache().get(model_ref)
+
+    def load_tensor(name: str) -> torch.Tensor:
+        if name not in loader.index.tensor_paths:
+            raise ValueError(
+                f"Model {model_ref} has no checkpoint tensor {name!r}, which its transformers "
+                "architecture needs for the calibration forward pass"
+            )
+        return loader.get_tensor(name, device="cpu")
+
+    model = empty_model(model_ref.config(options.trust_remote_code), options.trust_remote_code)
+    layers_prefix, _ = decoder_layers(model)
+    statistics = TaskStatistics.empty(layers_prefix)
+    layers = capture_layer_hessians(
+        model,
+        load_tensor,
+        windows,
+        device=options.device or "cpu",
+        batch_size=settings.calibration_batch_size,
+        description=f"Hessians of {model_ref} on {Path(task.key[1]).name}",
+    )
+    for layer in layers:
+        try:
+            statistics.add_layer(layer, settings.dampening)
+        except HessianError as error:
+            raise ValueError(
+                f"Model {model_ref} on calibration {task.key[1]!r}: {error}. Check the "
+                "checkpoint for inf/NaN weights, or merge in float32."
+            ) from None
+    return statistics
+
+
+def _report_fallbacks(
+    task: CalibrationTask,
+    statistics: TaskStatistics,
+    settings: PrepassSettings,
+    options: MergeOptions,
+) -> None:
+    report = statistics.fallback_report(settings.dampening)
+    if any(report.values()):
+        _say(
+            options,
+            f"Hessians of {task.forward_model} on {task.key[1]}: "
+            f"{report['escalated_damping']} needed more damping than {settings.dampening}, "
+            f"{report['pseudo_inverse']} needed the pseudo-inverse, "
+            f"{report['never_ran']} linears never ran (ranked by |tau|)",
+        )
+
+
+def _method(name: str):
+    for method in SPARSEGPT_METHODS:
+        if method.spec.name == name:
+            return method
+    raise ValueError(f"{name} is not a mergekit_sparsegpt method")
+
+
+def _say(options: MergeOptions, message: str) -> None:
+    if not options.quiet:
+        print(message, file=sys.stderr)

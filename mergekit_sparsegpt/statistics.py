@@ -1,0 +1,123 @@
+"""One task's Hessian statistics: what the kernel looks up by tensor name, and its disk form."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_sparsegpt.capture import LayerHessians
+from mergekit_sparsegpt.hessian import HessianError, HessianStatistics, hessian_statistics
+
+
+@dataclass
+class TaskStatistics:
+    """Statistics of one task: one model run forward on one calibration set.
+
+    ``groups`` maps every captured linear weight (state-dict name) to its Hessian group;
+    ``linear_suffixes`` are the per-block names of those weights (``self_attn.q_proj.weight``), so
+    a linear of a block that was never captured can be told from a tensor that has no Hessian by
+    nature (embeddings, norms, lm_head).
+    """
+
+    layers_prefix: str
+    linear_suffixes: frozenset[str]
+    groups: dict[str, str]
+    statistics: dict[str, HessianStatistics]
+    samples: dict[str, int]
+
+    @classmethod
+    def empty(cls, layers_prefix: str) -> TaskStatistics:
+        return cls(layers_prefix, frozenset(), {}, {}, {})
+
+    def add_layer(self, layer: LayerHessians, dampening: float) -> None:
+        for group, hessian in layer.hessians.items():
+            try:
+                self.statistics[group] = hessian_statistics(hessian.cpu(), dampening)
+            except HessianError as error:
+                raise HessianError(f"Hessian of {group}: {error}") from None
+            self.samples[group] = layer.samples[group]
+        self.groups.update(layer.groups)
+        self.linear_suffixes = self.linear_suffixes | {
+            _block_suffix(name, self.layers_prefix) for name in layer.groups
+        }
+
+    def for_weight(self, weight_name: str) -> HessianStatistics | None:
+        """Statistics for ``weight_name``; None for tensors that have no Hessian by nature.
+
+        Raises ``KeyError`` for a linear of a decoder block whose Hessian was not captured
+        (for example a layer index beyond the calibrated model's depth).
+        """
+        group = self.groups.get(weight_name)
+        if group is not None:
+            return self.statistics[group]
+        if weight_name.startswith(self.layers_prefix + ".") and (
+            _block_suffix(weight_name, self.layers_prefix) in self.linear_suffixes
+        ):
+            raise KeyError(weight_name)
+        return None
+
+    def fallback_report(self, dampening: float) -> dict[str, int]:
+        """How many Hessian groups needed more damping, the pseudo-inverse, or never ran."""
+        methods = [(s.method, s.damping) for s in self.statistics.values()]
+        return {
+            "escalated_damping": sum(m == "cholesky" and d > dampening for m, d in methods),
+            "pseudo_inverse": sum(m == "pinv" for m, _ in methods),
+            "never_ran": sum(count == 0 for count in self.samples.values()),
+        }
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {
+            f"{group}::{key}": value.contiguous()
+            for group, stats in self.statistics.items()
+            for key, value in stats.tensors().items()
+        }
+        layout = {
+            "layers_prefix": self.layers_prefix,
+            "linear_suffixes": sorted(self.linear_suffixes),
+            "groups": self.groups,
+            "samples": self.samples,
+            "damping": {group: stats.damping for group, stats in self.statistics.items()},
+            "method": {group: stats.method for group, stats in self.statistics.items()},
+        }
+        return tensors, {"layout": json.dumps(layout, sort_keys=True)}
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> TaskStatistics:
+        """Inverse of ``to_tensors``; raises ``ValueError`` on any inconsistency."""
+        try:
+            layout = json.loads(metadata["layout"])
+            statistics = {
+                group: HessianStatistics(
+                    hessian_diagonal=tensors[f"{group}::hessian_diagonal"],
+                    inverse_diagonal=tensors[f"{group}::inverse_diagonal"],
+                    cholesky_diagonal=tensors[f"{group}::cholesky_diagonal"],
+                    damping=float(layout["damping"][group]),
+                    method=str(layout["method"][group]),
+                )
+                for group in set(layout["groups"].values())
+            }
+            result = cls(
+                layout["layers_prefix"],
+                frozenset(layout["linear_suffixes"]),
+                dict(layout["groups"]),
+                statistics,
+                {group: int(count) for group, count in layout["samples"].items()},
+            )
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
+            raise ValueError(f"statistics layout is incomplete ({error!r})") from error
+        for group, stats in statistics.items():
+            vectors = stats.tensors().values()
+            if len({v.shape for v in vectors}) != 1 or any(v.dim() != 1 for v in vectors):
+                raise ValueError(f"statistics of {group} have inconsistent shapes")
+            if not all(torch.isfinite(v).all() and (v > 0).all() for v in vectors):
+                raise ValueError(f"statistics of {group} are not finite and positive")
+        return result
+
+
+def _block_suffix(weight_name: str, layers_prefix: str) -> str:
+    # "model.layers.3.mlp.up_proj.weight" -> "mlp.up_proj.weight"
+    return weight_name[len(layers_prefix) + 1 :].split(".", 1)[-1]

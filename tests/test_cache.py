@@ -1,0 +1,101 @@
+import logging
+
+import pytest
+import torch
+
+from mergekit_sparsegpt import cache
+from mergekit_sparsegpt.hessian import hessian_statistics
+from mergekit_sparsegpt.statistics import TaskStatistics
+
+PAYLOAD = {"format": cache.FORMAT_VERSION, "model": "./m", "tokens": "abc", "dampening": 0.01}
+
+
+def _statistics() -> TaskStatistics:
+    task = TaskStatistics.empty("model.layers")
+    inputs = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        task.groups[name] = name
+        task.statistics[name] = hessian_statistics(2 / 20 * inputs.T @ inputs)
+        task.samples[name] = 20
+    task.groups["model.layers.0.self_attn.k_proj.weight"] = "model.layers.0.self_attn.q_proj.weight"
+    task.linear_suffixes = frozenset({"self_attn.q_proj.weight", "self_attn.k_proj.weight"})
+    return task
+
+
+def test_round_trip_and_no_partial_files(tmp_path):
+    path = cache.cache_path(tmp_path, PAYLOAD)
+    original = _statistics()
+    cache.save_statistics(path, original, PAYLOAD)
+    loaded = cache.load_statistics(path, PAYLOAD)
+    assert loaded is not None
+    assert loaded.groups == original.groups and loaded.samples == original.samples
+    assert loaded.linear_suffixes == original.linear_suffixes
+    for group, stats in original.statistics.items():
+        for key, value in stats.tensors().items():
+            assert torch.equal(loaded.statistics[group].tensors()[key], value)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_key_changes_with_every_payload_field():
+    keys = {cache.cache_key(PAYLOAD)}
+    for field, value in [
+        ("model", "./other"),
+        ("tokens", "abd"),
+        ("dampening", 0.1),
+        ("format", 0),
+    ]:
+        keys.add(cache.cache_key({**PAYLOAD, field: value}))
+    assert len(keys) == 5
+
+
+def test_entry_written_for_other_inputs_is_not_used(tmp_path, caplog):
+    path = tmp_path / "entry.safetensors"
+    cache.save_statistics(path, _statistics(), PAYLOAD)
+    with caplog.at_level(logging.WARNING):
+        assert cache.load_statistics(path, {**PAYLOAD, "tokens": "zzz"}) is None
+    assert "different inputs" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "nan"])
+def test_corrupt_entry_is_rejected(tmp_path, caplog, damage):
+    path = tmp_path / "entry.safetensors"
+    statistics = _statistics()
+    if damage == "nan":
+        next(iter(statistics.statistics.values())).inverse_diagonal[0] = float("nan")
+    cache.save_statistics(path, statistics, PAYLOAD)
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-10])
+    elif damage == "garbage":
+        path.write_bytes(b"not a safetensors file at all")
+    with caplog.at_level(logging.WARNING):
+        assert cache.load_statistics(path, PAYLOAD) is None
+    assert "recomputing" in caplog.text
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache, "save_file", explode)
+    path = tmp_path / "entry.safetensors"
+    with pytest.raises(OSError):
+        cache.save_statistics(path, _statistics(), PAYLOAD)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fingerprint_sees_changed_bytes(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(range(256)) * 4096  # 1 MiB
+    weights.write_bytes(bytes(data))
+    before = cache.weights_fingerprint([str(weights)])
+    data[0] ^= 1
+    weights.write_bytes(bytes(data))
+    assert cache.weights_fingerprint([str(weights)]) != before
+
+
+def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MERGEKIT_SPARSEGPT_CACHE", str(tmp_path / "c"))
+    assert cache.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("MERGEKIT_SPARSEGPT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache.default_cache_dir() == tmp_path / "mergekit_sparsegpt"

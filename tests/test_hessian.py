@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from mergekit_sparsegpt import hessian as hessian_module
+from mergekit_sparsegpt.hessian import HessianAccumulator, HessianError, hessian_statistics
+
+
+def test_accumulator_equals_two_over_n_x_transpose_x():
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 5, 4), torch.randn(2, 5, 4), torch.randn(1, 5, 4)]
+    accumulator = HessianAccumulator(4)
+    for batch in batches:
+        accumulator.add_batch(batch)
+    rows = torch.cat([b.reshape(-1, 4) for b in batches]).double()
+    sequences = sum(len(b) for b in batches)
+    expected = 2 / sequences * rows.T @ rows
+    assert accumulator.samples == sequences
+    torch.testing.assert_close(accumulator.hessian.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_dimensional_input_counts_as_one_sample():
+    inputs = torch.randn(7, 3)
+    accumulator = HessianAccumulator(3)
+    accumulator.add_batch(inputs)
+    assert accumulator.samples == 1
+    expected = 2 * inputs.double().T @ inputs.double()
+    torch.testing.assert_close(accumulator.hessian.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def _reference_statistics(hessian: torch.Tensor, dampening: float):
+    h = hessian.double().clone()
+    for c in range(len(h)):
+        if h[c, c] == 0:
+            h[c, c] = 1
+    diagonal = torch.tensor([h[c, c].item() for c in range(len(h))], dtype=torch.float64)
+    damped = h + dampening * diagonal.mean() * torch.eye(len(h), dtype=torch.float64)
+    inverse = torch.linalg.inv(damped)
+    upper = torch.linalg.cholesky(inverse).T  # upper factor: inverse = upper.T @ upper
+    assert torch.allclose(upper.T @ upper, inverse)
+    return diagonal, torch.diagonal(inverse), torch.diagonal(upper)
+
+
+def test_statistics_match_float64_reference_with_dead_column():
+    torch.manual_seed(1)
+    inputs = torch.randn(64, 6)
+    inputs[:, 2] = 0  # a dead input column
+    hessian = 2 / 64 * inputs.T @ inputs
+    stats = hessian_statistics(hessian, dampening=0.01)
+    diagonal, inverse_diagonal, cholesky_diagonal = _reference_statistics(hessian, 0.01)
+    assert stats.hessian_diagonal[2] == 1
+    torch.testing.assert_close(stats.hessian_diagonal.double(), diagonal, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        stats.inverse_diagonal.double(), inverse_diagonal, rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        stats.cholesky_diagonal.double(), cholesky_diagonal, rtol=1e-4, atol=1e-6
+    )
+    assert stats.method == "cholesky" and stats.damping == 0.01
+
+
+def test_singular_hessian_escalates_damping():
+    singular = torch.ones(3, 3)  # rank one, so Cholesky fails without damping
+    stats = hessian_statistics(singular, dampening=0.0)
+    assert stats.method == "cholesky"
+    assert stats.damping == hessian_module.DAMPING_LADDER[0]
+    _, inverse_diagonal, _ = _reference_statistics(singular, stats.damping)
+    torch.testing.assert_close(
+        stats.inverse_diagonal.double(), inverse_diagonal, rtol=1e-4, atol=1e-6
+    )
+
+
+def test_pseudo_inverse_fallback_when_cholesky_always_fails(monkeypatch):
+    def failing_cholesky(matrix, upper=False):
+        return matrix, torch.tensor(1)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_cholesky)
+    hessian = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    stats = hessian_statistics(hessian, dampening=0.01)
+    assert stats.method == "pinv"
+    damped = hessian.double() + 0.01 * 1.5 * torch.eye(2, dtype=torch.float64)
+    expected = torch.diagonal(torch.linalg.pinv(damped))
+    torch.testing.assert_close(stats.inverse_diagonal.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        stats.cholesky_diagonal.double(), expected.sqrt(), rtol=1e-5, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_hessian_is_an_error(bad):
+    hessian = torch.eye(3)
+    hessian[1, 1] = bad
+    with pytest.raises(HessianError, match="non-finite"):
+        hessian_statistics(hessian)
+
+
+def test_non_square_hessian_is_an_error():
+    with pytest.raises(HessianError, match="square"):
+        hessian_statistics(torch.ones(2, 3))

@@ -1,0 +1,194 @@
+import pytest
+import torch
+from mergekit import merge_methods
+from mergekit.merge_methods.base import TensorGroup
+
+from mergekit_sparsegpt.context import MergeContext, activated
+from mergekit_sparsegpt.hessian import hessian_statistics
+from mergekit_sparsegpt.registration import register_methods
+from mergekit_sparsegpt.statistics import TaskStatistics
+
+register_methods()
+
+LINEAR = "model.layers.0.mlp.down_proj.weight"
+COLUMNS = 6
+
+
+def _task(seed: int) -> TaskStatistics:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(40, COLUMNS, generator=generator) * torch.linspace(0.2, 4, COLUMNS)
+    task = TaskStatistics.empty("model.layers")
+    task.groups[LINEAR] = LINEAR
+    task.statistics[LINEAR] = hessian_statistics(2 / 40 * inputs.T @ inputs)
+    task.samples[LINEAR] = 40
+    task.linear_suffixes = frozenset({"mlp.down_proj.weight"})
+    return task
+
+
+@pytest.fixture
+def context():
+    tasks = {("a", "a.txt"): _task(1), ("b", "b.txt"): _task(2)}
+    with activated(MergeContext(hessian_inputs={}, tasks=tasks)) as active:
+        yield active
+
+
+def _group(name: str = LINEAR, shape=(5, COLUMNS)) -> TensorGroup:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(*shape, generator=generator)
+    tensors = [base] + [base + 0.1 * torch.randn(*shape, generator=generator) for _ in range(2)]
+    return TensorGroup.from_tensors(tensors, ids=["base", "a", "b"], base_index=0, name=name)
+
+
+def _parameters(**overrides):
+    parameters = {
+        "weight": {"a": 1.0, "b": 0.5},
+        "density": {"a": 0.4, "b": 0.6},
+        "calibration": {"a": "a.txt", "b": "b.txt"},
+        "importance": "obs",
+    }
+    parameters.update(overrides)
+    return parameters
+
+
+def _reference_trim(tau, stats, density, importance, rescale):
+    """Loop reference: score every entry, keep the top k by (score, position)."""
+    column = {
+        "obs": lambda c: 1 / stats.inverse_diagonal[c].item(),
+        "sparsegpt": lambda c: 1 / stats.cholesky_diagonal[c].item() ** 2,
+        "wanda": lambda c: stats.hessian_diagonal[c].item(),
+        "design_note": lambda c: 1 / stats.inverse_diagonal[c].item() ** 2,
+    }[importance]
+    rows, cols = tau.shape
+    entries = [
+        (tau[r, c].item() ** 2 * column(c), r * cols + c) for r in range(rows) for c in range(cols)
+    ]
+    k = max(1, int(density * rows * cols))
+    keep = {index for _, index in sorted(entries, key=lambda e: (-e[0], e[1]))[:k]}
+    trimmed = torch.zeros_like(tau)
+    for index in keep:
+        trimmed[index // cols, index % cols] = tau[index // cols, index % cols]
+    if rescale and trimmed.abs().sum() > 0:
+        trimmed = trimmed * (tau.abs().sum() / trimmed.abs().sum())
+    return trimmed
+
+
+def _reference_ties(group, context, parameters, normalize=True):
+    base = group.base.tensor
+    trimmed = {}
+    for entry in group.non_base:
+        stats = context.tasks[(entry.id, parameters["calibration"][entry.id])].statistics[LINEAR]
+        tau = entry.tensor - base
+        trimmed[entry.id] = parameters["weight"][entry.id] * _reference_trim(
+            tau, stats, parameters["density"][entry.id], parameters["importance"], rescale=False
+        )
+    merged = torch.zeros_like(base)
+    rows, cols = base.shape
+    for r in range(rows):
+        for c in range(cols):
+            total = sum(t[r, c].item() for t in trimmed.values())
+            sign = 1.0 if total >= 0 else -1.0
+            agree = [
+                m
+                for m, t in trimmed.items()
+                if t[r, c].item() != 0 and (t[r, c].item() > 0) == (sign > 0)
+            ]
+            value = sum(trimmed[m][r, c].item() for m in agree)
+            divisor = sum(parameters["weight"][m] for m in agree) or 1.0
+            merged[r, c] = value / divisor if normalize else value
+    return base + merged
+
+
+@pytest.mark.parametrize("importance", ["obs", "sparsegpt", "wanda", "design_note"])
+def test_sparsegpt_ties_equals_reference(context, importance):
+    group = _group()
+    parameters = _parameters(importance=importance)
+    (merged,) = merge_methods.get("sparsegpt_ties")([group], parameters=parameters)
+    torch.testing.assert_close(
+        merged, _reference_ties(group, context, parameters), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_sparsegpt_dare_equals_reference_weighted_sum_with_l1_rescale(context):
+    group = _group()
+    parameters = _parameters(importance="sparsegpt")
+    (merged,) = merge_methods.get("sparsegpt_dare")([group], parameters=parameters)
+    base = group.base.tensor
+    expected = base.clone()
+    for entry in group.non_base:
+        stats = context.tasks[(entry.id, parameters["calibration"][entry.id])].statistics[LINEAR]
+        trimmed = _reference_trim(
+            entry.tensor - base, stats, parameters["density"][entry.id], "sparsegpt", rescale=True
+        )
+        expected += parameters["weight"][entry.id] * trimmed
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dare_without_rescale_and_lambda(context):
+    group = _group()
+    parameters = _parameters(rescale=False, **{"lambda": 0.5})
+    (merged,) = merge_methods.get("sparsegpt_dare")([group], parameters=parameters)
+    base = group.base.tensor
+    expected = torch.zeros_like(base)
+    for entry in group.non_base:
+        stats = context.tasks[(entry.id, parameters["calibration"][entry.id])].statistics[LINEAR]
+        expected += parameters["weight"][entry.id] * _reference_trim(
+            entry.tensor - base, stats, parameters["density"][entry.id], "obs", rescale=False
+        )
+    torch.testing.assert_close(merged, base + 0.5 * expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ours, stock, name",
+    [
+        ("sparsegpt_ties", "ties", "model.embed_tokens.weight"),
+        ("sparsegpt_ties", "ties", "model.layers.0.input_layernorm.weight"),
+        ("sparsegpt_dare", "dare_linear", "model.embed_tokens.weight"),
+    ],
+)
+def test_tensors_without_hessian_equal_stock_output_bit_for_bit(context, ours, stock, name):
+    shape = (5,) if "norm" in name else (9, 4)
+    group = _group(name=name, shape=shape)
+    parameters = _parameters()
+    stock_parameters = {k: v for k, v in parameters.items() if k in ("weight", "density")}
+    torch.manual_seed(11)
+    (merged,) = merge_methods.get(ours)([group], parameters=parameters)
+    torch.manual_seed(11)
+    (expected,) = merge_methods.get(stock)([group], parameters=stock_parameters)
+    assert torch.equal(merged, expected)
+    assert context.usage[("fallback", "tensors")] == 1
+    assert context.usage[("importance", "tensors")] == 0
+
+
+def test_importance_path_is_counted(context):
+    merge_methods.get("sparsegpt_ties")([_group()], parameters=_parameters())
+    assert context.usage[("importance", "tensors")] == 1
+    assert context.usage[("importance", "parameters")] == 5 * COLUMNS
+
+
+def test_missing_hessian_for_a_linear_is_an_error(context):
+    group = _group(name="model.layers.7.mlp.down_proj.weight")
+    with pytest.raises(
+        ValueError, match="model.layers.7.mlp.down_proj.weight of model a is a linear"
+    ):
+        merge_methods.get("sparsegpt_ties")([group], parameters=_parameters())
+
+
+def test_shape_mismatch_names_tensor_and_model(context):
+    group = _group(shape=(5, COLUMNS + 1))
+    with pytest.raises(ValueError, match=f"{LINEAR} of model a: .*over {COLUMNS} input columns"):
+        merge_methods.get("sparsegpt_ties")([group], parameters=_parameters())
+
+
+def test_kernel_without_prepass_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="pre-pass"):
+        merge_methods.get("sparsegpt_ties")([_group()], parameters=_parameters())
+
+
+def test_slice_mapping_uses_the_input_tensor_hessian():
+    # Output layer 0 comes from input layer 3: the kernel must read layer 3's statistics.
+    task = _task(1)
+    moved = "model.layers.3.mlp.down_proj.weight"
+    task.groups = {moved: moved}
+    task.statistics = {moved: task.statistics[LINEAR]}
+    context = MergeContext(hessian_inputs={LINEAR: {"a": moved}}, tasks={("a", "a.txt"): task})
+    assert context.statistics_for(LINEAR, "a", "a.txt") is task.statistics[moved]

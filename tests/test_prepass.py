@@ -1,0 +1,241 @@
+"""The pre-pass and the whole merge, in process, on tiny Llama models built by conftest."""
+
+import logging
+from pathlib import Path
+
+import mergekit.merge
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mergekit_sparsegpt import prepass
+from mergekit_sparsegpt.calibration import CalibrationError
+from mergekit_sparsegpt.registration import install
+
+install()
+
+DOWN = "model.layers.{}.mlp.down_proj.weight"
+
+
+def _config(tiny_models, cache_dir: Path, method: str = "sparsegpt_ties", **shared) -> dict:
+    names = sorted(tiny_models.experts)
+    return {
+        "merge_method": method,
+        "base_model": str(tiny_models.base),
+        "models": [
+            {
+                "model": str(tiny_models.experts[name]),
+                "parameters": {
+                    "weight": 1.0,
+                    "density": 0.3,
+                    "calibration": str(tiny_models.calibration[name]),
+                },
+            }
+            for name in names
+        ],
+        "parameters": {
+            "calibration_samples": 8,
+            "calibration_seq_len": 32,
+            "importance": "obs",
+            "cache_dir": str(cache_dir),
+            **shared,
+        },
+        "dtype": "float32",
+    }
+
+
+def _merge(config: dict, out: Path) -> None:
+    mergekit.merge.run_merge(
+        MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True)
+    )
+
+
+def _reference_ties(base, finetuned, statistics, density):
+    """TIES on importance-trimmed task vectors, written out plainly (weights 1, normalize)."""
+    trimmed = []
+    for tensor, stats in zip(finetuned, statistics, strict=True):
+        tau = tensor - base
+        scores = tau.square() / stats.inverse_diagonal.unsqueeze(0)
+        k = max(1, int(density * tau.numel()))
+        keep = torch.argsort(scores.flatten(), descending=True)[:k]
+        mask = torch.zeros(tau.numel())
+        mask[keep] = 1
+        trimmed.append(tau * mask.reshape(tau.shape))
+    stacked = torch.stack(trimmed)
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = (stacked.sign() == sign).float()
+    return base + (stacked * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def test_merge_loads_and_matches_reference(tiny_models, tmp_path):
+    config = _config(tiny_models, tmp_path / "cache")
+    _merge(config, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+    context = prepass.prepare_statistics(
+        MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
+    )
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(Path(tiny_models.base) / "model.safetensors")
+    for layer in range(2):
+        name = DOWN.format(layer)
+        finetuned, statistics = [], []
+        for (model, _calibration), task in sorted(context.tasks.items(), key=lambda kv: str(kv[0])):
+            finetuned.append(load_file(Path(model.model.path) / "model.safetensors")[name])
+            statistics.append(task.for_weight(name))
+        expected = _reference_ties(base[name], finetuned, statistics, 0.3)
+        torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_second_merge_reuses_cache_without_forward_pass(tiny_models, tmp_path, monkeypatch):
+    config = _config(tiny_models, tmp_path / "cache")
+    _merge(config, tmp_path / "first")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the pre-pass ran again")
+
+    monkeypatch.setattr(prepass, "compute_statistics", no_forward)
+    for entry in config["models"]:
+        entry["parameters"]["density"] = 0.7
+        entry["parameters"]["weight"] = 0.5
+    _merge(config, tmp_path / "second")
+    assert (tmp_path / "second" / "model.safetensors").exists()
+
+
+def test_corrupt_cache_is_recomputed(tiny_models, tmp_path, caplog):
+    config = _config(tiny_models, tmp_path / "cache")
+    _merge(config, tmp_path / "first")
+    entries = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(entries) == 2
+    entries[0].write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        _merge(config, tmp_path / "second")
+    assert "recomputing" in caplog.text
+    first = load_file(tmp_path / "first" / "model.safetensors")
+    second = load_file(tmp_path / "second" / "model.safetensors")
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert entries[0].read_bytes() != b"garbage"
+
+
+def _set_first_model(config, **values):
+    config["models"][0]["parameters"].update(values)
+
+
+BAD_INPUTS = [
+    (
+        "missing file",
+        lambda c: _set_first_model(c, calibration="./nope/missing.txt"),
+        "file not found",
+    ),
+    ("short data", lambda c: c["parameters"].update(calibration_samples=100000), "gives only"),
+    ("density", lambda c: _set_first_model(c, density=1.5), r"outside \[0, 1\]"),
+    ("importance", lambda c: c["parameters"].update(importance="magnitude"), "Unknown importance"),
+    (
+        "no calibration",
+        lambda c: c["models"][0]["parameters"].pop("calibration"),
+        "has no 'calibration'",
+    ),
+    (
+        "unknown key",
+        lambda c: _set_first_model(c, calibraton="x.txt"),
+        "Did you mean 'calibration'",
+    ),
+    ("source", lambda c: c["parameters"].update(hessian_source="merged"), "hessian_source must be"),
+    ("gradient", lambda c: c["parameters"].update(calibration_samples=[4, 8]), "one value"),
+    ("samples", lambda c: c["parameters"].update(calibration_samples=0), "at least 1"),
+]
+
+
+@pytest.mark.parametrize("label, damage, message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_one_clear_error_and_no_output(tiny_models, tmp_path, label, damage, message):
+    config = _config(tiny_models, tmp_path / "cache")
+    damage(config)
+    with pytest.raises((ValueError, CalibrationError), match=message):
+        _merge(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_failure_during_merge_removes_partial_output(tiny_models, tmp_path, monkeypatch):
+    from mergekit_sparsegpt import merge_methods
+
+    calls = []
+
+    def failing_after_a_few(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("interrupted")
+        return original(*args, **kwargs)
+
+    original = merge_methods.importance_scores
+    monkeypatch.setattr(merge_methods, "importance_scores", failing_after_a_few)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _merge(_config(tiny_models, tmp_path / "cache"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_slices_with_offsets_use_each_inputs_own_layer(tiny_models, tmp_path):
+    expert = str(tiny_models.experts[sorted(tiny_models.experts)[0]])
+    calibration = str(tiny_models.calibration[sorted(tiny_models.experts)[0]])
+    config = {
+        "merge_method": "sparsegpt_ties",
+        "base_model": str(tiny_models.base),
+        "slices": [
+            {
+                "sources": [
+                    {
+                        "model": expert,
+                        "layer_range": [1, 2],
+                        "parameters": {"weight": 1.0, "density": 0.3, "calibration": calibration},
+                    },
+                    {"model": str(tiny_models.base), "layer_range": [0, 1]},
+                ]
+            }
+        ],
+        "parameters": {
+            "calibration_samples": 8,
+            "calibration_seq_len": 32,
+            "importance": "obs",
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "dtype": "float32",
+    }
+    merge_config = MergeConfiguration.model_validate(config)
+    context = prepass.prepare_statistics(merge_config, MergeOptions(quiet=True))
+    (model,) = {key[0] for key in context.tasks}
+    assert context.hessian_inputs[DOWN.format(0)][model] == DOWN.format(1)
+
+    _merge(config, tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")[DOWN.format(0)]
+    base = load_file(Path(tiny_models.base) / "model.safetensors")[DOWN.format(0)]
+    finetuned = load_file(Path(expert) / "model.safetensors")[DOWN.format(1)]
+    (task,) = context.tasks.values()
+    expected = _reference_ties(base, [finetuned], [task.for_weight(DOWN.format(1))], 0.3)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+    wrong = _reference_ties(base, [finetuned], [task.for_weight(DOWN.format(0))], 0.3)
+    assert not torch.allclose(wrong, expected)
+
+
+def test_base_hessian_source_runs_calibration_through_base(tiny_models, tmp_path):
+    config = _config(tiny_models, tmp_path / "cache", hessian_source="base")
+    merge_config = MergeConfiguration.model_validate(config)
+    planned = prepass.plan_tensors(merge_config, MergeOptions(quiet=True))
+    settings = prepass.validate_parameters(planned)
+    tasks, _ = prepass.calibration_tasks(planned, settings)
+    assert len(tasks) == 2
+    assert {str(task.forward_model) for task in tasks} == {str(tiny_models.base)}
+    finetuned_context = prepass.prepare_statistics(
+        MergeConfiguration.model_validate(_config(tiny_models, tmp_path / "cache")),
+        MergeOptions(quiet=True),
+    )
+    base_context = prepass.prepare_statistics(merge_config, MergeOptions(quiet=True))
+    name = DOWN.format(1)
+    for key in base_context.tasks:
+        ours = base_context.tasks[key].for_weight(name).hessian_diagonal
+        theirs = finetuned_context.tasks[key].for_weight(name).hessian_diagonal
+        assert not torch.allclose(ours, theirs)
