@@ -46,9 +46,7 @@ def wrap_run_merge(merge_module: ModuleType) -> None:
 
         from mergekit_sparsegpt.prepass import run_with_statistics
 
-        return run_with_statistics(
-            original, merge_config, out_path, options, *args, **kwargs
-        )
+        return run_with_statistics(original, merge_config, out_path, options, *args, **kwargs)
 
     setattr(run_merge, _WRAPPED_MARKER, True)
     merge_module.run_merge = run_merge

@@ -1,0 +1,171 @@
+"""Command-line entry points that work even where the ``.pth`` start-up hook does not run.
+
+* ``mergekit-sparsegpt-yaml CONFIG OUT [flags]`` is mergekit's own ``mergekit-yaml`` command
+  (same click command object, hence exactly the same flags), run after registering our
+  methods and wrapping ``run_merge``. Use it under ``python -S``, with
+  ``MERGEKIT_SPARSEGPT_DISABLE_AUTOLOAD=1``, or wherever site-packages ``.pth`` files are not
+  processed.
+* ``mergekit-sparsegpt merge CONFIG OUT [flags]`` is the same command.
+* ``mergekit-sparsegpt calibrate CONFIG [flags]`` only fills the statistics cache (the
+  Hessian pre-pass), taking mergekit's merge flags.
+
+Expected user errors (``ValueError``, which includes pydantic's ``ValidationError``, and
+``FileNotFoundError``) print one ``Error: ...`` message without a traceback and exit with
+status 2; with ``-vv`` the traceback is logged as well.
+
+Importing this module is cheap: mergekit, torch and click are imported only when a command
+needs them, so ``mergekit-sparsegpt --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+USER_ERROR_EXIT_CODE = 2
+
+_COMMAND_SUMMARIES = {
+    "merge": "Run a merge: same arguments and flags as mergekit-yaml.",
+    "calibrate": "Fill the statistics cache for a merge config without merging.",
+}
+
+
+def _install() -> None:
+    """Register our methods and wrap ``run_merge``, with or without the start-up hook."""
+    from mergekit_sparsegpt import registration
+
+    registration.install()
+
+
+def _mergekit_yaml_command() -> Any:
+    """mergekit's ``mergekit-yaml`` click command, bound to the wrapped ``run_merge``."""
+    _install()
+    import mergekit.merge
+    import mergekit.scripts.run_yaml as run_yaml
+
+    # ``install`` ran before run_yaml was imported, so its ``from mergekit.merge import
+    # run_merge`` bound the wrapper; if run_yaml was imported earlier, rebind it.
+    if run_yaml.run_merge is not mergekit.merge.run_merge:
+        run_yaml.run_merge = mergekit.merge.run_merge
+    return run_yaml.main
+
+
+def _report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected user errors into one message and exit status 2 (no traceback)."""
+    import functools
+
+    import click
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            LOG.debug("Traceback of the error below", exc_info=True)
+            message = str(exc) or type(exc).__name__
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(USER_ERROR_EXIT_CODE)
+
+    return wrapper
+
+
+def _with_user_errors(command: Any) -> Any:
+    """A copy of a click command whose callback reports user errors (the original is kept)."""
+    import copy
+
+    command = copy.copy(command)
+    command.callback = _report_user_errors(command.callback)
+    return command
+
+
+def yaml_main(args: Sequence[str] | None = None) -> None:
+    """Console script ``mergekit-sparsegpt-yaml``: ``mergekit-yaml`` with our methods loaded."""
+    command = _with_user_errors(_mergekit_yaml_command())
+    command.main(
+        args=None if args is None else list(args),
+        prog_name="mergekit-sparsegpt-yaml",
+    )
+
+
+def _calibrate_command() -> Any:
+    import click
+    from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+
+    @click.command(
+        "calibrate",
+        cls=PrettyPrintHelp,
+        help=(
+            "Compute the calibration statistics a sparsegpt_ties/sparsegpt_dare merge of "
+            "CONFIG_FILE needs and store them in the statistics cache, without merging. "
+            "A later merge of the same config reuses them."
+        ),
+    )
+    @click.argument("config_file")
+    @add_merge_options
+    def calibrate(merge_options: MergeOptions, config_file: str) -> None:
+        import yaml
+        from mergekit.config import MergeConfiguration
+
+        merge_options.apply_global_options()
+        _install()
+
+        with open(config_file, encoding="utf-8") as file:
+            config_source = file.read()
+        merge_config = MergeConfiguration.model_validate(yaml.safe_load(config_source))
+
+        from mergekit_sparsegpt.prepass import prepare_statistics
+
+        context = prepare_statistics(merge_config, merge_options)
+        tasks = getattr(context, "tasks", None)
+        if not merge_options.quiet and tasks is not None:
+            click.echo(f"Calibration statistics ready for {len(tasks)} task(s).", err=True)
+
+    return _with_user_errors(calibrate)
+
+
+def _group() -> Any:
+    import click
+
+    from mergekit_sparsegpt import __version__
+
+    class _LazyGroup(click.Group):
+        """Builds subcommands on demand, so the group's own --help needs no torch import."""
+
+        def list_commands(self, ctx: click.Context) -> list[str]:
+            return list(_COMMAND_SUMMARIES)
+
+        def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+            if cmd_name == "merge":
+                return _with_user_errors(_mergekit_yaml_command())
+            if cmd_name == "calibrate":
+                return _calibrate_command()
+            return None
+
+        def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+            with formatter.section("Commands"):
+                formatter.write_dl(list(_COMMAND_SUMMARIES.items()))
+
+    @click.group(
+        "mergekit-sparsegpt",
+        cls=_LazyGroup,
+        help="SparseGPT-importance TIES/DARE merges for mergekit.",
+    )
+    @click.version_option(__version__, prog_name="mergekit-sparsegpt")
+    def group() -> None:
+        pass
+
+    return group
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console script ``mergekit-sparsegpt`` (subcommands ``merge`` and ``calibrate``)."""
+    _group().main(args=None if args is None else list(args), prog_name="mergekit-sparsegpt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""Tests for reading calibration sources and cutting them into token windows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import datasets
+import datasets.config
+import huggingface_hub.constants
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from datasets.arrow_writer import ArrowWriter
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from mergekit_sparsegpt import calibration
+from mergekit_sparsegpt.calibration import (
+    CalibrationError,
+    CalibrationSource,
+    calibration_windows,
+    read_calibration_texts,
+    source_fingerprint,
+)
+
+MODEL = "org/tiny-model"
+
+# Word-level vocabulary: ids are easy to compute by hand. "<bos>" is added by the post-processor
+# only when special tokens are requested, so its absence proves add_special_tokens=False.
+SPECIALS = {"[UNK]": 0, "<eos>": 1, "<bos>": 2}
+WORDS = ["a", "b", "c", "d", "e", "f", "g", "h"] + [f"w{i}" for i in range(100)]
+VOCAB = {**SPECIALS, **{word: index + len(SPECIALS) for index, word in enumerate(WORDS)}}
+
+
+def make_tokenizer(with_eos: bool = True) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", SPECIALS["<bos>"])]
+    )
+    extra = {"eos_token": "<eos>"} if with_eos else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", bos_token="<bos>", **extra
+    )
+
+
+def ids(text: str) -> list[int]:
+    return [VOCAB[word] for word in text.split()]
+
+
+class SpyTokenizer:
+    """Wraps a tokenizer and records every piece of text it is asked to encode."""
+
+    def __init__(self, inner: PreTrainedTokenizerFast) -> None:
+        self.inner = inner
+        self.pieces: list[str] = []
+        self.eos_token_id = inner.eos_token_id
+
+    def __call__(self, text: str, **kwargs):
+        self.pieces.append(text)
+        return self.inner(text, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def read(path: Path | str, **kwargs) -> list[str]:
+    return read_calibration_texts(CalibrationSource(str(path), **kwargs), MODEL)
+
+
+def error_of(path: Path | str, **kwargs) -> str:
+    with pytest.raises(CalibrationError) as info:
+        read(path, **kwargs)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# File formats
+# --------------------------------------------------------------------------------------------
+
+
+def test_txt_file_is_one_document(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("first line\nsecond line\n\nthird paragraph\n", encoding="utf-8")
+    assert read(path) == ["first line\nsecond line\n\nthird paragraph\n"]
+
+
+def test_jsonl_takes_field_and_skips_blank_lines_and_nulls(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    lines = [
+        '{"text": "one", "id": 1}',
+        "",
+        '{"text": "two"}',
+        "   ",
+        '{"text": null}',
+        '{"text": "three"}',
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert read(path) == ["one", "two", "three"]
+
+
+def test_jsonl_keeps_line_separator_inside_strings_and_drops_bom(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    # U+2028 may appear raw inside a JSON string; it must not split the record.
+    path.write_bytes('\ufeff{"text": "left\u2028right"}\r\n{"text": "next"}\r\n'.encode())
+    assert read(path) == ["left\u2028right", "next"]
+
+
+def test_non_utf8_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"caf\xe9 latin-1 text\n")
+    message = error_of(path)
+    assert "not valid UTF-8" in message and "Re-save the file as UTF-8" in message
+
+
+def test_jsonl_custom_field(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"body": "x y", "text": 3}\n{"body": "z"}\n', encoding="utf-8")
+    assert read(path, text_field="body") == ["x y", "z"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [{"text": "alpha"}, {"text": "beta", "meta": 1}],
+        ["alpha", "beta"],
+        {"data": [{"text": "alpha"}, {"text": "beta"}]},
+        {"rows": ["alpha", "beta"]},
+    ],
+    ids=["objects", "strings", "wrapped-objects", "wrapped-strings"],
+)
+def test_json_forms(tmp_path: Path, payload: object) -> None:
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    assert read(path) == ["alpha", "beta"]
+
+
+def test_json_with_several_keys_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.json"
+    path.write_text(json.dumps({"data": ["a"], "other": ["b"]}), encoding="utf-8")
+    message = error_of(path)
+    assert "single list value" in message
+    assert "'data'" in message and "'other'" in message
+
+
+def test_parquet_column(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": ["p", None, "q"]}), path)
+    assert read(path) == ["p", "q"]
+
+
+def test_saved_dataset_directory(tmp_path: Path) -> None:
+    datasets.Dataset.from_dict({"text": ["d1", "d2"], "n": [1, 2]}).save_to_disk(tmp_path / "ds")
+    assert read(tmp_path / "ds") == ["d1", "d2"]
+
+
+def test_saved_dataset_dict_takes_split(tmp_path: Path) -> None:
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": ["t1", "t2"]}),
+            "validation": datasets.Dataset.from_dict({"content": ["v1"]}),
+        }
+    )
+    splits.save_to_disk(tmp_path / "dd")
+    assert read(tmp_path / "dd", text_field="content", split="validation") == ["v1"]
+    message = error_of(tmp_path / "dd", text_field="content", split="test")
+    assert "no split 'test'" in message and "'train'" in message and "'validation'" in message
+
+
+def test_saved_dataset_missing_column(tmp_path: Path) -> None:
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(tmp_path / "ds")
+    message = error_of(tmp_path / "ds")
+    assert "no column 'text'" in message and "'body'" in message and MODEL in message
+
+
+def _write_fake_cached_dataset(cache: Path, name: str, config: str, texts: list[str]) -> None:
+    """Lay out a dataset the way `datasets` stores a prepared dataset in HF_DATASETS_CACHE."""
+    folder = cache / name / config / "0.0.0" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    with ArrowWriter(path=str(folder / f"{name}-train.arrow")) as writer:
+        writer.write_table(pa.table({"text": texts}))
+        rows, size = writer.finalize()
+    split = datasets.SplitInfo("train", num_bytes=size, num_examples=rows, dataset_name=name)
+    datasets.DatasetInfo(
+        dataset_name=name,
+        config_name=config,
+        features=datasets.Features({"text": datasets.Value("string")}),
+        splits=datasets.SplitDict({"train": split}),
+    ).write_to_directory(str(folder))
+
+
+def _offline_flags() -> tuple:
+    return (
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_DATASETS_OFFLINE,
+        huggingface_hub.constants.HF_HUB_OFFLINE,
+        os.environ.get("HF_HUB_OFFLINE"),
+        os.environ.get("HF_DATASETS_OFFLINE"),
+    )
+
+
+def test_dataset_name_from_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    _write_fake_cached_dataset(tmp_path, "fake_calib", "small", ["cached one", "cached two"])
+    before = _offline_flags()
+    assert read("fake_calib") == ["cached one", "cached two"]
+    assert read("fake_calib:small") == ["cached one", "cached two"]
+    # The offline switches are only forced for the duration of the load.
+    assert _offline_flags() == before
+    message = error_of("fake_calib:large")
+    assert "not a dataset available offline" in message and "small" in message
+
+
+# --------------------------------------------------------------------------------------------
+# Source errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["data/missing.jsonl", "missing.txt", "./nowhere", "/no/such/dir"])
+def test_missing_path_says_file_not_found_without_dataset_lookup(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a path-like source must not be looked up as a dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_lookup)
+    message = error_of(name)
+    assert "file not found" in message and MODEL in message and name in message
+
+
+def test_unknown_dataset_name_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path("/nonexistent-cache-dir"))
+    before = _offline_flags()
+    start = time.monotonic()
+    message = error_of("surely_not_a_dataset_xyz:cfg")
+    assert time.monotonic() - start < 5
+    assert "path does not exist" in message
+    assert "not a dataset available offline in the Hugging Face cache" in message
+    assert "load_dataset('surely_not_a_dataset_xyz', 'cfg', split='train')" in message
+    assert MODEL in message
+    assert _offline_flags() == before
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("empty.txt", ""), ("blank.txt", " \n\n\t\n"), ("blank.jsonl", '\n{"text": "  "}\n')],
+)
+def test_source_without_text(tmp_path: Path, name: str, content: str) -> None:
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    message = error_of(tmp_path / name)
+    assert "contains no text" in message and MODEL in message and name in message
+
+
+def test_bad_jsonl_line_names_line_number(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": oops}\n', encoding="utf-8")
+    message = error_of(path)
+    assert f"{path} line 3 is not valid JSON" in message and MODEL in message
+
+
+def test_jsonl_line_without_field_names_line_and_fields(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "ok"}\n{"body": "no text field"}\n', encoding="utf-8")
+    message = error_of(path)
+    assert f"{path} line 2 has no field 'text'" in message and "'body'" in message
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "ok"}\n["a list"]\n', encoding="utf-8")
+    assert "line 2 is a JSON list" in error_of(path)
+
+
+def test_parquet_missing_column_lists_available(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"content": ["x"], "id": [1]}), path)
+    message = error_of(path)
+    assert "no column 'text'" in message
+    assert "available columns: 'content', 'id'" in message and MODEL in message
+
+
+def test_unknown_extension_lists_supported_forms(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.csv"
+    path.write_text("text\nhello\n", encoding="utf-8")
+    message = error_of(path)
+    assert "unsupported file type '.csv'" in message
+    for form in (".txt", ".jsonl", ".json", ".parquet", "save_to_disk"):
+        assert form in message
+
+
+def test_directory_that_is_not_a_saved_dataset(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    assert "not one written by datasets' save_to_disk" in error_of(tmp_path / "plain")
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint
+# --------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_of_file_is_sha256_of_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"some calibration text\n")
+    expected = hashlib.sha256(b"some calibration text\n").hexdigest()
+    assert source_fingerprint(CalibrationSource(str(path))) == expected
+    path.write_bytes(b"other text\n")
+    assert source_fingerprint(CalibrationSource(str(path))) != expected
+
+
+def test_fingerprint_of_saved_dataset_is_stable_and_content_dependent(tmp_path: Path) -> None:
+    datasets.Dataset.from_dict({"text": ["x", "y"]}).save_to_disk(tmp_path / "one")
+    datasets.Dataset.from_dict({"text": ["x", "z"]}).save_to_disk(tmp_path / "two")
+    first = source_fingerprint(CalibrationSource(str(tmp_path / "one")))
+    assert first == source_fingerprint(CalibrationSource(str(tmp_path / "one")))
+    assert len(first) == 64 and int(first, 16) >= 0
+    assert first != source_fingerprint(CalibrationSource(str(tmp_path / "two")))
+
+
+def test_fingerprint_of_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CalibrationError, match="file not found"):
+        source_fingerprint(CalibrationSource(str(tmp_path / "gone.jsonl")))
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------
+
+
+def windows(texts, tokenizer, samples: int, seq_len: int) -> torch.Tensor:
+    return calibration_windows(texts, tokenizer, samples, seq_len, MODEL, "corpus.jsonl")
+
+
+def test_windows_match_hand_computed_reference(tokenizer) -> None:
+    texts = ["a b c", "d e f g", "h"]
+    # stream: a b c <eos> d e f g <eos> h  ->  10 tokens; 3 samples -> stride 10 // 3 = 3
+    eos = VOCAB["<eos>"]
+    stream = ids("a b c") + [eos] + ids("d e f g") + [eos] + ids("h")
+    expected = torch.tensor([stream[0:2], stream[3:5], stream[6:8]], dtype=torch.int64)
+    result = windows(texts, tokenizer, samples=3, seq_len=2)
+    assert result.dtype == torch.int64
+    assert result.shape == (3, 2)
+    assert torch.equal(result, expected)
+    assert torch.equal(result, torch.tensor([[3, 4], [1, 6], [8, 9]]))
+
+
+def test_windows_exactly_enough_tokens_are_contiguous(tokenizer) -> None:
+    result = windows(["a b c d e f"], tokenizer, samples=3, seq_len=2)
+    assert result.tolist() == [ids("a b"), ids("c d"), ids("e f")]
+
+
+def test_windows_are_deterministic(tokenizer) -> None:
+    texts = [" ".join(f"w{(i * 7 + j) % 100}" for j in range(30)) for i in range(20)]
+    first = windows(texts, tokenizer, samples=5, seq_len=16)
+    second = windows(texts, tokenizer, samples=5, seq_len=16)
+    assert torch.equal(first, second)
+
+
+def test_eos_between_documents_only(tokenizer) -> None:
+    # Blank documents add no separator of their own, and none is added after the last document.
+    result = windows(["a b", "", "c"], tokenizer, samples=1, seq_len=4)
+    assert result.tolist() == [[VOCAB["a"], VOCAB["b"], VOCAB["<eos>"], VOCAB["c"]]]
+
+
+def test_no_separator_without_eos_token() -> None:
+    plain = make_tokenizer(with_eos=False)
+    assert plain.eos_token_id is None
+    result = windows(["a b", "c"], plain, samples=1, seq_len=3)
+    assert result.tolist() == [ids("a b c")]
+
+
+def test_long_document_is_tokenized_in_line_pieces_without_separators(
+    tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(calibration, "CHUNK_CHARS", 16)
+    # The third line is longer than a piece, so it is cut at its last space within 16 chars.
+    document = "a b c\nd e f g h a b\nc d e f g h a b c d\ne\n"
+    spy = SpyTokenizer(tokenizer)
+    result = windows([document], spy, samples=1, seq_len=len(document.split()))
+    assert result.tolist() == [ids(document)]
+    assert spy.pieces == ["a b c\n", "d e f g h a b\n", "c d e f g h a b", " c d\ne\n"]
+
+
+def test_line_chunks_cut_words_only_without_whitespace() -> None:
+    assert list(calibration._line_chunks("abcdefghij", 4)) == ["abcd", "efgh", "ij"]
+    assert list(calibration._line_chunks("ab cd ef", 4)) == ["ab", " cd", " ef"]
+    assert list(calibration._line_chunks("", 4)) == []
+
+
+def test_tokenizing_stops_at_eight_times_the_need(tokenizer) -> None:
+    # One document of 100 distinct tokens; 2 x 2 = 4 are needed, so only 32 are kept and the
+    # windows spread over those 32 (stride 16) instead of all 100 (stride 50).
+    document = " ".join(f"w{i}" for i in range(100))
+    result = windows([document], tokenizer, samples=2, seq_len=2)
+    assert result.tolist() == [ids("w0 w1"), ids("w16 w17")]
+    spy = SpyTokenizer(tokenizer)
+    windows([f"w{i}" for i in range(100)], spy, samples=2, seq_len=2)
+    # Document k ends the stream at 2k - 1 tokens (one word plus an <eos> before it), so the
+    # 32 kept tokens are reached with document 17 and the other 83 are never tokenized.
+    assert len(spy.pieces) == 17
+
+
+def test_too_little_data_names_counts_and_model(tokenizer) -> None:
+    with pytest.raises(CalibrationError) as info:
+        windows(["a b c", "d e"], tokenizer, samples=2, seq_len=4)
+    assert str(info.value) == (
+        f"calibration data 'corpus.jsonl' for model '{MODEL}' gives only 6 tokens with that "
+        "model's tokenizer; calibration_samples x calibration_seq_len = 2 x 4 = 8 are needed. "
+        "Add text or lower calibration_samples / calibration_seq_len."
+    )
+
+
+@pytest.mark.parametrize(("samples", "seq_len"), [(0, 4), (2, 0), (-1, 4)])
+def test_non_positive_sizes_are_rejected(tokenizer, samples: int, seq_len: int) -> None:
+    with pytest.raises(CalibrationError, match="must be a positive integer") as info:
+        windows(["a b c d e f g h"], tokenizer, samples=samples, seq_len=seq_len)
+    assert MODEL in str(info.value)
+
+
+def test_end_to_end_from_jsonl(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "a b"}\n{"text": "c d e"}\n', encoding="utf-8")
+    texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+    result = calibration_windows(texts, tokenizer, 2, 3, MODEL, str(path))
+    # stream: a b <eos> c d e -> stride 3
+    assert result.tolist() == [[VOCAB["a"], VOCAB["b"], VOCAB["<eos>"]], ids("c d e")]

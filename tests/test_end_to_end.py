@@ -1,0 +1,126 @@
+"""The stock `mergekit-yaml` CLI, in a subprocess, with the installed plugin."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+MERGEKIT_YAML = shutil.which("mergekit-yaml")
+SPARSEGPT = shutil.which("mergekit-sparsegpt")
+pytestmark = pytest.mark.skipif(
+    not (MERGEKIT_YAML and SPARSEGPT) and not os.environ.get("CI"),
+    reason="needs the package installed (pip install -e .)",
+)
+
+
+def _write_config(tiny_models, path: Path, method: str, density: float, cache: Path) -> Path:
+    config = {
+        "merge_method": method,
+        "base_model": str(tiny_models.base),
+        "models": [
+            {
+                "model": str(tiny_models.experts[name]),
+                "parameters": {
+                    "weight": 1.0,
+                    "density": density,
+                    "calibration": str(tiny_models.calibration[name]),
+                },
+            }
+            for name in sorted(tiny_models.experts)
+        ],
+        "parameters": {"calibration_samples": 8, "calibration_seq_len": 32},
+        "dtype": "float32",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _run(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MERGEKIT_SPARSEGPT_CACHE": str(cache)}
+    env.pop("MERGEKIT_SPARSEGPT_DISABLE_AUTOLOAD", None)
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _assert_loads_with_finite_logits(path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(path)
+    logits = model(input_ids=torch.tensor([[1, 5, 9, 2]])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt_ties", "sparsegpt_dare"])
+def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, method):
+    cache = tmp_path / "cache"
+    config = _write_config(tiny_models, tmp_path / "a.yml", method, 0.3, cache)
+    first = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out1"), cache=cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Hessians of" in first.stderr
+    assert "Hessian importance: 14 tensors" in first.stderr
+    assert f"stock {'ties' if method == 'sparsegpt_ties' else 'dare_linear'}" in first.stderr
+    _assert_loads_with_finite_logits(tmp_path / "out1")
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+    config = _write_config(tiny_models, tmp_path / "b.yml", method, 0.6, cache)
+    second = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out2"), cache=cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Hessians of" not in second.stderr
+    assert second.stderr.count("from cache") == 2
+    _assert_loads_with_finite_logits(tmp_path / "out2")
+
+
+def test_calibrate_fills_the_cache_for_a_later_merge(tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    config = _write_config(tiny_models, tmp_path / "a.yml", "sparsegpt_ties", 0.3, cache)
+    calibrate = _run(SPARSEGPT, "calibrate", str(config), cache=cache)
+    assert calibrate.returncode == 0, calibrate.stderr[-3000:]
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert not (tmp_path / "out").exists()
+    merge = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out"), cache=cache)
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    assert "Hessians of" not in merge.stderr
+
+
+def test_bad_input_fails_before_writing_output(tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    config = _write_config(tiny_models, tmp_path / "a.yml", "sparsegpt_ties", 0.3, cache)
+    text = config.read_text().replace(str(tiny_models.calibration["code"]), "missing.txt")
+    config.write_text(text)
+    result = _run(SPARSEGPT, "merge", str(config), str(tmp_path / "out"), cache=cache)
+    assert result.returncode == 2
+    assert "missing.txt" in result.stderr and "file not found" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_configs_are_valid(tiny_models, tmp_path):
+    """Every shipped example names only known parameters and merges the demo layout."""
+    examples = sorted((Path(__file__).parents[1] / "example_configs").glob("*.yml"))
+    assert examples
+    demo = tmp_path / "demo_out"
+    demo.mkdir()
+    for name, source in [
+        ("base", tiny_models.base),
+        ("expert_code", tiny_models.experts["code"]),
+        ("expert_arithmetic", tiny_models.experts["arithmetic"]),
+        ("calibration_code.txt", tiny_models.calibration["code"]),
+        ("calibration_arithmetic.jsonl", tiny_models.calibration["arithmetic"]),
+    ]:
+        (demo / name).symlink_to(source)
+    for example in examples:
+        config = yaml.safe_load(example.read_text())
+        config["parameters"].update(calibration_samples=8, calibration_seq_len=32)
+        path = tmp_path / example.name
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run(
+            [sys.executable, "-m", "mergekit.scripts.run_yaml", str(path), f"out_{example.stem}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "MERGEKIT_SPARSEGPT_CACHE": str(tmp_path / "cache")},
+            timeout=600,
+        )
+        assert result.returncode == 0, f"{example.name}: {result.stderr[-3000:]}"
