@@ -12,7 +12,6 @@ fix, because these errors surface in the middle of a long merge run.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,6 @@ __all__ = [
     "CalibrationSource",
     "calibration_windows",
     "read_calibration_texts",
-    "source_fingerprint",
 ]
 
 # Tokenizers are fed pieces of about this many characters, cut on line boundaries: a single
@@ -84,10 +82,8 @@ class CalibrationSource:
     split: str = "train"
 
 
-def _fail(source: str, model_name: str | None, problem: str) -> CalibrationError:
-    # model_name is None only where no model is involved (fingerprinting a source).
-    owner = f" for model '{model_name}'" if model_name is not None else ""
-    return CalibrationError(f"calibration data '{source}'{owner}: {problem}")
+def _fail(source: str, model_name: str, problem: str) -> CalibrationError:
+    return CalibrationError(f"calibration data '{source}' for model '{model_name}': {problem}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +323,7 @@ def _read_saved_dataset(path: Path, source: CalibrationSource, model_name: str) 
     return _dataset_texts(dataset, source, model_name, str(path))
 
 
-def _load_saved_dataset(path: Path, source: CalibrationSource, model_name: str | None) -> Any:
+def _load_saved_dataset(path: Path, source: CalibrationSource, model_name: str) -> Any:
     import datasets
 
     try:
@@ -370,7 +366,7 @@ def _split_dataset_name(name: str) -> tuple[str, str | None]:
     return dataset_name, config or None
 
 
-def _load_cached_dataset(source: CalibrationSource, model_name: str | None) -> Any:
+def _load_cached_dataset(source: CalibrationSource, model_name: str) -> Any:
     import datasets
 
     name, config = _split_dataset_name(source.source)
@@ -427,38 +423,6 @@ def _hf_offline() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-# --------------------------------------------------------------------------------------------
-# Fingerprint
-# --------------------------------------------------------------------------------------------
-
-
-def source_fingerprint(source: CalibrationSource) -> str:
-    """Return a sha256 hex digest identifying the content of ``source``.
-
-    For a file this is exactly ``sha256sum`` of its bytes; for a dataset (saved directory or
-    cached name) it is the sha256 of the ``datasets`` fingerprint of the selected split. The
-    text field is deliberately not mixed in: cache keys must add ``text_field`` themselves.
-    """
-    path = Path(source.source).expanduser()
-    if path.is_file():
-        return _sha256_file(path)
-    if path.is_dir():
-        dataset = _load_saved_dataset(path, source, model_name=None)
-    elif _looks_like_path(source.source):
-        raise _fail(source.source, None, f"file not found: {path.absolute()}.")
-    else:
-        dataset = _load_cached_dataset(source, model_name=None)
-    return hashlib.sha256(dataset._fingerprint.encode("utf-8")).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -121,9 +121,8 @@ def _calibrate_command() -> Any:
         from mergekit_sparsegpt.prepass import prepare_statistics
 
         context = prepare_statistics(merge_config, merge_options)
-        tasks = getattr(context, "tasks", None)
-        if not merge_options.quiet and tasks is not None:
-            click.echo(f"Calibration statistics ready for {len(tasks)} task(s).", err=True)
+        if not merge_options.quiet:
+            click.echo(f"Calibration statistics ready for {len(context.tasks)} task(s).", err=True)
 
     return _with_user_errors(calibrate)
 

@@ -58,6 +58,15 @@ class HessianStatistics:
     damping: float
     method: str
 
+    def cpu(self) -> HessianStatistics:
+        return HessianStatistics(
+            self.hessian_diagonal.cpu(),
+            self.inverse_diagonal.cpu(),
+            self.cholesky_diagonal.cpu(),
+            self.damping,
+            self.method,
+        )
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
             "hessian_diagonal": self.hessian_diagonal,

@@ -34,7 +34,8 @@ class TaskStatistics:
     def add_layer(self, layer: LayerHessians, dampening: float) -> None:
         for group, hessian in layer.hessians.items():
             try:
-                self.statistics[group] = hessian_statistics(hessian.cpu(), dampening)
+                # Inverting on the capture device: a 11008-column Cholesky is slow on a CPU.
+                self.statistics[group] = hessian_statistics(hessian, dampening).cpu()
             except HessianError as error:
                 raise HessianError(f"Hessian of {group}: {error}") from None
             self.samples[group] = layer.samples[group]

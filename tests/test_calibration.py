@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,7 +24,6 @@ from mergekit_sparsegpt.calibration import (
     CalibrationSource,
     calibration_windows,
     read_calibration_texts,
-    source_fingerprint,
 )
 
 MODEL = "org/tiny-model"
@@ -300,34 +298,6 @@ def test_unknown_extension_lists_supported_forms(tmp_path: Path) -> None:
 def test_directory_that_is_not_a_saved_dataset(tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()
     assert "not one written by datasets' save_to_disk" in error_of(tmp_path / "plain")
-
-
-# --------------------------------------------------------------------------------------------
-# Fingerprint
-# --------------------------------------------------------------------------------------------
-
-
-def test_fingerprint_of_file_is_sha256_of_bytes(tmp_path: Path) -> None:
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(b"some calibration text\n")
-    expected = hashlib.sha256(b"some calibration text\n").hexdigest()
-    assert source_fingerprint(CalibrationSource(str(path))) == expected
-    path.write_bytes(b"other text\n")
-    assert source_fingerprint(CalibrationSource(str(path))) != expected
-
-
-def test_fingerprint_of_saved_dataset_is_stable_and_content_dependent(tmp_path: Path) -> None:
-    datasets.Dataset.from_dict({"text": ["x", "y"]}).save_to_disk(tmp_path / "one")
-    datasets.Dataset.from_dict({"text": ["x", "z"]}).save_to_disk(tmp_path / "two")
-    first = source_fingerprint(CalibrationSource(str(tmp_path / "one")))
-    assert first == source_fingerprint(CalibrationSource(str(tmp_path / "one")))
-    assert len(first) == 64 and int(first, 16) >= 0
-    assert first != source_fingerprint(CalibrationSource(str(tmp_path / "two")))
-
-
-def test_fingerprint_of_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(CalibrationError, match="file not found"):
-        source_fingerprint(CalibrationSource(str(tmp_path / "gone.jsonl")))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The pre-pass and the whole merge, in process, on tiny Llama models built by conftest."""
 
 import logging
+import shutil
 from pathlib import Path
 
 import mergekit.merge
@@ -8,7 +9,7 @@ import pytest
 import torch
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from mergekit_sparsegpt import prepass
@@ -239,3 +240,17 @@ def test_base_hessian_source_runs_calibration_through_base(tiny_models, tmp_path
         ours = base_context.tasks[key].for_weight(name).hessian_diagonal
         theirs = finetuned_context.tasks[key].for_weight(name).hessian_diagonal
         assert not torch.allclose(ours, theirs)
+
+
+def test_non_finite_activations_name_the_model(tiny_models, tmp_path):
+    broken = tmp_path / "broken_expert"
+    shutil.copytree(tiny_models.experts["code"], broken)
+    weights = load_file(broken / "model.safetensors")
+    weights[DOWN.format(0)][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    config = _config(tiny_models, tmp_path / "cache")
+    config["models"][0]["model"] = str(broken)
+    config["models"][0]["parameters"]["calibration"] = str(tiny_models.calibration["code"])
+    with pytest.raises(ValueError, match=f"Model {broken}.*non-finite"):
+        _merge(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
