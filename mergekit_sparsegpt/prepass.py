@@ -266,11 +266,18 @@ def _calibration_windows(
         CalibrationSource(source, settings.calibration_field, settings.calibration_split),
         model_name=str(model),
     )
-    tokenizer = AutoTokenizer.from_pretrained(
-        task.forward_model.model.path,
-        revision=task.forward_model.model.revision,
-        trust_remote_code=options.trust_remote_code,
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            task.forward_model.model.path,
+            revision=task.forward_model.model.revision,
+            trust_remote_code=options.trust_remote_code,
+        )
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load the tokenizer of model {name} ({error}). Calibration text is "
+            "tokenized with the tokenizer of the model it runs through: save that tokenizer "
+            "next to the model's weights (tokenizer.save_pretrained)."
+        ) from None
     return calibration_windows(
         texts,
         tokenizer,

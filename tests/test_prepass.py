@@ -254,3 +254,15 @@ def test_non_finite_activations_name_the_model(tiny_models, tmp_path):
     with pytest.raises(ValueError, match=f"Model {broken}.*non-finite"):
         _merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_model_without_tokenizer_is_a_clear_error(tiny_models, tmp_path):
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_models.experts["code"]) / name, bare / name)
+    config = _config(tiny_models, tmp_path / "cache")
+    config["models"][0]["model"] = str(bare)
+    with pytest.raises(ValueError, match=f"Could not load the tokenizer of model {bare}"):
+        _merge(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
