@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from mergekit.common import ModelReference
 
@@ -27,6 +28,8 @@ class MergeContext:
     hessian_inputs: dict[str, dict[ModelReference, str]]
     tasks: dict[TaskKey, TaskStatistics]
     usage: Counter = field(default_factory=Counter)
+    # output tensor -> {"path": ..., "models": {model: trim_entry(...)}}, for the JSON report
+    report: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def statistics_for(
@@ -49,10 +52,13 @@ class MergeContext:
                 "that layer? Delete the statistics cache entry or fix hessian_source / slices."
             ) from None
 
-    def record(self, path: str, tensors: int, parameters: int) -> None:
+    def record(
+        self, tensor: str, path: str, parameters: int, models: dict[str, Any] | None = None
+    ) -> None:
         with self._lock:
-            self.usage[(path, "tensors")] += tensors
+            self.usage[(path, "tensors")] += 1
             self.usage[(path, "parameters")] += parameters
+            self.report[tensor] = {"path": path, "models": models or {}}
 
 
 _active: MergeContext | None = None

@@ -49,7 +49,8 @@ class HessianStatistics:
 
     ``hessian_diagonal`` is undamped (with dead columns set to 1); the other two come from the
     damped Hessian. ``damping`` is the relative damping that succeeded and ``method`` says whether
-    Cholesky worked or the pseudo-inverse fallback was needed.
+    Cholesky worked or the pseudo-inverse fallback was needed. ``cholesky_factor`` is the whole
+    upper factor U of H^-1, kept only when error compensation needs it (and Cholesky worked).
     """
 
     hessian_diagonal: torch.Tensor
@@ -57,25 +58,30 @@ class HessianStatistics:
     cholesky_diagonal: torch.Tensor
     damping: float
     method: str
+    cholesky_factor: torch.Tensor | None = None
 
     def cpu(self) -> HessianStatistics:
         return HessianStatistics(
-            self.hessian_diagonal.cpu(),
-            self.inverse_diagonal.cpu(),
-            self.cholesky_diagonal.cpu(),
-            self.damping,
-            self.method,
+            **{
+                name: value.cpu() if isinstance(value, torch.Tensor) else value
+                for name, value in vars(self).items()
+            }
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        vectors = {
             "hessian_diagonal": self.hessian_diagonal,
             "inverse_diagonal": self.inverse_diagonal,
             "cholesky_diagonal": self.cholesky_diagonal,
         }
+        if self.cholesky_factor is not None:
+            vectors["cholesky_factor"] = self.cholesky_factor
+        return vectors
 
 
-def hessian_statistics(hessian: torch.Tensor, dampening: float = 0.01) -> HessianStatistics:
+def hessian_statistics(
+    hessian: torch.Tensor, dampening: float = 0.01, keep_factor: bool = False
+) -> HessianStatistics:
     """Dead columns -> 1, relative damping, Cholesky of H^-1; escalate damping, then pinv."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise HessianError(f"Hessian must be square, got shape {tuple(hessian.shape)}")
@@ -103,6 +109,7 @@ def hessian_statistics(hessian: torch.Tensor, dampening: float = 0.01) -> Hessia
                 torch.diagonal(upper).clone(),
                 damping,
                 "cholesky",
+                upper if keep_factor else None,
             )
     return _pseudo_inverse_statistics(hessian, hessian_diagonal, mean_diagonal, dampening)
 

@@ -57,19 +57,29 @@ def importance_scores(
     return task_vector.float().square() * column_weight.unsqueeze(0)
 
 
-def top_density_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+SELECTIONS = ("tensor", "row")
+
+
+def top_density_mask(
+    scores: torch.Tensor, density: float, selection: str = "tensor"
+) -> torch.Tensor:
     """Keep the top ``density`` fraction by score, with mergekit ``magnitude``'s edge cases.
 
+    ``selection="tensor"`` ranks the whole tensor; ``"row"`` keeps the top fraction of every
+    output row (Wanda's comparison group), so each output keeps the same share of its entries.
     Density >= 1 keeps all, <= 0 (or an empty tensor) keeps none, and a positive density keeps
-    at least one entry; exactly k = max(1, int(density * numel)) entries are kept, ties at the
-    threshold broken by position like mergekit's argsort.
+    at least one entry per group; exactly k = max(1, int(density * group size)) entries are kept,
+    ties at the threshold broken by position like mergekit's argsort.
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"Unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
     if density >= 1:
         return torch.ones_like(scores, dtype=torch.bool)
     if density <= 0 or scores.numel() == 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    k = max(1, int(density * scores.numel()))
-    keep = torch.argsort(scores.reshape(-1).float(), descending=True)[:k]
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[keep] = True
+    rows = scores.reshape(-1, scores.shape[-1]) if selection == "row" else scores.reshape(1, -1)
+    k = max(1, int(density * rows.shape[1]))
+    keep = torch.argsort(rows.float(), dim=1, descending=True)[:, :k]
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    mask.scatter_(1, keep, True)
     return mask.reshape(scores.shape)

@@ -21,9 +21,11 @@ from mergekit.merge_methods.generalized_task_arithmetic import (
 )
 from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor, sparsify
 
+from mergekit_sparsegpt.compensation import compensated_trim
 from mergekit_sparsegpt.context import active_context
 from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.importance import DEFAULT_IMPORTANCE, importance_scores, top_density_mask
+from mergekit_sparsegpt.report import trim_entry
 
 # Parameters read by the pre-pass (calibration, Hessians, cache) rather than by the kernel.
 PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
@@ -39,6 +41,8 @@ PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
 )
 KERNEL_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("importance", str, ParameterScope.SHARED, default=DEFAULT_IMPORTANCE),
+    ParameterSpec("selection", str, ParameterScope.SHARED, default="tensor"),
+    ParameterSpec("compensate", bool, ParameterScope.SHARED, default=False),
 )
 
 
@@ -84,15 +88,12 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
             for entry in group.non_base
         }
         if all(stats is None for stats in statistics.values()):
-            context.record("fallback", 1, base.numel())
+            context.record(name, "fallback", base.numel())
             stock = {p.name: parameters[p.name] for p in self.fallback.spec.parameters}
             return self.fallback.merge_group(group, **stock)
 
-        context.record("importance", 1, base.numel())
-        trimmed = [
-            self._trim(entry.tensor - base, statistics[entry.id], parameters, entry.id, name)
-            for entry in group.non_base
-        ]
+        trimmed, report = self._trim_all(group, statistics, parameters, name)
+        context.record(name, "importance", base.numel(), report)
         task_vectors = TensorGroup.from_tensors(
             [torch.zeros_like(base), *trimmed],
             ids=[group.base.id, *(entry.id for entry in group.non_base)],
@@ -102,6 +103,25 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
         combine = {key: parameters[key] for key in self.combine_parameters}
         return base + super().merge_group(task_vectors, **combine)
 
+    def _trim_all(
+        self,
+        group: TensorGroup,
+        statistics: dict[Any, HessianStatistics | None],
+        parameters: dict[str, Any],
+        name: str,
+    ) -> tuple[list[torch.Tensor], dict[str, dict[str, Any]]]:
+        """Every input's trimmed task vector, and the report entries of the Hessian ones."""
+        trimmed, report = [], {}
+        for entry in group.non_base:
+            task_vector = entry.tensor - group.base.tensor
+            stats = statistics[entry.id]
+            vector, mask = self._trim(task_vector, stats, parameters, entry.id, name)
+            trimmed.append(vector)
+            if stats is not None:
+                density = parameters["density"][entry.id]
+                report[str(entry.id)] = trim_entry(task_vector, vector, mask, stats, density)
+        return trimmed, report
+
     def _trim(
         self,
         task_vector: torch.Tensor,
@@ -109,17 +129,33 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
         parameters: dict[str, Any],
         model: Any,
         name: str,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The trimmed task vector and the mask that chose it (None on the stock path)."""
         density = parameters["density"][model]
         rescale = RescaleNorm.l1 if parameters["rescale"] else None
         if statistics is None:
-            return _stock_trim(self.fallback, task_vector, density, rescale)
+            return _stock_trim(self.fallback, task_vector, density, rescale), None
         try:
             scores = importance_scores(task_vector, statistics, parameters["importance"])
         except ValueError as error:
             raise ValueError(f"{name} of model {model}: {error}") from None
-        mask = top_density_mask(scores, density)
-        return rescaled_masked_tensor(task_vector, mask.to(task_vector.dtype), rescale)
+        mask = top_density_mask(scores, density, parameters["selection"])
+        if not parameters["compensate"]:
+            return rescaled_masked_tensor(task_vector, mask.to(task_vector.dtype), rescale), mask
+        if statistics.cholesky_factor is None:
+            raise ValueError(
+                f"{name} of model {model}: compensate needs the Cholesky factor of its Hessian, "
+                "which is missing (the pseudo-inverse fallback was used, or the statistics were "
+                "computed without compensate); delete that cache entry or raise dampening"
+            )
+        compensated = compensated_trim(task_vector, statistics.cholesky_factor, mask)
+        return (_l1_rescaled(compensated, task_vector) if rescale else compensated), mask
+
+
+def _l1_rescaled(trimmed: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """mergekit's L1 rescale (match the untrimmed task vector's L1 norm) for re-fitted entries."""
+    before, after = original.abs().sum(), trimmed.abs().sum()
+    return trimmed if before < eps or after < eps else trimmed * (before / after)
 
 
 def _stock_trim(

@@ -9,6 +9,7 @@ any weight is read.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import shutil
@@ -36,8 +37,9 @@ from mergekit_sparsegpt.calibration import (
 from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, empty_model
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.hessian import HessianError
-from mergekit_sparsegpt.importance import validate_importance
+from mergekit_sparsegpt.importance import SELECTIONS, validate_importance
 from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SPARSEGPT_METHODS
+from mergekit_sparsegpt.report import REPORT_FILE
 from mergekit_sparsegpt.statistics import TaskStatistics
 
 HESSIAN_SOURCES = ("finetuned", "base")
@@ -66,6 +68,7 @@ class PrepassSettings:
     hessian_source: str
     dampening: float
     cache_dir: str | None
+    keep_factors: bool  # compensation needs the whole Cholesky factor of every H^-1
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,15 @@ def run_with_statistics(
         if not existed and os.path.exists(out_path):
             shutil.rmtree(out_path, ignore_errors=True)
         raise
+    if os.path.isdir(out_path):
+        write_report(context, os.path.join(out_path, REPORT_FILE))
     _say(options, usage_summary(merge_config.merge_method, context))
     return result
+
+
+def write_report(context: MergeContext, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"tensors": context.report}, handle, indent=1, sort_keys=True)
 
 
 def usage_summary(method_name: str, context: MergeContext) -> str:
@@ -118,6 +128,15 @@ def usage_summary(method_name: str, context: MergeContext) -> str:
         tensors = context.usage[(path, "tensors")]
         parameters = context.usage[(path, "parameters")]
         lines.append(f"  {label}: {tensors} tensors, {parameters:,} parameters")
+    entries = [m for t in context.report.values() for m in t["models"].values()]
+    if entries:
+        ours = sum(e["relative_output_error"] for e in entries) / len(entries)
+        magnitude = sum(e["magnitude_relative_output_error"] for e in entries) / len(entries)
+        lines.append(
+            f"  relative output error of the trimmed task vectors (mean, Hessian estimate): "
+            f"{ours:.4f}, magnitude trimming at the same density: {magnitude:.4f}"
+        )
+        lines.append(f"  per-tensor details: {REPORT_FILE} in the output directory")
     return "\n".join(lines)
 
 
@@ -188,6 +207,11 @@ def validate_parameters(planned: list[PlannedTensor]) -> PrepassSettings:
     """Check every resolved value; return the settings that must be constant."""
     for tensor in planned:
         validate_importance(tensor.shared["importance"])
+        if tensor.shared["selection"] not in SELECTIONS:
+            raise ValueError(
+                f"selection must be one of {', '.join(SELECTIONS)}, "
+                f"got {tensor.shared['selection']!r}"
+            )
         for model, values in tensor.per_input.items():
             if model == tensor.base_model:
                 continue
@@ -208,7 +232,9 @@ def validate_parameters(planned: list[PlannedTensor]) -> PrepassSettings:
         for spec in PREPASS_PARAMETERS
         if spec.scope == ParameterScope.SHARED
     }
-    settings = PrepassSettings(**values)
+    settings = PrepassSettings(
+        **values, keep_factors=any(tensor.shared["compensate"] for tensor in planned)
+    )
     _check_settings(settings)
     return settings
 
@@ -301,14 +327,18 @@ def task_statistics(
         "tokens": cache.tokens_fingerprint(windows),
         "token_shape": list(windows.shape),
         "dampening": settings.dampening,
+        "factors": settings.keep_factors,
     }
-    path = cache.cache_path(settings.cache_dir or cache.default_cache_dir(), payload)
-    cached = cache.load_statistics(path, payload)
-    if cached is not None:
-        _say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
-        return cached
+    cache_dir = settings.cache_dir or cache.default_cache_dir()
+    # Statistics with factors serve a merge without compensation too.
+    for candidate in [payload] + ([] if settings.keep_factors else [{**payload, "factors": True}]):
+        path = cache.cache_path(cache_dir, candidate)
+        cached = cache.load_statistics(path, candidate)
+        if cached is not None:
+            _say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
+            return cached
     statistics = compute_statistics(task, windows, settings, options)
-    cache.save_statistics(path, statistics, payload)
+    cache.save_statistics(cache.cache_path(cache_dir, payload), statistics, payload)
     _report_fallbacks(task, statistics, settings, options)
     return statistics
 
@@ -340,7 +370,7 @@ def compute_statistics(
     )
     for layer in layers:
         try:
-            statistics.add_layer(layer, settings.dampening)
+            statistics.add_layer(layer, settings.dampening, settings.keep_factors)
         except HessianError as error:
             raise ValueError(
                 f"Model {model_ref} on calibration {task.key[1]!r}: {error}. Check the "

@@ -31,11 +31,12 @@ class TaskStatistics:
     def empty(cls, layers_prefix: str) -> TaskStatistics:
         return cls(layers_prefix, frozenset(), {}, {}, {})
 
-    def add_layer(self, layer: LayerHessians, dampening: float) -> None:
+    def add_layer(self, layer: LayerHessians, dampening: float, keep_factors: bool) -> None:
         for group, hessian in layer.hessians.items():
             try:
                 # Inverting on the capture device: a 11008-column Cholesky is slow on a CPU.
-                self.statistics[group] = hessian_statistics(hessian, dampening).cpu()
+                stats = hessian_statistics(hessian, dampening, keep_factor=keep_factors)
+                self.statistics[group] = stats.cpu()
             except HessianError as error:
                 raise HessianError(f"Hessian of {group}: {error}") from None
             self.samples[group] = layer.samples[group]
@@ -98,6 +99,7 @@ class TaskStatistics:
                     cholesky_diagonal=tensors[f"{group}::cholesky_diagonal"],
                     damping=float(layout["damping"][group]),
                     method=str(layout["method"][group]),
+                    cholesky_factor=tensors.get(f"{group}::cholesky_factor"),
                 )
                 for group in set(layout["groups"].values())
             }
@@ -111,12 +113,21 @@ class TaskStatistics:
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"statistics layout is incomplete ({error!r})") from error
         for group, stats in statistics.items():
-            vectors = stats.tensors().values()
-            if len({v.shape for v in vectors}) != 1 or any(v.dim() != 1 for v in vectors):
-                raise ValueError(f"statistics of {group} have inconsistent shapes")
-            if not all(torch.isfinite(v).all() and (v > 0).all() for v in vectors):
-                raise ValueError(f"statistics of {group} are not finite and positive")
+            _check_statistics(group, stats)
         return result
+
+
+def _check_statistics(group: str, stats: HessianStatistics) -> None:
+    vectors = [stats.hessian_diagonal, stats.inverse_diagonal, stats.cholesky_diagonal]
+    if len({v.shape for v in vectors}) != 1 or any(v.dim() != 1 for v in vectors):
+        raise ValueError(f"statistics of {group} have inconsistent shapes")
+    if not all(torch.isfinite(v).all() and (v > 0).all() for v in vectors):
+        raise ValueError(f"statistics of {group} are not finite and positive")
+    factor = stats.cholesky_factor
+    if factor is not None and (
+        factor.shape != (len(vectors[0]), len(vectors[0])) or not torch.isfinite(factor).all()
+    ):
+        raise ValueError(f"Cholesky factor of {group} is malformed")
 
 
 def _block_suffix(weight_name: str, layers_prefix: str) -> str:

@@ -93,3 +93,17 @@ def test_tiny_tensors_and_edge_densities():
     assert top_density_mask(one, 0.0).tolist() == [[False]]
     assert top_density_mask(torch.empty(0, 3), 0.5).numel() == 0
     assert top_density_mask(torch.rand(2, 2), 1.0).all()
+
+
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 1.0])
+def test_row_selection_keeps_top_fraction_of_every_row(density):
+    scores = torch.rand(6, 11, generator=torch.Generator().manual_seed(9))
+    mask = top_density_mask(scores, density, selection="row")
+    for r in range(6):
+        expected = _reference_mask(scores[r : r + 1], density)
+        assert torch.equal(mask[r : r + 1], expected)
+
+
+def test_unknown_selection_is_an_error():
+    with pytest.raises(ValueError, match="Unknown selection 'block'"):
+        top_density_mask(torch.rand(2, 2), 0.5, selection="block")

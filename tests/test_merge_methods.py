@@ -192,3 +192,48 @@ def test_slice_mapping_uses_the_input_tensor_hessian():
     task.statistics = {moved: task.statistics[LINEAR]}
     context = MergeContext(hessian_inputs={LINEAR: {"a": moved}}, tasks={("a", "a.txt"): task})
     assert context.statistics_for(LINEAR, "a", "a.txt") is task.statistics[moved]
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_compensated_ties_equals_reference(rescale):
+    from mergekit_sparsegpt.compensation import compensated_trim
+    from mergekit_sparsegpt.importance import importance_scores, top_density_mask
+
+    tasks = {}
+    for model, seed in (("a", 1), ("b", 2)):
+        task = _task(seed)
+        stats = task.statistics[LINEAR]
+        inverse = torch.diag(stats.inverse_diagonal)  # any SPD factor source will do for the test
+        factor = torch.linalg.cholesky(inverse + 0.1 * torch.eye(COLUMNS), upper=True)
+        task.statistics[LINEAR] = type(stats)(**{**vars(stats), "cholesky_factor": factor})
+        tasks[(model, f"{model}.txt")] = task
+    group = _group()
+    parameters = _parameters(compensate=True, importance="sparsegpt", rescale=rescale)
+    with activated(MergeContext(hessian_inputs={}, tasks=tasks)):
+        (merged,) = merge_methods.get("sparsegpt_ties")([group], parameters=parameters)
+
+    base = group.base.tensor
+    trimmed = []
+    for entry in group.non_base:
+        stats = tasks[(entry.id, f"{entry.id}.txt")].statistics[LINEAR]
+        tau = entry.tensor - base
+        mask = top_density_mask(
+            importance_scores(tau, stats, "sparsegpt"), parameters["density"][entry.id]
+        )
+        compensated = compensated_trim(tau, stats.cholesky_factor, mask)
+        assert torch.equal(compensated == 0, ~mask | (compensated == 0))
+        if rescale:
+            compensated = compensated * tau.abs().sum() / compensated.abs().sum()
+        trimmed.append(parameters["weight"][entry.id] * compensated)
+    stacked = torch.stack(trimmed)
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    agree = stacked.sign() == sign
+    divisor = (torch.tensor([1.0, 0.5]).reshape(2, 1, 1) * agree).sum(0)
+    divisor[divisor == 0] = 1
+    expected = base + (stacked * agree).sum(0) / divisor
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compensate_without_factor_is_a_clear_error(context):
+    with pytest.raises(ValueError, match="compensate needs the Cholesky factor"):
+        merge_methods.get("sparsegpt_ties")([_group()], parameters=_parameters(compensate=True))

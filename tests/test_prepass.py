@@ -1,5 +1,6 @@
 """The pre-pass and the whole merge, in process, on tiny Llama models built by conftest."""
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from mergekit_sparsegpt import prepass
 from mergekit_sparsegpt.calibration import CalibrationError
 from mergekit_sparsegpt.registration import install
+from mergekit_sparsegpt.report import REPORT_FILE
 
 install()
 
@@ -266,3 +268,40 @@ def test_model_without_tokenizer_is_a_clear_error(tiny_models, tmp_path):
     with pytest.raises(ValueError, match=f"Could not load the tokenizer of model {bare}"):
         _merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_compensated_merge_keeps_factors_and_serves_plain_merges(
+    tiny_models, tmp_path, monkeypatch
+):
+    config = _config(tiny_models, tmp_path / "cache", compensate=True, importance="sparsegpt")
+    _merge(config, tmp_path / "compensated")
+    context = prepass.prepare_statistics(
+        MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
+    )
+    for task in context.tasks.values():
+        factor = task.for_weight(DOWN.format(0)).cholesky_factor
+        assert factor is not None and torch.equal(factor, factor.triu())
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the pre-pass ran again")
+
+    monkeypatch.setattr(prepass, "compute_statistics", no_forward)
+    plain = _config(tiny_models, tmp_path / "cache", importance="sparsegpt")
+    _merge(plain, tmp_path / "plain")
+    compensated = load_file(tmp_path / "compensated" / "model.safetensors")[DOWN.format(0)]
+    uncompensated = load_file(tmp_path / "plain" / "model.safetensors")[DOWN.format(0)]
+    assert not torch.allclose(compensated, uncompensated)
+
+
+def test_report_lists_every_tensor_and_its_path(tiny_models, tmp_path):
+    _merge(_config(tiny_models, tmp_path / "cache"), tmp_path / "out")
+    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["tensors"]
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(report) == set(merged)
+    linear = report[DOWN.format(1)]
+    assert linear["path"] == "importance"
+    assert set(linear["models"]) == {str(p) for p in tiny_models.experts.values()}
+    for entry in linear["models"].values():
+        assert entry["kept_fraction"] == pytest.approx(0.3, abs=0.01)
+        assert 0 < entry["relative_output_error"] < 1
+    assert report["model.embed_tokens.weight"]["path"] == "fallback"

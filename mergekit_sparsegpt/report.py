@@ -1,0 +1,54 @@
+"""Per-merge report: what trimming did to each task vector, in the quantity it should minimise.
+
+For a linear layer, dropping part of tau changes the layer output on the calibration inputs by
+delta X with delta = tau - tau', and ||delta X||^2 = (n / 2) tr(delta H delta^T) for
+H = (2 / n) X X^T. The report gives that error relative to ||tau X||^2, for the trim that was used
+and for magnitude trimming at the same density, so users see what the Hessian bought them. With
+the whole Cholesky factor of H^-1 at hand (``compensate: true``) the trace is exact for the damped
+Hessian; otherwise only diag H is used (cross terms ignored).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergekit_sparsegpt.hessian import HessianStatistics
+from mergekit_sparsegpt.importance import top_density_mask
+
+REPORT_FILE = "sparsegpt_report.json"
+
+
+def output_error(delta: torch.Tensor, statistics: HessianStatistics) -> float:
+    """tr(delta H delta^T), up to a constant; exact if the Cholesky factor is kept."""
+    delta = delta.to(torch.float32)
+    factor = statistics.cholesky_factor
+    if factor is None:
+        return float((delta.square() * statistics.hessian_diagonal.to(delta.device)).sum())
+    # H^-1 = U^T U, so H = U^-1 U^-T and tr(delta H delta^T) = ||delta U^-1||_F^2.
+    solved = torch.linalg.solve_triangular(factor.to(delta.device), delta, upper=True, left=False)
+    return float(solved.square().sum())
+
+
+def trim_entry(
+    task_vector: torch.Tensor,
+    trimmed: torch.Tensor,
+    mask: torch.Tensor,
+    statistics: HessianStatistics,
+    density: float,
+) -> dict[str, float | str]:
+    """Kept fraction, kept squared mass, and relative output error (ours and magnitude's)."""
+    tau = task_vector.to(torch.float32)
+    mass = tau.square()
+    total = output_error(tau, statistics)
+    magnitude = tau * top_density_mask(tau.abs(), density)
+    return {
+        "kept_fraction": float(mask.float().mean()),
+        "mass_kept": float(mass[mask].sum() / mass.sum()) if mass.sum() > 0 else 1.0,
+        "relative_output_error": _ratio(output_error(tau - trimmed.float(), statistics), total),
+        "magnitude_relative_output_error": _ratio(output_error(tau - magnitude, statistics), total),
+        "error_estimate": "diagonal" if statistics.cholesky_factor is None else "full",
+    }
+
+
+def _ratio(error: float, total: float) -> float:
+    return error / total if total > 0 else 0.0
