@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import os
 import shutil
@@ -43,6 +44,7 @@ from mergekit_sparsegpt.report import REPORT_FILE
 from mergekit_sparsegpt.statistics import TaskStatistics
 
 HESSIAN_SOURCES = ("finetuned", "base")
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,12 @@ def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) 
     check_parameter_names(merge_config, {p.name for p in method.spec.parameters})
     planned = plan_tensors(merge_config, options)
     settings = validate_parameters(planned)
+    if any(t.shared["compensate"] and t.shared["rescale"] for t in planned):
+        LOG.warning(
+            "compensate and rescale are both on: re-fitted task vectors already make up for the "
+            "dropped entries, and rescaling them again double-counts (measured much worse in "
+            "README, 'Choosing the default score'); set rescale: false"
+        )
     tasks, hessian_inputs = calibration_tasks(planned, settings)
     windows = {task.key: _calibration_windows(task, settings, options) for task in tasks}
     statistics = {

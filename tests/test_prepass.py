@@ -305,3 +305,14 @@ def test_report_lists_every_tensor_and_its_path(tiny_models, tmp_path):
         assert entry["kept_fraction"] == pytest.approx(0.3, abs=0.01)
         assert 0 < entry["relative_output_error"] < 1
     assert report["model.embed_tokens.weight"]["path"] == "fallback"
+
+
+def test_compensate_with_rescale_warns(tiny_models, tmp_path, caplog):
+    config = _config(
+        tiny_models, tmp_path / "cache", method="sparsegpt_dare", compensate=True, rescale=True
+    )
+    with caplog.at_level(logging.WARNING):
+        prepass.prepare_statistics(
+            MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
+        )
+    assert "double-counts" in caplog.text
