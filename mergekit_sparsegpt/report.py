@@ -36,13 +36,17 @@ def trim_entry(
     statistics: HessianStatistics,
     density: float,
 ) -> dict[str, float | str]:
-    """Kept fraction, kept squared mass, and relative output error (ours and magnitude's)."""
+    """Kept fraction and mass, overlap with magnitude's kept set, relative output errors."""
     tau = task_vector.to(torch.float32)
     mass = tau.square()
     total = output_error(tau, statistics)
-    magnitude = tau * top_density_mask(tau.abs(), density)
+    magnitude_mask = top_density_mask(tau.abs(), density)
+    magnitude = tau * magnitude_mask
+    kept = int(mask.sum())
     return {
         "kept_fraction": float(mask.float().mean()),
+        # Share of our kept entries that magnitude trimming would keep too.
+        "magnitude_overlap": float((mask & magnitude_mask).sum() / kept) if kept else 1.0,
         "mass_kept": float(mass[mask].sum() / mass.sum()) if mass.sum() > 0 else 1.0,
         "relative_output_error": _ratio(output_error(tau - trimmed.float(), statistics), total),
         "magnitude_relative_output_error": _ratio(output_error(tau - magnitude, statistics), total),

@@ -49,3 +49,6 @@ def test_trim_entry_fields():
     expected = (residual**2 * diag).sum() / (tau**2 * diag).sum()
     assert entry["magnitude_relative_output_error"] == pytest.approx(expected.item(), rel=1e-5)
     assert entry["error_estimate"] == "diagonal"
+    magnitude_kept = set(keep.tolist())
+    ours_kept = {r * 6 + c for r in range(4) for c in range(3)}
+    assert entry["magnitude_overlap"] == pytest.approx(len(ours_kept & magnitude_kept) / 12)

@@ -1,0 +1,165 @@
+"""Unit tests of the quality benchmark (benchmarks/quality): data, scoring, grid, report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.quality import grid, report, tasks
+from benchmarks.quality.scoring import make_qa_set, qa_batch, qa_scores
+from mergekit_sparsegpt.demo.build import Family
+from mergekit_sparsegpt.demo.merges import MergeFailed
+from mergekit_sparsegpt.demo.tiny import new_model, tiny_llama_config, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("task", ["add", "sort", "rev"])
+def test_generated_splits_are_disjoint_and_deterministic(task: str) -> None:
+    splits = {s: {p for p, _ in tasks.qa_problems(task, s)} for s in tasks.SPLITS}
+    assert not splits["train"] & splits["heldout"]
+    assert not splits["train"] & splits["calibration"]
+    assert not splits["calibration"] & splits["heldout"]
+    assert tasks.qa_problems(task, "heldout")[:3] == tasks.qa_problems(task, "heldout")[:3]
+
+
+def test_each_task_has_its_own_prompt_form() -> None:
+    words = {t: tasks.qa_problems(t, "train")[0][0].split()[0] for t in ("add", "sort", "rev")}
+    assert words == {"add": "add", "sort": "sort", "rev": "rev"}
+    prompt, answer = tasks.qa_problems("sort", "train")[0]
+    assert answer == "".join(sorted(prompt[5:-1]))
+    prompt, answer = tasks.qa_problems("rev", "train")[0]
+    assert answer == prompt[4:-1][::-1]
+
+
+def test_strip_troff_keeps_text_and_drops_markup() -> None:
+    source = '.\\" comment\n.TH LS 1\n.SH BESCHREIBUNG\nListe \\fBalle\\fP Dateien\\-Namen\n.PP\n'
+    assert tasks.strip_troff(source) == "BESCHREIBUNG\nListe alle Dateien-Namen"
+
+
+def _tiny_model_and_tokenizer():
+    tokenizer = train_tokenizer(tasks.qa_texts("sort", "train")[:50], 300)
+    config = tiny_llama_config(len(tokenizer), hidden=32, layers=1, heads=2, kv_heads=1)
+    return new_model(config, seed=0).eval(), tokenizer
+
+
+def test_qa_set_scores_exactly_the_answer_tokens() -> None:
+    _, tokenizer = _tiny_model_and_tokenizer()
+    domain = tasks.domains()["sort"]
+    qa = make_qa_set(tokenizer, domain, 5)
+    for row, (_, answer) in enumerate(domain.problems("heldout")[:5]):
+        assert tokenizer.decode(qa.targets[row][qa.mask[row]]) == answer + "\n"
+
+
+@torch.no_grad()
+def test_teacher_forced_exact_match_equals_greedy_decoding() -> None:
+    """A reply equal to the model's own greedy continuation scores 1; one wrong token, 0."""
+    model, _ = _tiny_model_and_tokenizer()
+    contexts = [[1, 5 + i, 9, 7 + 2 * i] for i in range(6)]
+    greedy = []
+    for context in contexts:
+        seq = torch.tensor([context])
+        for _ in range(3):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+        greedy.append(seq[0, len(context) :].tolist())
+    assert qa_scores(model, qa_batch(list(zip(contexts, greedy, strict=True))))[1] == 1.0
+    wrong = [g[:2] + [(g[2] + 1) % 300] for g in greedy]
+    assert qa_scores(model, qa_batch(list(zip(contexts, wrong, strict=True))))[1] == 0.0
+
+
+def _family(n: int) -> Family:
+    names = [f"e{i}" for i in range(n)]
+    return Family(
+        root=Path("/f"),
+        base=Path("/f/base"),
+        experts={e: Path(f"/f/{e}") for e in names},
+        calibration={e: Path(f"/f/{e}.txt") for e in names},
+        tokenizer=Path("/f/tok"),
+    )
+
+
+def test_plan_runs_density_free_methods_once_and_random_ones_per_seed() -> None:
+    variants = {k: grid.VARIANTS[k] for k in ("task_arithmetic", "ties", "dare_ties")}
+    jobs = grid.plan(variants, (0.1, 0.3))
+    assert sum(j.variant == "task_arithmetic" for j in jobs) == 1
+    assert sum(j.variant == "ties" for j in jobs) == 2
+    assert sum(j.variant == "dare_ties" for j in jobs) == 2 * len(grid.SEEDS)
+    assert len({j.slug for j in grid.plan(grid.VARIANTS, grid.DENSITIES)}) == len(
+        grid.plan(grid.VARIANTS, grid.DENSITIES)
+    )
+
+
+def test_merge_config_weights_density_and_calibration() -> None:
+    calibration = grid.Calibration(32, 64, Path("/cache"))
+    family = _family(4)
+    ours = grid.merge_config(grid.VARIANTS["sparsegpt_ties[obs,base]"], 0.2, family, calibration)
+    model = ours["models"][0]["parameters"]
+    assert model == {"weight": 0.25, "density": 0.2, "calibration": "/f/e0.txt"}
+    assert ours["parameters"] == {
+        "importance": "obs",
+        "hessian_source": "base",
+        "calibration_samples": 32,
+        "calibration_seq_len": 64,
+        "cache_dir": "/cache",
+    }
+    stock = grid.merge_config(grid.VARIANTS["task_arithmetic"], None, family, calibration)
+    assert stock["models"][0]["parameters"] == {"weight": 0.25}
+    assert "parameters" not in stock
+
+
+def test_unknown_parameter_is_recognised_and_summarised() -> None:
+    error = MergeFailed(
+        "mergekit-yaml exited 1:\nValueError: Unknown parameter 'compensate' in parameters for"
+        " sparsegpt_ties. Known parameters: density, weight."
+    )
+    assert grid.is_unknown_parameter(error)
+    assert grid._unknown_parameter_line(str(error)) == (
+        "Unknown parameter 'compensate' in parameters for sparsegpt_ties."
+    )
+    assert not grid.is_unknown_parameter(MergeFailed("out of memory"))
+
+
+def _row(variant: str, density: float | None, seed: int, score: float) -> dict:
+    return {
+        "variant": variant,
+        "density": density,
+        "seed": seed,
+        "score": score,
+        "gain_code": score,
+        "loss_prose": 3.0,
+        "sort_acc": 0.5,
+    }
+
+
+def test_table_reports_spread_and_says_when_ours_is_worse() -> None:
+    rows = [
+        _row("ties", 0.1, 0, 0.50),
+        _row("dare_ties", 0.1, 0, 0.40),
+        _row("dare_ties", 0.1, 1, 0.44),
+        _row("sparsegpt_ties[wanda]", 0.1, 0, 0.45),
+        _row("task_arithmetic", None, 0, 0.30),
+    ]
+    table = report.cells(rows, "prose")
+    text = report.format_table(table, ["task_arithmetic", "ties", "dare_ties"], (0.1,), "score")
+    assert "0.420±0.028" in text and "0.300" in text
+    (line,) = report.comparison(table, (0.1,))
+    assert "WORSE than ties: sparsegpt_ties[wanda]" in line
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path: Path) -> None:
+    """Smoke run with tiny sizes: builds, merges through mergekit-yaml, writes every output."""
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(tmp_path)]
+    cmd += ["--variants", "ties,sparsegpt_ties[wanda]", "--densities", "0.3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr  # 1: quick models fail checks
+    for name in ("runs.csv", "table.csv", "table.txt", "sources.json", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert len(list((tmp_path / "results").glob("*.json"))) == 3
+    # A rerun finds every result on disk and merges nothing.
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert " merge " not in again.stdout
