@@ -31,21 +31,59 @@ class LayerHessians:
     samples: dict[str, int]  # group name -> sequences seen (0 if the linear never ran)
 
 
-class _StopForward(Exception):
-    """Raised by the first block's pre-hook once its inputs are captured."""
+LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # the positional and keyword arguments
 
-    def __init__(self, hidden_states: torch.Tensor, kwargs: dict[str, Any]):
+
+class _StopForward(Exception):
+    """Raised once the last block's arguments are recorded: nothing after it needs to run."""
+
+
+class _ArgumentRecorder(torch.nn.Module):
+    """Stands in for a decoder block during the embedding pass.
+
+    Records the arguments the model gives this block (attention masks and rotary tables can
+    differ per block: sliding-window and global layers) and passes the hidden states through,
+    so no block weight is needed. Attribute reads (``attention_type``) go to the real block.
+    """
+
+    def __init__(
+        self,
+        block: torch.nn.Module,
+        calls: list[LayerCall],
+        last: bool,
+        hidden: list[torch.Tensor] | None = None,
+    ):
         super().__init__()
-        self.hidden_states = hidden_states
-        self.kwargs = kwargs
+        object.__setattr__(self, "block", block)  # not a submodule: its weights stay on meta
+        self.calls = calls
+        self.last = last
+        self.hidden = hidden  # the first block also keeps its hidden-state input
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "block"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.calls.append((args, kwargs))
+        if self.hidden is not None:
+            self.hidden.append(hidden_states)
+        if self.last:
+            raise _StopForward
+        return hidden_states
 
 
 def empty_model(config: PretrainedConfig, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model skeleton with parameters on ``meta``; buffers (rotary tables) stay real."""
+    """The model skeleton with parameters on ``meta``; buffers (rotary tables) stay real.
+
+    In eval mode: dropout during calibration would make the Hessians random.
+    """
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(
+        model = AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
+    return model.eval()
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
@@ -75,7 +113,7 @@ def capture_layer_hessians(
     """
     prefix, layers = decoder_layers(model)
     _materialise(model, load_tensor, device, skip=(prefix, _output_head_prefix(model)))
-    hidden, layer_kwargs = _first_layer_inputs(model, layers[0], windows, device, batch_size)
+    hidden, layer_calls = _layer_inputs(model, layers, windows, device, batch_size)
     _release(model, skip_prefix=prefix)
 
     for index in tqdm(range(len(layers)), desc=description, leave=False):
@@ -83,7 +121,7 @@ def capture_layer_hessians(
         layer_prefix = f"{prefix}.{index}"
         _materialise(layer, load_tensor, device, name_prefix=f"{layer_prefix}.")
         with _HessianHooks(layer, layer_prefix, device) as hooks:
-            hidden = _run_layer(layer, hidden, layer_kwargs, batch_size)
+            hidden = _run_layer(layer, hidden, layer_calls[index], batch_size)
         layer.to_empty(device="meta")
         yield hooks.result()
 
@@ -120,46 +158,44 @@ def _release(model: torch.nn.Module, skip_prefix: str) -> None:
             set_module_tensor_to_device(model, name, "meta")
 
 
-def _first_layer_inputs(
+def _layer_inputs(
     model: torch.nn.Module,
-    first_layer: torch.nn.Module,
+    layers: torch.nn.ModuleList,
     windows: torch.Tensor,
     device: torch.device | str,
     batch_size: int,
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Run the embedding stage and stop at the first block, keeping its inputs per batch."""
-
-    def stop(_module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden_states = args[0] if args else kwargs.pop("hidden_states")
-        raise _StopForward(hidden_states, kwargs)
-
-    handle = first_layer.register_forward_pre_hook(stop, with_kwargs=True)
-    hidden, layer_kwargs = [], []
+) -> tuple[torch.Tensor, list[list[LayerCall]]]:
+    """Run the embedding stage; return the first block's hidden states and, per block and
+    batch, the other arguments the model passes to that block."""
+    originals = list(layers)
+    calls: list[list[LayerCall]] = [[] for _ in originals]
+    hidden: list[torch.Tensor] = []
+    for index, block in enumerate(originals):
+        layers[index] = _ArgumentRecorder(
+            block, calls[index], last=index == len(originals) - 1, hidden=None if index else hidden
+        )
     try:
         with torch.no_grad():
             for batch in windows.split(batch_size):
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward as captured:
-                    hidden.append(captured.hidden_states)
-                    layer_kwargs.append(captured.kwargs)
-                else:
-                    raise RuntimeError("The model never reached its first decoder layer")
+                except _StopForward:
+                    continue
+                raise RuntimeError(f"{type(model).__name__} never reached its last decoder layer")
     finally:
-        handle.remove()
-    return torch.cat(hidden), layer_kwargs
+        for index, block in enumerate(originals):
+            layers[index] = block
+    return torch.cat(hidden), calls
 
 
 def _run_layer(
-    layer: torch.nn.Module,
-    hidden: torch.Tensor,
-    layer_kwargs: list[dict[str, Any]],
-    batch_size: int,
+    layer: torch.nn.Module, hidden: torch.Tensor, calls: list[LayerCall], batch_size: int
 ) -> torch.Tensor:
     outputs = torch.empty_like(hidden)
+    batches = zip(hidden.split(batch_size), calls, strict=True)
     with torch.no_grad():
-        for index, batch in enumerate(hidden.split(batch_size)):
-            result = layer(batch, **layer_kwargs[index])
+        for index, (batch, (args, kwargs)) in enumerate(batches):
+            result = layer(batch, *args, **kwargs)
             start = index * batch_size
             outputs[start : start + len(batch)] = result[0] if isinstance(result, tuple) else result
     return outputs

@@ -1,11 +1,11 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, empty_model
 
 
-def _config(layers: int = 3) -> LlamaConfig:
+def _config(layers: int = 3, **extra) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=97,
         hidden_size=32,
@@ -13,6 +13,22 @@ def _config(layers: int = 3) -> LlamaConfig:
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        max_position_embeddings=64,
+        **extra,
+    )
+
+
+def _gemma2_config() -> Gemma2Config:
+    # Alternating sliding-window and global layers: each block gets its own attention mask.
+    return Gemma2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
         max_position_embeddings=64,
     )
 
@@ -108,3 +124,27 @@ def test_linear_that_never_runs_gets_an_empty_hessian(full_model):
     (layer,) = capture_layer_hessians(skeleton, state.__getitem__, torch.randint(0, 97, (2, 8)))
     assert layer.samples["model.layers.0.unused.weight"] == 0
     assert torch.equal(layer.hessians["model.layers.0.unused.weight"], torch.zeros(5, 5))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [_config(attention_dropout=0.5), _gemma2_config()],
+    ids=["dropout", "sliding-and-global-layers"],
+)
+def test_capture_matches_eval_forward_for_dropout_and_per_layer_masks(config):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(2))
+    reference = _reference_hessians(model, windows)
+    layers = capture_layer_hessians(
+        empty_model(config), model.state_dict().__getitem__, windows, batch_size=4
+    )
+    for layer in layers:
+        for weight_name, group in layer.groups.items():
+            expected = reference[weight_name]
+            torch.testing.assert_close(
+                layer.hessians[group].double(),
+                expected,
+                rtol=1e-4,
+                atol=1e-5 * expected.abs().max(),
+            )
