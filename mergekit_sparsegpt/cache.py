@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from transformers import PretrainedConfig
 
 from mergekit_sparsegpt.statistics import TaskStatistics
 
 LOG = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the statistics a given key maps to change
 # Bytes hashed from each weight file: the start (safetensors header), the end, and evenly spaced
 # samples between; reading whole multi-GB checkpoints would cost more than the pre-pass.
 _FINGERPRINT_CHUNK = 1 << 16
@@ -39,10 +40,15 @@ def default_cache_dir() -> Path:
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """Size plus sampled bytes of one file; changes whenever the weights change in practice."""
+    """Size, modification time and sampled bytes of one file.
+
+    The modification time catches an in-place edit the samples miss; a copied checkpoint gets a
+    new one and is recomputed once, which is the safe direction.
+    """
     digest = hashlib.sha256()
-    size = os.path.getsize(path)
-    digest.update(str(size).encode())
+    status = os.stat(path)
+    size = status.st_size
+    digest.update(f"{size}:{status.st_mtime_ns}".encode())
     with open(path, "rb") as handle:
         offsets = {0, max(0, size - _FINGERPRINT_CHUNK)}
         offsets.update(
@@ -60,6 +66,11 @@ def weights_fingerprint(weight_files: list[str]) -> str:
         digest.update(os.path.basename(path).encode())
         digest.update(file_fingerprint(path).encode())
     return digest.hexdigest()
+
+
+def config_fingerprint(config: PretrainedConfig) -> str:
+    """The model's architecture settings (activation, norm epsilon, RoPE...) shape its Hessians."""
+    return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
 
 
 def tokens_fingerprint(windows: torch.Tensor) -> str:

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mergekit.architecture.conversion import convert_checkpoint_tensors
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache, SaveTensor
-from mergekit.merge_methods.base import ParameterScope
+from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit.options import MergeOptions
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -82,7 +83,7 @@ class CalibrationTask:
 def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) -> MergeContext:
     """Validate ``merge_config`` and return the statistics every kernel call will need."""
     method = _method(merge_config.merge_method)
-    check_parameter_names(merge_config, {p.name for p in method.spec.parameters})
+    check_parameter_names(merge_config, method.spec.parameters)
     planned = plan_tensors(merge_config, options)
     settings = validate_parameters(planned)
     if any(t.shared["compensate"] and t.shared["rescale"] for t in planned):
@@ -148,9 +149,12 @@ def usage_summary(method_name: str, context: MergeContext) -> str:
     return "\n".join(lines)
 
 
-def check_parameter_names(merge_config: MergeConfiguration, known: set[str]) -> None:
-    """mergekit silently ignores unknown keys; a typo here would silently change the merge."""
-    for where, parameters in _parameter_blocks(merge_config):
+def check_parameter_names(merge_config: MergeConfiguration, specs: Iterable[ParameterSpec]) -> None:
+    """mergekit silently ignores unknown keys, and merge-wide keys given per model; either would
+    silently change the merge."""
+    known = {spec.name for spec in specs}
+    merge_wide = {spec.name for spec in specs if spec.scope == ParameterScope.SHARED}
+    for where, parameters, per_model in _parameter_blocks(merge_config):
         for name in parameters or {}:
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
@@ -159,23 +163,29 @@ def check_parameter_names(merge_config: MergeConfiguration, known: set[str]) -> 
                     f"Unknown parameter {name!r} in {where} for {merge_config.merge_method}.{hint}"
                     f" Known parameters: {', '.join(sorted(known))}."
                 )
+            if per_model and name in merge_wide:
+                raise ValueError(
+                    f"{name!r} in {where} is a merge-wide setting, which mergekit ignores when it "
+                    "is given per model; move it to the top-level `parameters:`."
+                )
 
 
-def _parameter_blocks(config: MergeConfiguration) -> Iterable[tuple[str, dict | None]]:
-    yield "parameters", config.parameters
+def _parameter_blocks(config: MergeConfiguration) -> Iterable[tuple[str, dict | None, bool]]:
+    """(where, parameters, whether the block belongs to one input model)."""
+    yield "parameters", config.parameters, False
     for index, model in enumerate(config.models or []):
-        yield f"models[{index}] ({model.model})", model.parameters
+        yield f"models[{index}] ({model.model})", model.parameters, True
     for prefix, slices in [("slices", config.slices)] + [
         (f"modules.{name}.slices", module.slices) for name, module in (config.modules or {}).items()
     ]:
         for index, output_slice in enumerate(slices or []):
-            yield f"{prefix}[{index}]", output_slice.parameters
+            yield f"{prefix}[{index}]", output_slice.parameters, False
             for source_index, source in enumerate(output_slice.sources):
-                yield f"{prefix}[{index}].sources[{source_index}]", source.parameters
+                yield f"{prefix}[{index}].sources[{source_index}]", source.parameters, True
     for name, module in (config.modules or {}).items():
-        yield f"modules.{name}", module.parameters
+        yield f"modules.{name}", module.parameters, False
         for index, model in enumerate(module.models or []):
-            yield f"modules.{name}.models[{index}] ({model.model})", model.parameters
+            yield f"modules.{name}.models[{index}] ({model.model})", model.parameters, True
 
 
 def plan_tensors(merge_config: MergeConfiguration, options: MergeOptions) -> list[PlannedTensor]:
@@ -332,6 +342,7 @@ def task_statistics(
         "format": cache.FORMAT_VERSION,
         "model": str(task.forward_model),
         "weights": cache.weights_fingerprint(weight_files),
+        "config": cache.config_fingerprint(task.forward_model.config(options.trust_remote_code)),
         "tokens": cache.tokens_fingerprint(windows),
         "token_shape": list(windows.shape),
         "dampening": settings.dampening,
@@ -355,17 +366,9 @@ def compute_statistics(
     task: CalibrationTask, windows: torch.Tensor, settings: PrepassSettings, options: MergeOptions
 ) -> TaskStatistics:
     model_ref = task.forward_model
-    loader = LoaderCache().get(model_ref)
-
-    def load_tensor(name: str) -> torch.Tensor:
-        if name not in loader.index.tensor_paths:
-            raise ValueError(
-                f"Model {model_ref} has no checkpoint tensor {name!r}, which its transformers "
-                "architecture needs for the calibration forward pass"
-            )
-        return loader.get_tensor(name, device="cpu")
-
-    model = empty_model(model_ref.config(options.trust_remote_code), options.trust_remote_code)
+    config = model_ref.config(options.trust_remote_code)
+    load_tensor = checkpoint_reader(model_ref, config.model_type)
+    model = empty_model(config, options.trust_remote_code)
     layers_prefix, _ = decoder_layers(model)
     statistics = TaskStatistics.empty(layers_prefix)
     layers = capture_layer_hessians(
@@ -385,6 +388,32 @@ def compute_statistics(
                 "checkpoint for inf/NaN weights, or merge in float32."
             ) from None
     return statistics
+
+
+def checkpoint_reader(model_ref: ModelReference, model_type: str) -> Callable[[str], torch.Tensor]:
+    """Read a tensor by the model's own parameter name, converting checkpoint layouts.
+
+    transformers 5 keeps some architectures in a different layout in memory than on disk (fused
+    MoE experts); mergekit's converter builds the in-memory tensor from the checkpoint's.
+    """
+    loader = LoaderCache().get(model_ref)
+    sources = {
+        key: (lambda key=key: loader.get_tensor(key, device="cpu"))
+        for key in loader.index.tensor_paths
+    }
+
+    def load_tensor(name: str) -> torch.Tensor:
+        if name in loader.index.tensor_paths:
+            return loader.get_tensor(name, device="cpu")
+        converted = convert_checkpoint_tensors(model_type, sources, name)
+        if converted is None:
+            raise ValueError(
+                f"Model {model_ref} has no checkpoint tensor {name!r}, which its transformers "
+                "architecture needs for the calibration forward pass"
+            )
+        return converted
+
+    return load_tensor
 
 
 def _report_fallbacks(

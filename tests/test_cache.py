@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 import torch
@@ -99,3 +100,25 @@ def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("MERGEKIT_SPARSEGPT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cache.default_cache_dir() == tmp_path / "mergekit_sparsegpt"
+
+
+def test_fingerprint_sees_an_in_place_edit_between_samples(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(8 << 20)  # 8 MiB: most bytes lie outside the sampled chunks
+    weights.write_bytes(bytes(data))
+    before = cache.weights_fingerprint([str(weights)])
+    data[(1 << 20) + 12345] = 7
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(0, os.stat(weights).st_mtime_ns + 1_000_000))
+    assert cache.weights_fingerprint([str(weights)]) != before
+
+
+def test_config_fingerprint_changes_with_architecture_settings():
+    from transformers import LlamaConfig
+
+    one = LlamaConfig(hidden_size=32, rms_norm_eps=1e-6)
+    two = LlamaConfig(hidden_size=32, rms_norm_eps=1e-1)
+    assert cache.config_fingerprint(one) == cache.config_fingerprint(
+        LlamaConfig(hidden_size=32, rms_norm_eps=1e-6)
+    )
+    assert cache.config_fingerprint(one) != cache.config_fingerprint(two)

@@ -151,6 +151,7 @@ BAD_INPUTS = [
     ("source", lambda c: c["parameters"].update(hessian_source="merged"), "hessian_source must be"),
     ("gradient", lambda c: c["parameters"].update(calibration_samples=[4, 8]), "one value"),
     ("samples", lambda c: c["parameters"].update(calibration_samples=0), "at least 1"),
+    ("per-model setting", lambda c: _set_first_model(c, importance="obs"), "merge-wide setting"),
 ]
 
 
