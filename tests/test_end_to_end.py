@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from merge_configs import sparsegpt_config
 from transformers import AutoModelForCausalLM
 
 MERGEKIT_YAML = shutil.which("mergekit-yaml")
@@ -19,25 +20,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _write_config(tiny_models, path: Path, method: str, density: float, cache: Path) -> Path:
-    config = {
-        "merge_method": method,
-        "base_model": str(tiny_models.base),
-        "models": [
-            {
-                "model": str(tiny_models.experts[name]),
-                "parameters": {
-                    "weight": 1.0,
-                    "density": density,
-                    "calibration": str(tiny_models.calibration[name]),
-                },
-            }
-            for name in sorted(tiny_models.experts)
-        ],
-        "parameters": {"calibration_samples": 8, "calibration_seq_len": 32},
-        "dtype": "float32",
-    }
-    path.write_text(yaml.safe_dump(config))
+def _write_config(tiny_models, path: Path, method: str, density: float) -> Path:
+    path.write_text(yaml.safe_dump(sparsegpt_config(tiny_models, method, density)))
     return path
 
 
@@ -56,7 +40,7 @@ def _assert_loads_with_finite_logits(path: Path) -> None:
 @pytest.mark.parametrize("method", ["sparsegpt_ties", "sparsegpt_dare"])
 def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, method):
     cache = tmp_path / "cache"
-    config = _write_config(tiny_models, tmp_path / "a.yml", method, 0.3, cache)
+    config = _write_config(tiny_models, tmp_path / "a.yml", method, 0.3)
     first = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out1"), cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Hessians of" in first.stderr
@@ -65,7 +49,7 @@ def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, met
     _assert_loads_with_finite_logits(tmp_path / "out1")
     assert len(list(cache.glob("*.safetensors"))) == 2
 
-    config = _write_config(tiny_models, tmp_path / "b.yml", method, 0.6, cache)
+    config = _write_config(tiny_models, tmp_path / "b.yml", method, 0.6)
     second = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out2"), cache=cache)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Hessians of" not in second.stderr
@@ -75,7 +59,7 @@ def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, met
 
 def test_calibrate_fills_the_cache_for_a_later_merge(tiny_models, tmp_path):
     cache = tmp_path / "cache"
-    config = _write_config(tiny_models, tmp_path / "a.yml", "sparsegpt_ties", 0.3, cache)
+    config = _write_config(tiny_models, tmp_path / "a.yml", "sparsegpt_ties", 0.3)
     calibrate = _run(SPARSEGPT, "calibrate", str(config), cache=cache)
     assert calibrate.returncode == 0, calibrate.stderr[-3000:]
     assert len(list(cache.glob("*.safetensors"))) == 2
@@ -87,7 +71,7 @@ def test_calibrate_fills_the_cache_for_a_later_merge(tiny_models, tmp_path):
 
 def test_bad_input_fails_before_writing_output(tiny_models, tmp_path):
     cache = tmp_path / "cache"
-    config = _write_config(tiny_models, tmp_path / "a.yml", "sparsegpt_ties", 0.3, cache)
+    config = _write_config(tiny_models, tmp_path / "a.yml", "sparsegpt_ties", 0.3)
     text = config.read_text().replace(str(tiny_models.calibration["code"]), "missing.txt")
     config.write_text(text)
     result = _run(SPARSEGPT, "merge", str(config), str(tmp_path / "out"), cache=cache)

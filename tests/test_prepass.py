@@ -8,6 +8,7 @@ from pathlib import Path
 import mergekit.merge
 import pytest
 import torch
+from merge_configs import sparsegpt_config
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
@@ -24,30 +25,9 @@ DOWN = "model.layers.{}.mlp.down_proj.weight"
 
 
 def _config(tiny_models, cache_dir: Path, method: str = "sparsegpt_ties", **shared) -> dict:
-    names = sorted(tiny_models.experts)
-    return {
-        "merge_method": method,
-        "base_model": str(tiny_models.base),
-        "models": [
-            {
-                "model": str(tiny_models.experts[name]),
-                "parameters": {
-                    "weight": 1.0,
-                    "density": 0.3,
-                    "calibration": str(tiny_models.calibration[name]),
-                },
-            }
-            for name in names
-        ],
-        "parameters": {
-            "calibration_samples": 8,
-            "calibration_seq_len": 32,
-            "importance": "obs",
-            "cache_dir": str(cache_dir),
-            **shared,
-        },
-        "dtype": "float32",
-    }
+    return sparsegpt_config(
+        tiny_models, method, **{"importance": "obs", **shared}, cache_dir=str(cache_dir)
+    )
 
 
 def _merge(config: dict, out: Path) -> None:

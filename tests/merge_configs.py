@@ -1,0 +1,27 @@
+"""Merge configs over the `tiny_models` fixture, shared by the in-process and CLI tests."""
+
+from typing import Any
+
+
+def sparsegpt_config(
+    tiny_models, method: str = "sparsegpt_ties", density: float = 0.3, **shared: Any
+) -> dict[str, Any]:
+    """Both experts, weight 1, calibration sized to the fixture's files; ``shared`` adds to or
+    overrides the top-level parameters."""
+    return {
+        "merge_method": method,
+        "base_model": str(tiny_models.base),
+        "models": [
+            {
+                "model": str(tiny_models.experts[name]),
+                "parameters": {
+                    "weight": 1.0,
+                    "density": density,
+                    "calibration": str(tiny_models.calibration[name]),
+                },
+            }
+            for name in sorted(tiny_models.experts)
+        ],
+        "parameters": {"calibration_samples": 8, "calibration_seq_len": 32, **shared},
+        "dtype": "float32",
+    }
