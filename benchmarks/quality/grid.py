@@ -1,0 +1,257 @@
+"""The merge grid: which variants run at which densities, and running them with mergekit-yaml.
+
+Add a variant with one line in :data:`VARIANTS`. A variant whose parameter the installed
+package does not know yet (mergekit-sparsegpt rejects unknown keys with "Unknown parameter")
+is reported as skipped and the grid carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_sparsegpt.demo.build import Family
+from mergekit_sparsegpt.demo.merges import MergeFailed, write_config
+
+DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
+SEEDS = (0, 1, 2)  # --random-seed values for the methods that drop entries at random
+IMPORTANCES = ("wanda", "obs", "sparsegpt", "design_note")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a merge method and the parameters that set it apart."""
+
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)  # top-level `parameters:`
+    seeds: tuple[int, ...] = (0,)
+    uses_density: bool = True
+    weight: float | None = None  # per-model weight; None: 1/N
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method.startswith("sparsegpt_")
+
+
+# As a user would run them: weights 1/N (summing to 1) and every method's own defaults. So ties
+# and sparsegpt_ties (normalize: true) take the mean over the experts that agree on an entry's
+# sign, which cancels the weights, while task_arithmetic, dare_ties, dare_linear and
+# sparsegpt_dare (normalize: false) scale each task vector by 1/N. (dare_ties with normalize:
+# true would divide by the number of experts that kept an entry after rescaling it by
+# 1/density: at density 0.1 a lone survivor lands at 10x its size, which wrecks the model.)
+VARIANTS: dict[str, Variant] = {
+    "task_arithmetic": Variant("task_arithmetic", uses_density=False),
+    # Full-strength sum: how much the task vectors interfere when nothing is scaled down.
+    "task_arithmetic[w=1]": Variant("task_arithmetic", uses_density=False, weight=1.0),
+    "ties": Variant("ties"),
+    "dare_ties": Variant("dare_ties", seeds=SEEDS),
+    "dare_linear": Variant("dare_linear", seeds=SEEDS),
+    **{
+        f"sparsegpt_ties[{imp}]": Variant("sparsegpt_ties", {"importance": imp})
+        for imp in IMPORTANCES
+    },
+    **{
+        f"sparsegpt_ties[{imp},base]": Variant(
+            "sparsegpt_ties", {"importance": imp, "hessian_source": "base"}
+        )
+        for imp in IMPORTANCES
+    },
+    # Its fallback tensors (embeddings, lm_head, norms) drop at random, as dare_linear's do.
+    "sparsegpt_dare": Variant("sparsegpt_dare", seeds=SEEDS),
+    "sparsegpt_ties[wanda,row]": Variant(
+        "sparsegpt_ties", {"importance": "wanda", "selection": "row"}
+    ),
+    "sparsegpt_ties[wanda,compensate]": Variant(
+        "sparsegpt_ties", {"importance": "wanda", "compensate": True}
+    ),
+    "sparsegpt_ties[sparsegpt,compensate]": Variant(
+        "sparsegpt_ties", {"importance": "sparsegpt", "compensate": True}
+    ),
+    # SparseGPT itself: its score, per-row selection, and OBS updates of the kept entries.
+    "sparsegpt_ties[sparsegpt,compensate,row]": Variant(
+        "sparsegpt_ties", {"importance": "sparsegpt", "compensate": True, "selection": "row"}
+    ),
+}
+# The row the "plain averaging keeps every expert's gain" check reads.
+AVERAGING = "task_arithmetic"
+
+
+@dataclass(frozen=True)
+class Job:
+    variant: str
+    density: float | None
+    seed: int
+
+    @property
+    def slug(self) -> str:
+        density = "dense" if self.density is None else f"d{self.density:g}"
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.variant}__{density}__s{self.seed}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    samples: int
+    seq_len: int
+    cache_dir: Path
+
+
+def plan(variants: Mapping[str, Variant], densities: Sequence[float]) -> list[Job]:
+    jobs = []
+    for name, v in variants.items():
+        for density in densities if v.uses_density else (None,):
+            jobs.extend(Job(name, density, seed) for seed in v.seeds)
+    return jobs
+
+
+def merge_config(
+    variant: Variant, density: float | None, family: Family, calibration: Calibration
+) -> dict[str, Any]:
+    n = len(family.experts)
+    weight = 1.0 / n if variant.weight is None else variant.weight
+    models = []
+    for name, path in family.experts.items():
+        params: dict[str, Any] = {"weight": weight}
+        if density is not None:
+            params["density"] = density
+        if variant.calibrated:
+            params["calibration"] = str(family.calibration[name])
+        models.append({"model": str(path), "parameters": params})
+    config: dict[str, Any] = {
+        "merge_method": variant.method,
+        "base_model": str(family.base),
+        "models": models,
+        "dtype": "float32",  # the models are float32; keep the merge exact
+        "tokenizer_source": "base",
+    }
+    params = dict(variant.params)
+    if variant.calibrated:
+        params.update(
+            calibration_samples=calibration.samples,
+            calibration_seq_len=calibration.seq_len,
+            # One cache for the whole grid: each task's Hessians are computed once per source.
+            cache_dir=str(calibration.cache_dir),
+        )
+    if params:
+        config["parameters"] = params
+    return config
+
+
+def mergekit_yaml(config: Path, out: Path, seed: int, timeout_s: float = 600) -> None:
+    """The stock CLI, as a user runs it; demo.merges.run_mergekit has no --random-seed."""
+    cmd = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(out)]
+    cmd += ["--random-seed", str(seed)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise MergeFailed(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+
+
+def is_unknown_parameter(error: BaseException) -> bool:
+    return isinstance(error, MergeFailed) and "Unknown parameter" in str(error)
+
+
+Evaluator = Callable[[Path], dict[str, float]]
+
+
+@dataclass
+class GridRun:
+    """Runs jobs, each one merge plus one evaluation, keeping results on disk."""
+
+    family: Family
+    calibration: Calibration
+    evaluate: Evaluator
+    out: Path
+    keep_merges: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # variant -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # job slug -> error
+
+    def result_path(self, job: Job) -> Path:
+        return self.out / "results" / f"{job.slug}.json"
+
+    def load(self, job: Job) -> dict | None:
+        path = self.result_path(job)
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def run(self, job: Job) -> dict | None:
+        """Result of one job: from disk when present, else merged and evaluated now."""
+        if (done := self.load(job)) is not None:
+            return done
+        if job.variant in self.skipped:
+            return None
+        variant = VARIANTS[job.variant]
+        for sub in ("configs", "merges"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+        config = write_config(
+            merge_config(variant, job.density, self.family, self.calibration),
+            self.out / "configs" / f"{job.slug}.yaml",
+        )
+        merged = self.out / "merges" / job.slug
+        shutil.rmtree(merged, ignore_errors=True)  # a half-written merge from an interruption
+        start = time.perf_counter()
+        try:
+            mergekit_yaml(config, merged, job.seed)
+        except (MergeFailed, subprocess.TimeoutExpired) as err:
+            if is_unknown_parameter(err):
+                self.skipped[job.variant] = _unknown_parameter_line(str(err))
+                print(f"skip {job.variant}: {self.skipped[job.variant]}", flush=True)
+            else:
+                self.failed[job.slug] = str(err)
+                print(f"merge {job.slug} FAILED", flush=True)
+            return None
+        merge_s = time.perf_counter() - start
+        scores = self.evaluate(merged)
+        eval_s = time.perf_counter() - start - merge_s
+        if not self.keep_merges:
+            shutil.rmtree(merged, ignore_errors=True)
+        result = {
+            "variant": job.variant,
+            "method": variant.method,
+            "params": dict(variant.params),
+            "density": job.density,
+            "seed": job.seed,
+            "scores": scores,
+            "merge_s": merge_s,
+            "eval_s": eval_s,
+        }
+        _write_json_atomic(self.result_path(job), result)
+        print(f"{job.slug:<48} merge {merge_s:4.1f}s  eval {eval_s:4.1f}s", flush=True)
+        return result
+
+    def run_all(self, jobs: Sequence[Job], workers: int) -> dict[Job, dict]:
+        """Run jobs; the first calibrated job per Hessian source runs alone to fill the cache."""
+        first: dict[str, Job] = {}
+        for job in jobs:
+            variant = VARIANTS[job.variant]
+            if variant.calibrated and self.load(job) is None:
+                first.setdefault(str(variant.params.get("hessian_source", "finetuned")), job)
+        results = {job: self.run(job) for job in first.values()}
+        rest = [job for job in jobs if job not in results]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # Threads suffice: each job waits on a mergekit subprocess, and torch releases the
+            # GIL while scoring.
+            results.update(zip(rest, pool.map(self.run, rest), strict=True))
+        return {job: r for job, r in results.items() if r is not None}
+
+
+def _unknown_parameter_line(error: str) -> str:
+    lines = [line for line in error.splitlines() if "Unknown parameter" in line]
+    line = lines[-1] if lines else error
+    return line[line.index("Unknown parameter") :].split(" Known parameters")[0]
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp.replace(path)

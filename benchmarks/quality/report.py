@@ -1,0 +1,241 @@
+"""Aggregate per-merge results into the method x density table, its CSVs and the plot."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.quality.scoring import normalized_gains
+
+
+@dataclass(frozen=True)
+class Cell:
+    """All runs (seeds) of one variant at one density."""
+
+    variant: str
+    density: float | None
+    scores: list[float]  # normalized score per seed
+    prose: list[float]  # base-domain (retention) loss per seed
+    gains: dict[str, float]  # mean normalized gain per expert domain
+    accuracy: dict[str, float]  # mean exact-match accuracy per exact-answer task
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores)
+
+    @property
+    def spread(self) -> float:
+        return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
+
+
+def run_rows(
+    results: Sequence[dict], base: Mapping[str, float], experts: Mapping[str, Mapping]
+) -> list[dict]:
+    """One flat row per merge run, with its normalized gains and score."""
+    rows = []
+    for r in results:
+        gains = normalized_gains(r["scores"], base, experts)
+        rows.append(
+            {
+                "variant": r["variant"],
+                "method": r["method"],
+                "density": r["density"],
+                "seed": r["seed"],
+                "score": statistics.fmean(gains.values()),
+                **{f"gain_{d}": g for d, g in gains.items()},
+                **{f"loss_{k}": v for k, v in r["scores"].items() if not k.endswith("_acc")},
+                **{k: v for k, v in r["scores"].items() if k.endswith("_acc")},
+                "merge_s": r["merge_s"],
+                "eval_s": r["eval_s"],
+            }
+        )
+    return rows
+
+
+def cells(rows: Sequence[dict], prose: str) -> dict[tuple[str, float | None], Cell]:
+    grouped: dict[tuple[str, float | None], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["variant"], row["density"]), []).append(row)
+    out = {}
+    for (variant, density), group in grouped.items():
+
+        def mean(key: str, group: list[dict] = group) -> float:
+            return statistics.fmean(r[key] for r in group)
+
+        out[(variant, density)] = Cell(
+            variant,
+            density,
+            [r["score"] for r in group],
+            [r[f"loss_{prose}"] for r in group],
+            {k[5:]: mean(k) for k in group[0] if k.startswith("gain_")},
+            {k[:-4]: mean(k) for k in group[0] if k.endswith("_acc")},
+        )
+    return out
+
+
+def _fmt(cell: Cell | None, value: str) -> str:
+    if cell is None:
+        return "-"
+    if value == "score":
+        if len(cell.scores) > 1:
+            return f"{cell.mean:.3f}±{cell.spread:.3f}"
+        return f"{cell.mean:.3f}"
+    if value == "accuracy":
+        return "/".join(f"{100 * a:.0f}" for a in cell.accuracy.values())
+    return f"{statistics.fmean(cell.prose):.3f}"
+
+
+def format_table(
+    table: Mapping[tuple[str, float | None], Cell],
+    variants: Sequence[str],
+    densities: Sequence[float],
+    value: str,
+) -> str:
+    """Rows = variants, columns = densities (plus one for density-free methods)."""
+    columns: list[float | None] = [None, *densities]
+    width = max(len(v) for v in [*variants, "method"]) + 2
+    head = f"{'method':<{width}}" + "".join(
+        f"{'no trim' if d is None else f'd={d:g}':>14}" for d in columns
+    )
+    lines = [head, "-" * len(head)]
+    for v in variants:
+        if not any((v, d) in table for d in columns):
+            continue
+        cells = "".join(f"{_fmt(table.get((v, d)), value):>14}" for d in columns)
+        lines.append(f"{v:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def comparison(
+    table: Mapping[tuple[str, float | None], Cell], densities: Sequence[float]
+) -> list[str]:
+    """Per density: our best variant against ties and dare_ties, said plainly."""
+    lines = []
+    for d in densities:
+        ours = [c for (v, dd), c in table.items() if dd == d and v.startswith("sparsegpt_")]
+        ties, dare = table.get(("ties", d)), table.get(("dare_ties", d))
+        if not ours or ties is None:
+            continue
+        best = max(ours, key=lambda c: c.mean)
+        line = f"d={d:<5g} best ours {best.variant} {best.mean:.3f} vs ties {ties.mean:.3f}"
+        line += f" ({best.mean - ties.mean:+.3f})"
+        if dare is not None:
+            line += f", vs dare_ties {dare.mean:.3f}±{dare.spread:.3f}"
+            line += f" ({best.mean - dare.mean:+.3f})"
+        worse = [c.variant for c in ours if c.mean < ties.mean]
+        if worse:
+            line += f"; WORSE than ties: {', '.join(worse)}"
+        lines.append(line)
+    return lines
+
+
+def write_csv(path: Path, rows: Sequence[dict]) -> None:
+    fields: list[str] = []
+    for row in rows:
+        fields.extend(k for k in row if k not in fields)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def table_rows(table: Mapping[tuple[str, float | None], Cell]) -> list[dict]:
+    return [
+        {
+            "variant": c.variant,
+            "density": c.density,
+            "runs": len(c.scores),
+            "score_mean": c.mean,
+            "score_std": c.spread,
+            "prose_loss": statistics.fmean(c.prose),
+            **{f"gain_{d}": g for d, g in c.gains.items()},
+            **{f"{t}_acc": a for t, a in c.accuracy.items()},
+        }
+        for c in table.values()
+    ]
+
+
+# Stock methods in black; ours coloured by importance score, with the line style telling the
+# other options apart (dashed: Hessians from the base, dotted: compensate, dash-dot: per row).
+STOCK_STYLES = {"ties": "-", "dare_ties": "--", "dare_linear": ":"}
+IMPORTANCE_COLORS = {"wanda": "C0", "obs": "C1", "sparsegpt": "C2", "design_note": "C3"}
+OPTION_STYLES: dict[frozenset[str], object] = {
+    frozenset(): "-",
+    frozenset({"base"}): "--",
+    frozenset({"compensate"}): ":",
+    frozenset({"row"}): "-.",
+    frozenset({"compensate", "row"}): (0, (5, 1, 1, 1, 1, 1)),
+}
+OTHER_COLORS = ("C4", "C5", "C6", "C8", "C9")
+
+
+def _style(variant: str, index: int) -> dict:
+    if variant in STOCK_STYLES:
+        return {"color": "black", "linestyle": STOCK_STYLES[variant]}
+    options = variant[variant.find("[") + 1 : -1].split(",") if "[" in variant else []
+    importance = options[0] if options and options[0] in IMPORTANCE_COLORS else None
+    rest = frozenset(options[1:] if importance else options)
+    if variant.startswith("sparsegpt_ties") and importance and rest in OPTION_STYLES:
+        return {"color": IMPORTANCE_COLORS[importance], "linestyle": OPTION_STYLES[rest]}
+    return {"color": OTHER_COLORS[index % len(OTHER_COLORS)], "linestyle": "-"}
+
+
+def plot(
+    path: Path,
+    table: Mapping[tuple[str, float | None], Cell],
+    variants: Sequence[str],
+    densities: Sequence[float],
+) -> bool:
+    """Score vs density, one line per variant; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    trimmed = [c for (_, d), c in table.items() if d is not None]
+    low = min(c.mean - c.spread for c in trimmed)
+    high = max(c.mean + c.spread for c in trimmed)
+    pad = 0.05 * (high - low) + 0.01
+    off_chart: list[str] = []
+    shown = [low, high]
+    for i, v in enumerate(variants):
+        dense = table.get((v, None))
+        if dense is not None:
+            # A density-free method is one horizontal line; one far below would squash the rest.
+            if low - 3 * pad <= dense.mean <= high + 3 * pad:
+                ax.axhline(dense.mean, color="grey", lw=1.2, linestyle="-.", label=f"{v} (no trim)")
+                shown.append(dense.mean)
+            else:
+                off_chart.append(f"{v} = {dense.mean:.3f}")
+            continue
+        points = [table[(v, d)] for d in densities if (v, d) in table]
+        if not points:
+            continue
+        xs, ys = [c.density for c in points], [c.mean for c in points]
+        style = _style(v, i)
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.3, label=v, **style)
+        if any(c.spread for c in points):
+            spread = [c.spread for c in points]
+            ax.errorbar(xs, ys, yerr=spread, fmt="none", capsize=2, color=style["color"], lw=1)
+    ax.set_xscale("log")
+    ax.set_xticks(list(densities), [f"{d:g}" for d in densities])
+    ax.minorticks_off()
+    ax.set_ylim(min(shown) - pad, max(shown) + pad)
+    if off_chart:
+        note = "off the chart: " + "; ".join(off_chart)
+        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=8)
+    ax.set_xlabel("density (fraction of each task vector kept)")
+    ax.set_ylabel("normalized score (mean over expert domains)")
+    ax.set_title("Merged tiny Llama experts: score vs density (error bars: std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
