@@ -20,12 +20,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from benchmarks.quality.tasks import Domain, domains
-from mergekit_sparsegpt.demo.build import Family, Sizes
+from mergekit_sparsegpt.demo.build import Family, Sizes, sized_config
 from mergekit_sparsegpt.demo.tiny import (
     load_model,
     new_model,
     save_model,
-    tiny_llama_config,
     token_windows,
     torch_threads,
     train_causal_lm,
@@ -101,16 +100,7 @@ def _train_base(root: Path, tokenizer: PreTrainedTokenizerFast, sizes: Sizes) ->
     if _done(path):
         return
     start = time.perf_counter()
-    config = tiny_llama_config(
-        len(tokenizer),
-        hidden=sizes.hidden,
-        layers=sizes.layers,
-        heads=sizes.heads,
-        kv_heads=sizes.kv_heads,
-        intermediate=sizes.intermediate,
-        max_pos=max(256, sizes.seq_len),
-    )
-    model = new_model(config, seed=sizes.seed)
+    model = new_model(sized_config(len(tokenizer), sizes), seed=sizes.seed)
     windows = _windows(domains()[BASE_DOMAIN], tokenizer, sizes)
     losses = train_causal_lm(
         model, windows, sizes.base_steps, sizes.base_lr, sizes.batch_size, sizes.seed

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from mergekit_sparsegpt.demo.corpus import DOMAINS, domain_texts
 from mergekit_sparsegpt.demo.tiny import (
@@ -92,10 +92,10 @@ def _tokenizer_texts() -> list[str]:
     return [text for domain in DOMAINS for text in domain_texts(domain, "train")]
 
 
-def _train_base(tokenizer: PreTrainedTokenizerFast, sizes: Sizes) -> torch.nn.Module:
-    """General-text base: pretrained on prose only, so code and arithmetic are new skills."""
-    config = tiny_llama_config(
-        len(tokenizer),
+def sized_config(vocab_size: int, sizes: Sizes) -> LlamaConfig:
+    """The tiny Llama config that ``sizes`` describes."""
+    return tiny_llama_config(
+        vocab_size,
         hidden=sizes.hidden,
         layers=sizes.layers,
         heads=sizes.heads,
@@ -103,7 +103,11 @@ def _train_base(tokenizer: PreTrainedTokenizerFast, sizes: Sizes) -> torch.nn.Mo
         intermediate=sizes.intermediate,
         max_pos=max(256, sizes.seq_len),
     )
-    model = new_model(config, seed=sizes.seed)
+
+
+def _train_base(tokenizer: PreTrainedTokenizerFast, sizes: Sizes) -> torch.nn.Module:
+    """General-text base: pretrained on prose only, so code and arithmetic are new skills."""
+    model = new_model(sized_config(len(tokenizer), sizes), seed=sizes.seed)
     windows = domain_windows("prose", "train", tokenizer, sizes.train_windows, sizes.seq_len)
     train_causal_lm(model, windows, sizes.base_steps, sizes.base_lr, sizes.batch_size, sizes.seed)
     return model
