@@ -28,7 +28,7 @@ from mergekit.io.tasks import LoaderCache, SaveTensor
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit.options import MergeOptions
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PretrainedConfig
 
 from mergekit_sparsegpt import cache
 from mergekit_sparsegpt.calibration import (
@@ -337,12 +337,13 @@ def task_statistics(
 ) -> TaskStatistics:
     """Load the task's statistics from the cache, or run the calibration forward pass."""
     index = LoaderCache().get(task.forward_model).index
+    config = task.forward_model.config(options.trust_remote_code)
     weight_files = sorted({os.path.join(index.base_path, f) for f in index.tensor_paths.values()})
     payload = {
         "format": cache.FORMAT_VERSION,
         "model": str(task.forward_model),
         "weights": cache.weights_fingerprint(weight_files),
-        "config": cache.config_fingerprint(task.forward_model.config(options.trust_remote_code)),
+        "config": cache.config_fingerprint(config),
         "tokens": cache.tokens_fingerprint(windows),
         "token_shape": list(windows.shape),
         "dampening": settings.dampening,
@@ -356,17 +357,20 @@ def task_statistics(
         if cached is not None:
             _say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
             return cached
-    statistics = compute_statistics(task, windows, settings, options)
+    statistics = compute_statistics(task, config, windows, settings, options)
     cache.save_statistics(cache.cache_path(cache_dir, payload), statistics, payload)
     _report_fallbacks(task, statistics, settings, options)
     return statistics
 
 
 def compute_statistics(
-    task: CalibrationTask, windows: torch.Tensor, settings: PrepassSettings, options: MergeOptions
+    task: CalibrationTask,
+    config: PretrainedConfig,
+    windows: torch.Tensor,
+    settings: PrepassSettings,
+    options: MergeOptions,
 ) -> TaskStatistics:
     model_ref = task.forward_model
-    config = model_ref.config(options.trust_remote_code)
     load_tensor = checkpoint_reader(model_ref, config.model_type)
     model = empty_model(config, options.trust_remote_code)
     layers_prefix, _ = decoder_layers(model)
