@@ -40,7 +40,7 @@ from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, e
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.hessian import HessianError
 from mergekit_sparsegpt.importance import SELECTIONS, validate_importance
-from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SPARSEGPT_METHODS
+from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SIGN_SOURCES, SPARSEGPT_METHODS
 from mergekit_sparsegpt.report import REPORT_FILE
 from mergekit_sparsegpt.statistics import TaskStatistics
 
@@ -88,9 +88,11 @@ def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) 
     settings = validate_parameters(planned)
     if any(t.shared["compensate"] and t.shared["rescale"] for t in planned):
         LOG.warning(
-            "compensate and rescale are both on: re-fitted task vectors already make up for the "
-            "dropped entries, and rescaling them again double-counts (measured much worse in "
-            "README, 'Choosing the default score'); set rescale: false"
+            "compensate and rescale are both on: the re-fitted task vectors already make up for "
+            "the dropped entries, and rescale scales them up again, on top of each weight. "
+            "Measured (README, 'Error-compensated trimming'): it wrecked a merge with weights 1 "
+            "and helped one with weights 1/5. For predictable strength set rescale: false and "
+            "choose the weights."
         )
     tasks, hessian_inputs = calibration_tasks(planned, settings)
     windows = {task.key: _calibration_windows(task, settings, options) for task in tasks}
@@ -229,6 +231,11 @@ def validate_parameters(planned: list[PlannedTensor]) -> PrepassSettings:
             raise ValueError(
                 f"selection must be one of {', '.join(SELECTIONS)}, "
                 f"got {tensor.shared['selection']!r}"
+            )
+        if tensor.shared.get("sign_from", SIGN_SOURCES[0]) not in SIGN_SOURCES:
+            raise ValueError(
+                f"sign_from must be one of {', '.join(SIGN_SOURCES)}, "
+                f"got {tensor.shared['sign_from']!r}"
             )
         for model, values in tensor.per_input.items():
             if model == tensor.base_model:

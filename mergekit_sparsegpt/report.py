@@ -51,7 +51,18 @@ def trim_entry(
         "relative_output_error": _ratio(output_error(tau - trimmed.float(), statistics), total),
         "magnitude_relative_output_error": _ratio(output_error(tau - magnitude, statistics), total),
         "error_estimate": "diagonal" if statistics.cholesky_factor is None else "full",
+        # How much larger the kept vector is than the whole one: re-fitting can inflate it.
+        "norm_ratio": _ratio(float(trimmed.float().norm()), float(tau.norm())),
+        # Spread of per-column input energy, std / mean of diag H: near 0, every column weighs
+        # the same and importance trimming keeps what magnitude trimming keeps.
+        "input_energy_cv": _coefficient_of_variation(statistics.hessian_diagonal),
     }
+
+
+def _coefficient_of_variation(values: torch.Tensor) -> float:
+    values = values.to(torch.float64)
+    mean = values.mean()
+    return float(values.std(correction=0) / mean) if mean > 0 else 0.0
 
 
 def _ratio(error: float, total: float) -> float:

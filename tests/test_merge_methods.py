@@ -194,26 +194,35 @@ def test_slice_mapping_uses_the_input_tensor_hessian():
     assert context.statistics_for(LINEAR, "a", "a.txt") is task.statistics[moved]
 
 
+def _tasks_with_factors() -> dict:
+    """Tasks whose inputs are strongly correlated, so compensation moves kept entries a lot."""
+    tasks = {}
+    for model, seed in (("a", 1), ("b", 2)):
+        generator = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(40, COLUMNS, generator=generator)
+        inputs = inputs @ (torch.eye(COLUMNS) + torch.randn(COLUMNS, COLUMNS, generator=generator))
+        task = _task(seed)
+        task.statistics[LINEAR] = hessian_statistics(2 / 40 * inputs.T @ inputs, keep_factor=True)
+        tasks[(model, f"{model}.txt")] = task
+    return tasks
+
+
+@pytest.mark.parametrize("sign_from", ["compensated", "raw"])
 @pytest.mark.parametrize("rescale", [False, True])
-def test_compensated_ties_equals_reference(rescale):
+def test_compensated_ties_equals_reference(rescale, sign_from):
     from mergekit_sparsegpt.compensation import compensated_trim
     from mergekit_sparsegpt.importance import importance_scores, top_density_mask
 
-    tasks = {}
-    for model, seed in (("a", 1), ("b", 2)):
-        task = _task(seed)
-        stats = task.statistics[LINEAR]
-        inverse = torch.diag(stats.inverse_diagonal)  # any SPD factor source will do for the test
-        factor = torch.linalg.cholesky(inverse + 0.1 * torch.eye(COLUMNS), upper=True)
-        task.statistics[LINEAR] = type(stats)(**{**vars(stats), "cholesky_factor": factor})
-        tasks[(model, f"{model}.txt")] = task
+    tasks = _tasks_with_factors()
     group = _group()
-    parameters = _parameters(compensate=True, importance="sparsegpt", rescale=rescale)
+    parameters = _parameters(
+        compensate=True, importance="sparsegpt", rescale=rescale, sign_from=sign_from
+    )
     with activated(MergeContext(hessian_inputs={}, tasks=tasks)):
         (merged,) = merge_methods.get("sparsegpt_ties")([group], parameters=parameters)
 
     base = group.base.tensor
-    trimmed = []
+    values, electors = {}, {}
     for entry in group.non_base:
         stats = tasks[(entry.id, f"{entry.id}.txt")].statistics[LINEAR]
         tau = entry.tensor - base
@@ -224,14 +233,50 @@ def test_compensated_ties_equals_reference(rescale):
         assert torch.equal(compensated == 0, ~mask | (compensated == 0))
         if rescale:
             compensated = compensated * tau.abs().sum() / compensated.abs().sum()
-        trimmed.append(parameters["weight"][entry.id] * compensated)
-    stacked = torch.stack(trimmed)
-    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
-    agree = stacked.sign() == sign
-    divisor = (torch.tensor([1.0, 0.5]).reshape(2, 1, 1) * agree).sum(0)
-    divisor[divisor == 0] = 1
-    expected = base + (stacked * agree).sum(0) / divisor
+        weight = parameters["weight"][entry.id]
+        values[entry.id] = weight * compensated
+        electors[entry.id] = weight * (compensated if sign_from == "compensated" else tau * mask)
+    expected = base.clone()
+    rows, cols = base.shape
+    for r in range(rows):
+        for c in range(cols):
+            positive = sum(e[r, c].item() for e in electors.values()) >= 0
+            agree = [
+                m for m, e in electors.items() if e[r, c].item() != 0 and (e[r, c] > 0) == positive
+            ]
+            divisor = sum(parameters["weight"][m] for m in agree) or 1.0
+            expected[r, c] += sum(values[m][r, c].item() for m in agree) / divisor
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_raw_sign_election_differs_from_compensated():
+    """The two sign sources must give different merges here, or the reference test is blind."""
+    parameters = _parameters(compensate=True, importance="sparsegpt", density={"a": 0.5, "b": 0.5})
+    merged = {}
+    for sign_from in ("compensated", "raw"):
+        with activated(MergeContext(hessian_inputs={}, tasks=_tasks_with_factors())):
+            (merged[sign_from],) = merge_methods.get("sparsegpt_ties")(
+                [_group()], parameters={**parameters, "sign_from": sign_from}
+            )
+    assert not torch.allclose(merged["compensated"], merged["raw"])
+
+
+def test_raw_sign_election_is_the_default():
+    parameters = _parameters(compensate=True, importance="sparsegpt")
+    merged = []
+    for extra in ({}, {"sign_from": "raw"}):
+        with activated(MergeContext(hessian_inputs={}, tasks=_tasks_with_factors())):
+            merged += merge_methods.get("sparsegpt_ties")([_group()], parameters=parameters | extra)
+    assert torch.equal(merged[0], merged[1])
+
+
+def test_sign_from_is_offered_only_with_sign_election():
+    names = {
+        method: {p.name for p in merge_methods.get(method).spec.parameters}
+        for method in ("sparsegpt_ties", "sparsegpt_dare")
+    }
+    assert "sign_from" in names["sparsegpt_ties"]
+    assert "sign_from" not in names["sparsegpt_dare"]
 
 
 def test_compensate_without_factor_is_a_clear_error(context):

@@ -129,6 +129,8 @@ BAD_INPUTS = [
         "Did you mean 'calibration'",
     ),
     ("source", lambda c: c["parameters"].update(hessian_source="merged"), "hessian_source must be"),
+    ("selection", lambda c: c["parameters"].update(selection="column"), "selection must be one"),
+    ("sign source", lambda c: c["parameters"].update(sign_from="merged"), "sign_from must be one"),
     ("gradient", lambda c: c["parameters"].update(calibration_samples=[4, 8]), "one value"),
     ("samples", lambda c: c["parameters"].update(calibration_samples=0), "at least 1"),
     ("per-model setting", lambda c: _set_first_model(c, importance="obs"), "merge-wide setting"),
@@ -296,4 +298,4 @@ def test_compensate_with_rescale_warns(tiny_models, tmp_path, caplog):
         prepass.prepare_statistics(
             MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
         )
-    assert "double-counts" in caplog.text
+    assert "scales them up again" in caplog.text

@@ -151,6 +151,47 @@ def test_table_reports_spread_and_says_when_ours_is_worse() -> None:
     assert "WORSE than ties: sparsegpt_ties[wanda]" in line
 
 
+def _trim_entry(overlap: float) -> dict:
+    return {
+        "input_energy_cv": 0.2,
+        "magnitude_overlap": overlap,
+        "relative_output_error": 0.1,
+        "magnitude_relative_output_error": 0.2,
+        "norm_ratio": 0.5,
+        "error_estimate": "diagonal",
+    }
+
+
+def test_trim_report_is_averaged_per_tensor_type_over_layers_and_experts() -> None:
+    merge_report = {
+        "tensors": {
+            "model.layers.0.mlp.down_proj.weight": {
+                "path": "importance",
+                "models": {"a": _trim_entry(0.9), "b": _trim_entry(0.7)},
+            },
+            "model.layers.1.mlp.down_proj.weight": {
+                "path": "importance",
+                "models": {"a": _trim_entry(0.2)},
+            },
+            "model.layers.0.self_attn.q_proj.weight": {
+                "path": "importance",
+                "models": {"a": _trim_entry(1.0)},
+            },
+            "model.embed_tokens.weight": {"path": "fallback", "models": {}},
+        }
+    }
+    summary = report.trim_by_tensor_type(merge_report)
+    assert list(summary) == ["mlp.down_proj", "self_attn.q_proj"]
+    assert summary["mlp.down_proj"]["magnitude_overlap"] == pytest.approx(0.6)
+    assert summary["self_attn.q_proj"]["norm_ratio"] == pytest.approx(0.5)
+
+    results = [{"variant": "v", "density": 0.1, "seed": s, "trim_by_type": summary} for s in (0, 1)]
+    rows = report.trim_rows(results)
+    assert len(rows) == 2  # one seed's trim only: it does not depend on the seed
+    text = report.format_trim_table(rows, "v")
+    assert "mlp.down_proj" in text and "0.60" in text
+
+
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
     """Smoke run with tiny sizes: builds, merges through mergekit-yaml, writes every output."""
@@ -161,6 +202,8 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     for name in ("runs.csv", "table.csv", "table.txt", "sources.json", "summary.json"):
         assert (tmp_path / name).is_file(), name
     assert len(list((tmp_path / "results").glob("*.json"))) == 3
+    trim = (tmp_path / "trim_by_tensor_type.csv").read_text(encoding="utf-8")
+    assert "mlp.down_proj" in trim and "sparsegpt_ties[wanda]" in trim
     # A rerun finds every result on disk and merges nothing.
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert not re.search(r"merge +[0-9.]+s +eval", again.stdout), again.stdout

@@ -52,3 +52,15 @@ def test_trim_entry_fields():
     magnitude_kept = set(keep.tolist())
     ours_kept = {r * 6 + c for r in range(4) for c in range(3)}
     assert entry["magnitude_overlap"] == pytest.approx(len(ours_kept & magnitude_kept) / 12)
+    assert entry["norm_ratio"] == pytest.approx(((tau * mask) ** 2).sum().sqrt() / tau.norm())
+    mean = sum(diag.tolist()) / 6
+    deviation = (sum((d - mean) ** 2 for d in diag.tolist()) / 6) ** 0.5
+    assert entry["input_energy_cv"] == pytest.approx(deviation / mean, rel=1e-5)
+
+
+def test_norm_ratio_shows_a_refit_that_grows_the_vector():
+    hessian, tau = _problem(3)
+    tau = tau.float()
+    stats = hessian_statistics(hessian.float())
+    mask = torch.ones_like(tau, dtype=torch.bool)
+    assert trim_entry(tau, 3 * tau, mask, stats, density=1.0)["norm_ratio"] == pytest.approx(3)

@@ -21,7 +21,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ HELDOUT_WINDOWS, HELDOUT_PROBLEMS = 32, 200
 # 32 x 64 tokens fits every calibration split (the smallest, add, holds ~3,600 tokens).
 CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN = 32, 64
 HALF = 0.5
+TRIM_SHOWN = "sparsegpt_ties[wanda]"  # whose per-tensor-type trim table is printed
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
@@ -49,6 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     parser.add_argument("--jobs", type=int, default=2, help="parallel trainings and merges")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument(
+        "--family-seed",
+        type=int,
+        default=0,
+        help="seed of the models' initialisation and training (the data splits stay the same): "
+        "rerun with other seeds into other --out directories to see the spread across families",
+    )
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(grid.VARIANTS)}")
     parser.add_argument("--densities", help="comma-separated, default " + str(grid.DENSITIES))
     parser.add_argument("--keep-merges", action="store_true", help="keep merged checkpoints")
@@ -181,7 +189,16 @@ def _report(
     (out / "table.txt").write_text(text + "\n", encoding="utf-8")
     report.write_csv(out / "runs.csv", rows)
     report.write_csv(out / "table.csv", report.table_rows(table))
-    if not report.plot(out / "score_vs_density.png", table, variants, densities):
+    trims = report.trim_rows(list(results.values()))
+    if trims:
+        report.write_csv(out / "trim_by_tensor_type.csv", trims)
+        blocks = [report.format_trim_table(trims, v) for v in variants]
+        (out / "trim_by_tensor_type.txt").write_text(
+            "\n\n".join(b for b in blocks if b) + "\n", encoding="utf-8"
+        )
+        print(report.format_trim_table(trims, TRIM_SHOWN) or "", end="\n\n")
+    plotted = [v for v in variants if grid.VARIANTS[v].plotted]
+    if not report.plot(out / "score_vs_density.png", table, plotted, densities):
         print("matplotlib is not installed: no score_vs_density.png (pip install matplotlib)")
     for variant, reason in runner.skipped.items():
         print(f"skipped {variant}: {reason}")
@@ -197,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny models: threads only fight the parallel jobs for 2 cores
     start = time.perf_counter()
     variants, densities = _selection(args.variants, args.densities)
-    sizes = QUICK if args.quick else FULL
+    sizes = replace(QUICK if args.quick else FULL, seed=args.family_seed)
     out = args.out.resolve()
     _check_settings(out, _settings(sizes))
     (out / "sources.json").write_text(json.dumps(tasks.sources(), indent=1), encoding="utf-8")

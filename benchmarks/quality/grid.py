@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality.report import trim_by_tensor_type
 from mergekit_sparsegpt.demo.build import Family
 from mergekit_sparsegpt.demo.merges import MergeFailed, write_config
+from mergekit_sparsegpt.report import REPORT_FILE
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
 SEEDS = (0, 1, 2)  # --random-seed values for the methods that drop entries at random
@@ -37,6 +39,7 @@ class Variant:
     seeds: tuple[int, ...] = (0,)
     uses_density: bool = True
     weight: float | None = None  # per-model weight; None: 1/N
+    plotted: bool = True  # False: a diagnostic row, in the tables only
 
     @property
     def calibrated(self) -> bool:
@@ -80,6 +83,31 @@ VARIANTS: dict[str, Variant] = {
     # SparseGPT itself: its score, per-row selection, and OBS updates of the kept entries.
     "sparsegpt_ties[sparsegpt,compensate,row]": Variant(
         "sparsegpt_ties", {"importance": "sparsegpt", "compensate": True, "selection": "row"}
+    ),
+    # Why compensation loses from density 0.1 up (README, "Compensation"): these rows are in
+    # the tables but not in the plot.
+    "sparsegpt_ties[wanda,compensate,sign=compensated]": Variant(
+        "sparsegpt_ties",
+        {"importance": "wanda", "compensate": True, "sign_from": "compensated"},
+        plotted=False,
+    ),
+    # Stronger damping keeps the re-fit out of the directions the task's inputs barely use.
+    "sparsegpt_ties[wanda,compensate,damp=1.0]": Variant(
+        "sparsegpt_ties",
+        {"importance": "wanda", "compensate": True, "dampening": 1.0},
+        plotted=False,
+    ),
+    # Re-fitting restores each trimmed vector's effect: does it win at a lower overall strength?
+    "ties[lambda=0.75]": Variant("ties", {"lambda": 0.75}, plotted=False),
+    "sparsegpt_ties[wanda,compensate,lambda=0.75]": Variant(
+        "sparsegpt_ties", {"importance": "wanda", "compensate": True, "lambda": 0.75}, plotted=False
+    ),
+    # DARE's L1 rescale on top of re-fitted vectors, and without it.
+    "sparsegpt_dare[compensate]": Variant(
+        "sparsegpt_dare", {"compensate": True}, seeds=SEEDS, plotted=False
+    ),
+    "sparsegpt_dare[compensate,rescale=false]": Variant(
+        "sparsegpt_dare", {"compensate": True, "rescale": False}, seeds=SEEDS, plotted=False
     ),
 }
 # The row the "plain averaging keeps every expert's gain" check reads.
@@ -210,6 +238,12 @@ class GridRun:
                 print(f"merge {job.slug} FAILED", flush=True)
             return None
         merge_s = time.perf_counter() - start
+        trim_report = merged / REPORT_FILE
+        trim = (
+            trim_by_tensor_type(json.loads(trim_report.read_text(encoding="utf-8")))
+            if trim_report.is_file()  # only our methods write one
+            else {}
+        )
         scores = self.evaluate(merged)
         eval_s = time.perf_counter() - start - merge_s
         if not self.keep_merges:
@@ -221,6 +255,7 @@ class GridRun:
             "density": job.density,
             "seed": job.seed,
             "scores": scores,
+            **({"trim_by_type": trim} if trim else {}),
             "merge_s": merge_s,
             "eval_s": eval_s,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,72 @@ def comparison(
             line += f"; WORSE than ties: {', '.join(worse)}"
         lines.append(line)
     return lines
+
+
+# Fields of sparsegpt_report.json averaged per tensor type (over layers and experts).
+TRIM_FIELDS = (
+    "input_energy_cv",
+    "magnitude_overlap",
+    "relative_output_error",
+    "magnitude_relative_output_error",
+    "norm_ratio",
+)
+
+
+def tensor_type(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``self_attn.q_proj``."""
+    found = re.search(r"\.\d+\.(.+?)(?:\.weight)?$", name)
+    return found.group(1) if found else name
+
+
+def trim_by_tensor_type(merge_report: Mapping) -> dict[str, dict[str, float]]:
+    """Mean of each trim field per tensor type, over the importance-trimmed tensors."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for name, tensor in merge_report["tensors"].items():
+        if tensor["path"] != "importance":
+            continue
+        fields = values.setdefault(tensor_type(name), {})
+        for entry in tensor["models"].values():
+            for field in TRIM_FIELDS:
+                if field in entry:
+                    fields.setdefault(field, []).append(entry[field])
+    return {
+        kind: {field: statistics.fmean(v) for field, v in fields.items()}
+        for kind, fields in sorted(values.items())
+    }
+
+
+def trim_rows(results: Sequence[dict]) -> list[dict]:
+    """One row per (variant, density, tensor type) for the runs that kept their trim report."""
+    rows = []
+    for r in results:
+        if r["seed"] != min(x["seed"] for x in results if x["variant"] == r["variant"]):
+            continue  # the trim of Hessian tensors does not depend on the seed
+        for kind, fields in r.get("trim_by_type", {}).items():
+            rows.append(
+                {"variant": r["variant"], "density": r["density"], "tensor": kind, **fields}
+            )
+    return sorted(rows, key=lambda row: (row["variant"], row["density"], row["tensor"]))
+
+
+def format_trim_table(rows: Sequence[dict], variant: str) -> str:
+    """Per tensor type and density: overlap with magnitude, output errors, norm ratio."""
+    chosen = [r for r in rows if r["variant"] == variant]
+    if not chosen:
+        return ""
+    head = (
+        f"{'tensor':<18}{'density':>8}{'diag H cv':>11}{'overlap':>9}"
+        f"{'err ours':>10}{'err magn.':>11}{'norm ratio':>12}"
+    )
+    lines = [f"{variant}: trim per tensor type (mean over layers and experts)", head]
+    lines.append("-" * len(head))
+    for r in chosen:
+        lines.append(
+            f"{r['tensor']:<18}{r['density']:>8g}{r['input_energy_cv']:>11.2f}"
+            f"{r['magnitude_overlap']:>9.2f}{r['relative_output_error']:>10.3f}"
+            f"{r['magnitude_relative_output_error']:>11.3f}{r['norm_ratio']:>12.2f}"
+        )
+    return "\n".join(lines)
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
