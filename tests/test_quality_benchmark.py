@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks.quality import grid, report, tasks
+from benchmarks.quality.outliers import spread_input_channels
 from benchmarks.quality.scoring import make_qa_set, qa_batch, qa_scores
 from mergekit_sparsegpt.demo.build import Family
 from mergekit_sparsegpt.demo.merges import MergeFailed
@@ -207,3 +208,24 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     # A rerun finds every result on disk and merges nothing.
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert not re.search(r"merge +[0-9.]+s +eval", again.stdout), again.stdout
+
+
+def test_channel_spread_preserves_the_function_and_moves_weight_scale() -> None:
+    model = new_model(tiny_llama_config(50, hidden=32, heads=4, kv_heads=2, intermediate=48), 0)
+    model.eval()
+    tokens = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(tokens).logits
+    spread_input_channels(model, sigma=1.0, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+    after = model.state_dict()
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        key = f"model.layers.1.{name}.weight"
+        column_ratio = (after[key] / before[key])[0]  # per input column for q / o / down
+        assert not torch.allclose(after[key], before[key]), key
+        if name != "mlp.up_proj":
+            torch.testing.assert_close(
+                after[key] / before[key], column_ratio.expand_as(after[key]), rtol=1e-5, atol=0
+            )

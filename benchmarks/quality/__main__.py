@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 
 from benchmarks.quality import checks, grid, report, tasks
 from benchmarks.quality.family import BASE_DOMAIN, FULL, QUICK, build_family
+from benchmarks.quality.outliers import spread_family
 from benchmarks.quality.scoring import EvalSet, evaluate, make_eval_set
 from mergekit_sparsegpt.demo.build import Family, Sizes
 
@@ -56,6 +57,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="seed of the models' initialisation and training (the data splits stay the same): "
         "rerun with other seeds into other --out directories to see the spread across families",
+    )
+    parser.add_argument(
+        "--channel-spread",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="give every linear's input channels log-normal energy spread (log s ~ N(0, SIGMA^2)) "
+        "by an exact, function-preserving rescaling of all models, as real LLMs' outlier "
+        "channels (benchmarks/quality/outliers.py); 0: off",
     )
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(grid.VARIANTS)}")
     parser.add_argument("--densities", help="comma-separated, default " + str(grid.DENSITIES))
@@ -85,9 +95,10 @@ def _selection(
     return {n: grid.VARIANTS[n] for n in names}, chosen
 
 
-def _settings(sizes: Sizes) -> dict:
+def _settings(sizes: Sizes, channel_spread: float) -> dict:
     return {
         "sizes": asdict(sizes),
+        **({"channel_spread": channel_spread} if channel_spread else {}),
         "domains": list(tasks.domains()),
         "heldout": [HELDOUT_WINDOWS, HELDOUT_PROBLEMS],
         "calibration": [CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN],
@@ -127,15 +138,21 @@ class Reference:
     ok: bool  # base not awful and every expert clearly beats it
 
 
-def _reference(out: Path, sizes: Sizes, jobs: int) -> Reference:
+def _reference(out: Path, sizes: Sizes, jobs: int, channel_spread: float) -> Reference:
     """Build (or find) the models, score them, and print and record the sanity checks."""
     domains = tasks.domains()
     family = build_family(out / "family", sizes, jobs)
     tokenizer = AutoTokenizer.from_pretrained(str(family.tokenizer))
     evalset = make_eval_set(tokenizer, domains, HELDOUT_WINDOWS, sizes.seq_len, HELDOUT_PROBLEMS)
+    if channel_spread:
+        unspread = evaluate(family.base, evalset)
+        family = spread_family(family, out / "family_spread", channel_spread, sizes.seed)
     start = time.perf_counter()
     base = evaluate(family.base, evalset)
     eval_s = time.perf_counter() - start
+    if channel_spread:
+        change = max(abs(base[k] - unspread[k]) for k in base)
+        print(f"channel spread {channel_spread:g}: base scores move by at most {change:.1e}")
     experts = {n: evaluate(p, evalset) for n, p in family.experts.items()}
     print(f"\n{_reference_table({'base': base, **experts}, [*evalset.windows, *evalset.qa])}\n")
     prose = domains[BASE_DOMAIN].texts("train")
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     variants, densities = _selection(args.variants, args.densities)
     sizes = replace(QUICK if args.quick else FULL, seed=args.family_seed)
     out = args.out.resolve()
-    _check_settings(out, _settings(sizes))
+    _check_settings(out, _settings(sizes, args.channel_spread))
     (out / "sources.json").write_text(json.dumps(tasks.sources(), indent=1), encoding="utf-8")
     lang = tasks.man_language()[0]
     print(
@@ -225,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.redo:
         _forget(out, _variant_names(args.redo))
 
-    ref = _reference(out, sizes, args.jobs)
+    ref = _reference(out, sizes, args.jobs, args.channel_spread)
     build_s = time.perf_counter() - start
     if not ref.ok and not args.quick:  # --quick models are only a smoke test
         print("sanity checks failed: not merging (a ranking on these models would mean nothing)")
