@@ -1,13 +1,15 @@
 """On-disk cache of task statistics: safetensors files keyed by everything that shapes them.
 
 The key is a hash of a JSON payload (model identity and weights fingerprint, the exact token ids
-fed to it, damping, format version); the payload is also stored in the file and compared on
-load, so a hash collision or a hand-copied file cannot be used for the wrong task.
+fed to it, damping, format version, which whole matrices were kept); the payload is also stored
+in the file and compared on load, so a hash collision or a hand-copied file cannot be used for
+the wrong task.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -24,7 +26,10 @@ from mergekit_sparsegpt.statistics import TaskStatistics
 
 LOG = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump whenever the statistics a given key maps to change
+FORMAT_VERSION = 3  # bump whenever the statistics a given key maps to change (3: "hessians")
+# Payload flags for the optional whole matrices an entry holds (``HessianStatistics``'s
+# cholesky_factor and hessian). An entry holding more than a merge needs serves it too.
+OPTIONAL_CONTENTS = ("factors", "hessians")
 # Bytes hashed from each weight file: the start (safetensors header), the end, and evenly spaced
 # samples between; reading whole multi-GB checkpoints would cost more than the pre-pass.
 _FINGERPRINT_CHUNK = 1 << 16
@@ -75,6 +80,17 @@ def config_fingerprint(config: PretrainedConfig) -> str:
 
 def tokens_fingerprint(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def serving_payloads(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The payloads whose entries can serve ``payload``: itself first, then every entry that
+    also holds optional matrices ``payload`` does not ask for (fewest extras first)."""
+    missing = [flag for flag in OPTIONAL_CONTENTS if not payload.get(flag)]
+    extras = [
+        {flag: True for flag, take in zip(missing, choice, strict=True) if take}
+        for choice in itertools.product((False, True), repeat=len(missing))
+    ]
+    return [{**payload, **extra} for extra in sorted(extras, key=len)]
 
 
 def cache_key(payload: dict[str, Any]) -> str:

@@ -100,8 +100,9 @@ def _calibrate_command() -> Any:
         "calibrate",
         cls=PrettyPrintHelp,
         help=(
-            "Compute the calibration statistics a sparsegpt_ties/sparsegpt_dare merge of "
-            "CONFIG_FILE needs and store them in the statistics cache, without merging. "
+            "Compute the calibration statistics a sparsegpt_ties/sparsegpt_dare/regmean/"
+            "sparsegpt_regmean merge of CONFIG_FILE needs and store them in the statistics "
+            "cache, without merging. "
             "A later merge of the same config reuses them."
         ),
     )

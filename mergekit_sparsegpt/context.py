@@ -28,7 +28,8 @@ class MergeContext:
     hessian_inputs: dict[str, dict[ModelReference, str]]
     tasks: dict[TaskKey, TaskStatistics]
     usage: Counter = field(default_factory=Counter)
-    # output tensor -> {"path": ..., "models": {model: trim_entry(...)}}, for the JSON report
+    # output tensor -> {"path": ..., "models": {model: trim_entry(...)}, **details}, for the
+    # JSON report
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -53,12 +54,18 @@ class MergeContext:
             ) from None
 
     def record(
-        self, tensor: str, path: str, parameters: int, models: dict[str, Any] | None = None
+        self,
+        tensor: str,
+        path: str,
+        parameters: int,
+        models: dict[str, Any] | None = None,
+        **details: Any,
     ) -> None:
+        """Count ``tensor`` under ``path``; ``details`` (e.g. RegMean's solve) go to the report."""
         with self._lock:
             self.usage[(path, "tensors")] += 1
             self.usage[(path, "parameters")] += parameters
-            self.report[tensor] = {"path": path, "models": models or {}}
+            self.report[tensor] = {"path": path, "models": models or {}, **details}
 
 
 _active: MergeContext | None = None

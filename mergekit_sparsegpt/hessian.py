@@ -4,19 +4,22 @@ For a linear layer y = W x the layer-wise reconstruction loss ||(W - W') X||^2 h
 H = 2 X X^T with respect to each row of W (SparseGPT, Frantar & Alistarh 2023, eq. 1).
 ``HessianAccumulator`` is SparseGPT's ``add_batch``; ``hessian_statistics`` is the preamble of
 SparseGPT's ``fasterprune`` (dead columns, damping, Cholesky of H^-1), keeping only the diagonals
-that the scores need so that a task's statistics stay O(columns) per layer on disk.
+that the scores need so that a task's statistics stay O(columns) per layer on disk, unless a
+method asks for a whole matrix (compensation: the Cholesky factor; RegMean: H itself).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 # Relative damping steps tried after the configured one when Cholesky fails; SparseGPT uses a
 # single fixed 1% and simply crashes on failure.
 DAMPING_LADDER = (0.01, 0.1, 1.0)
+# The whole-matrix fields of ``HessianStatistics``, kept only on request: O(columns^2) each.
+OPTIONAL_MATRICES = ("cholesky_factor", "hessian")
 
 
 class HessianError(ValueError):
@@ -51,6 +54,8 @@ class HessianStatistics:
     damped Hessian. ``damping`` is the relative damping that succeeded and ``method`` says whether
     Cholesky worked or the pseudo-inverse fallback was needed. ``cholesky_factor`` is the whole
     upper factor U of H^-1, kept only when error compensation needs it (and Cholesky worked).
+    ``hessian`` is the whole H as accumulated (undamped, dead columns left at 0, float32), kept
+    only when RegMean needs it.
     """
 
     hessian_diagonal: torch.Tensor
@@ -59,6 +64,7 @@ class HessianStatistics:
     damping: float
     method: str
     cholesky_factor: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
 
     def cpu(self) -> HessianStatistics:
         return HessianStatistics(
@@ -74,20 +80,34 @@ class HessianStatistics:
             "inverse_diagonal": self.inverse_diagonal,
             "cholesky_diagonal": self.cholesky_diagonal,
         }
-        if self.cholesky_factor is not None:
-            vectors["cholesky_factor"] = self.cholesky_factor
+        for name in OPTIONAL_MATRICES:
+            if getattr(self, name) is not None:
+                vectors[name] = getattr(self, name)
         return vectors
 
 
 def hessian_statistics(
-    hessian: torch.Tensor, dampening: float = 0.01, keep_factor: bool = False
+    hessian: torch.Tensor,
+    dampening: float = 0.01,
+    keep_factor: bool = False,
+    keep_hessian: bool = False,
 ) -> HessianStatistics:
     """Dead columns -> 1, relative damping, Cholesky of H^-1; escalate damping, then pinv."""
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise HessianError(f"Hessian must be square, got shape {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise HessianError("Hessian has non-finite entries (inf/NaN activations)")
-    hessian = hessian.to(torch.float32).clone()
+    statistics = _inverse_statistics(hessian.to(torch.float32).clone(), dampening, keep_factor)
+    if not keep_hessian:
+        return statistics
+    # RegMean solves with the true Gram matrix: no damping, and a dead column stays dead so it
+    # gets no say in the merge (the diag-1 trick above is only for inverting).
+    return replace(statistics, hessian=hessian.to(torch.float32).clone())
+
+
+def _inverse_statistics(
+    hessian: torch.Tensor, dampening: float, keep_factor: bool
+) -> HessianStatistics:
     diagonal = torch.diagonal(hessian)
     # A column whose input is always zero carries no curvature; SparseGPT sets it to 1 so the
     # matrix stays invertible and the column is ranked by |tau| alone.

@@ -3,14 +3,16 @@
 Each task vector is trimmed to its top-``density`` entries by second-order importance; the
 trimmed vectors are then combined by mergekit's own ``GeneralizedTaskArithmeticMerge`` (weights,
 sign election, normalize, lambda, int8_mask), so only the trimming step is ours. Tensors without a
-Hessian (embeddings, norms, lm_head, biases) go through the stock method untouched.
+Hessian (embeddings, norms, lm_head, biases) go through the stock method untouched. The trimming
+itself (``trim_task_vectors``) is shared with ``sparsegpt_regmean`` (``regmean.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from mergekit import merge_methods
@@ -20,7 +22,12 @@ from mergekit.merge_methods.generalized_task_arithmetic import (
     GeneralizedTaskArithmeticMerge,
     get_mask,
 )
-from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor, sparsify
+from mergekit.sparsify import (
+    RescaleNorm,
+    SparsificationMethod,
+    rescaled_masked_tensor,
+    sparsify,
+)
 
 from mergekit_sparsegpt.compensation import compensated_trim
 from mergekit_sparsegpt.context import active_context
@@ -40,7 +47,8 @@ PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("dampening", float, ParameterScope.SHARED, default=0.01),
     ParameterSpec("cache_dir", str | None, ParameterScope.SHARED, default=None),
 )
-KERNEL_PARAMETERS: tuple[ParameterSpec, ...] = (
+# Parameters of importance trimming (with the per-model ``density``), read by ``trim_task_vectors``.
+TRIM_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("importance", str, ParameterScope.SHARED, default=DEFAULT_IMPORTANCE),
     ParameterSpec("selection", str, ParameterScope.SHARED, default="tensor"),
     ParameterSpec("compensate", bool, ParameterScope.SHARED, default=False),
@@ -65,6 +73,15 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
 
     fallback_method: str
 
+    # What the pre-pass reads (see ``methods.py``): trimming needs only diagonals.
+    keeps_hessians: ClassVar[bool] = False
+    nonnegative_weights: ClassVar[bool] = False
+
+    @property
+    def summary_paths(self) -> tuple[tuple[str, str], ...]:
+        """(report path, label) of every way a tensor can be merged, for the run summary."""
+        return (("importance", "Hessian importance"), ("fallback", f"stock {self.fallback_method}"))
+
     @cached_property
     def combine_parameters(self) -> tuple[str, ...]:
         """The parameters mergekit's own task arithmetic reads."""
@@ -79,7 +96,7 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
             reference_url=stock.reference_url,
             parameters=stock.parameters
             + PREPASS_PARAMETERS
-            + KERNEL_PARAMETERS
+            + TRIM_PARAMETERS
             + (SIGN_PARAMETERS if self.consensus_method else ()),
             contract=stock.contract,
         )
@@ -103,7 +120,9 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
             stock = {p.name: parameters[p.name] for p in self.fallback.spec.parameters}
             return self.fallback.merge_group(group, **stock)
 
-        trimmed, masks, report = self._trim_all(group, statistics, parameters, name)
+        trimmed, masks, report = trim_task_vectors(
+            group, statistics, parameters, name, self.fallback.sparsification_method
+        )
         context.record(name, "importance", base.numel(), report)
         if parameters["compensate"] and parameters.get("sign_from") == "raw":
             raw = [
@@ -119,26 +138,6 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
         )
         combine = {key: parameters[key] for key in self.combine_parameters}
         return base + super().merge_group(task_vectors, **combine)
-
-    def _trim_all(
-        self,
-        group: TensorGroup,
-        statistics: dict[Any, HessianStatistics | None],
-        parameters: dict[str, Any],
-        name: str,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], dict[str, dict[str, Any]]]:
-        """Every trimmed task vector and its mask, and the report entries of the Hessian ones."""
-        trimmed, masks, report = [], [], {}
-        for entry in group.non_base:
-            task_vector = entry.tensor - group.base.tensor
-            stats = statistics[entry.id]
-            vector, mask = self._trim(task_vector, stats, parameters, entry.id, name)
-            trimmed.append(vector)
-            masks.append(mask)
-            if stats is not None:
-                density = parameters["density"][entry.id]
-                report[str(entry.id)] = trim_entry(task_vector, vector, mask, stats, density)
-        return trimmed, masks, report
 
     def _combine_with_signs_of(
         self,
@@ -159,34 +158,59 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
             mixed /= torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         return (mixed * parameters["lambda"]).to(group.base.tensor.dtype)
 
-    def _trim(
-        self,
-        task_vector: torch.Tensor,
-        statistics: HessianStatistics | None,
-        parameters: dict[str, Any],
-        model: Any,
-        name: str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The trimmed task vector and the mask that chose it (None on the stock path)."""
-        density = parameters["density"][model]
-        rescale = RescaleNorm.l1 if parameters["rescale"] else None
-        if statistics is None:
-            return _stock_trim(self.fallback, task_vector, density, rescale), None
-        try:
-            scores = importance_scores(task_vector, statistics, parameters["importance"])
-        except ValueError as error:
-            raise ValueError(f"{name} of model {model}: {error}") from None
-        mask = top_density_mask(scores, density, parameters["selection"])
-        if not parameters["compensate"]:
-            return rescaled_masked_tensor(task_vector, mask.to(task_vector.dtype), rescale), mask
-        if statistics.cholesky_factor is None:
-            raise ValueError(
-                f"{name} of model {model}: compensate needs the Cholesky factor of its Hessian, "
-                "which is missing (the pseudo-inverse fallback was used, or the statistics were "
-                "computed without compensate); delete that cache entry or raise dampening"
-            )
-        compensated = compensated_trim(task_vector, statistics.cholesky_factor, mask)
-        return (_l1_rescaled(compensated, task_vector) if rescale else compensated), mask
+
+def trim_task_vectors(
+    group: TensorGroup,
+    statistics: Mapping[Any, HessianStatistics | None],
+    parameters: Mapping[str, Any],
+    name: str,
+    stock_method: SparsificationMethod | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], dict[str, dict[str, Any]]]:
+    """Every trimmed task vector and its mask, and the report entries of the Hessian ones.
+
+    Reads ``density`` (per model), ``importance``, ``selection``, ``compensate`` and, where the
+    method has it, ``rescale``. A model without statistics is trimmed by ``stock_method``.
+    """
+    trimmed, masks, report = [], [], {}
+    for entry in group.non_base:
+        task_vector = entry.tensor - group.base.tensor
+        stats = statistics[entry.id]
+        density = parameters["density"][entry.id]
+        where = f"{name} of model {entry.id}"
+        if stats is None:
+            vector, mask = _stock_trim(task_vector, density, parameters, stock_method, where), None
+        else:
+            vector, mask = trim_task_vector(task_vector, stats, density, parameters, where)
+            report[str(entry.id)] = trim_entry(task_vector, vector, mask, stats, density)
+        trimmed.append(vector)
+        masks.append(mask)
+    return trimmed, masks, report
+
+
+def trim_task_vector(
+    task_vector: torch.Tensor,
+    statistics: HessianStatistics,
+    density: float,
+    parameters: Mapping[str, Any],
+    where: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One task vector trimmed by importance (and re-fitted if ``compensate``), and its mask."""
+    rescale = RescaleNorm.l1 if parameters.get("rescale") else None
+    try:
+        scores = importance_scores(task_vector, statistics, parameters["importance"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    mask = top_density_mask(scores, density, parameters["selection"])
+    if not parameters["compensate"]:
+        return rescaled_masked_tensor(task_vector, mask.to(task_vector.dtype), rescale), mask
+    if statistics.cholesky_factor is None:
+        raise ValueError(
+            f"{where}: compensate needs the Cholesky factor of its Hessian, which is missing "
+            "(the pseudo-inverse fallback was used, or the statistics were computed without "
+            "compensate); delete that cache entry or raise dampening"
+        )
+    compensated = compensated_trim(task_vector, statistics.cholesky_factor, mask)
+    return (_l1_rescaled(compensated, task_vector) if rescale else compensated), mask
 
 
 def _l1_rescaled(trimmed: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -196,12 +220,16 @@ def _l1_rescaled(trimmed: torch.Tensor, original: torch.Tensor, eps: float = 1e-
 
 
 def _stock_trim(
-    method: GeneralizedTaskArithmeticMerge,
     task_vector: torch.Tensor,
     density: float,
-    rescale: RescaleNorm | None,
+    parameters: Mapping[str, Any],
+    method: SparsificationMethod | None,
+    where: str,
 ) -> torch.Tensor:
-    return sparsify(task_vector, density, method.sparsification_method, rescale_norm=rescale)
+    if method is None:
+        raise ValueError(f"{where} has no Hessian statistics, which this method needs")
+    rescale = RescaleNorm.l1 if parameters.get("rescale") else None
+    return sparsify(task_vector, density, method, rescale_norm=rescale)
 
 
 SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
@@ -226,7 +254,3 @@ SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
         fallback_method="dare_linear",
     ),
 )
-
-
-def is_sparsegpt_method(name: str) -> bool:
-    return any(method.spec.name == name for method in SPARSEGPT_METHODS)

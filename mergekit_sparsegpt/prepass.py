@@ -40,7 +40,9 @@ from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, e
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.hessian import HessianError
 from mergekit_sparsegpt.importance import SELECTIONS, validate_importance
-from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SIGN_SOURCES, SPARSEGPT_METHODS
+from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SIGN_SOURCES
+from mergekit_sparsegpt.methods import PluginMethod, plugin_method
+from mergekit_sparsegpt.regmean import SOLVE_PATHS
 from mergekit_sparsegpt.report import REPORT_FILE
 from mergekit_sparsegpt.statistics import TaskStatistics
 
@@ -72,6 +74,7 @@ class PrepassSettings:
     dampening: float
     cache_dir: str | None
     keep_factors: bool  # compensation needs the whole Cholesky factor of every H^-1
+    keep_hessians: bool  # RegMean needs every whole (undamped) H
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,11 @@ class CalibrationTask:
 
 def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) -> MergeContext:
     """Validate ``merge_config`` and return the statistics every kernel call will need."""
-    method = _method(merge_config.merge_method)
+    method = plugin_method(merge_config.merge_method)
     check_parameter_names(merge_config, method.spec.parameters)
     planned = plan_tensors(merge_config, options)
-    settings = validate_parameters(planned)
-    if any(t.shared["compensate"] and t.shared["rescale"] for t in planned):
+    settings = validate_parameters(planned, method)
+    if any(t.shared.get("compensate") and t.shared.get("rescale") for t in planned):
         LOG.warning(
             "compensate and rescale are both on: the re-fitted task vectors already make up for "
             "the dropped entries, and rescale scales them up again, on top of each weight. "
@@ -133,12 +136,15 @@ def write_report(context: MergeContext, path: str) -> None:
 
 
 def usage_summary(method_name: str, context: MergeContext) -> str:
-    fallback = _method(method_name).fallback_method
-    lines = [f"{method_name}: how each tensor was trimmed"]
-    for path, label in (("importance", "Hessian importance"), ("fallback", f"stock {fallback}")):
+    lines = [f"{method_name}: how each tensor was merged"]
+    for path, label in plugin_method(method_name).summary_paths:
         tensors = context.usage[(path, "tensors")]
         parameters = context.usage[(path, "parameters")]
         lines.append(f"  {label}: {tensors} tensors, {parameters:,} parameters")
+    solves = [t["solve"]["path"] for t in context.report.values() if "solve" in t]
+    if solves:
+        counts = ", ".join(f"{path} {solves.count(path)}" for path in SOLVE_PATHS)
+        lines.append(f"  how the RegMean systems were solved: {counts}")
     entries = [m for t in context.report.values() for m in t["models"].values()]
     if entries:
         ours = sum(e["relative_output_error"] for e in entries) / len(entries)
@@ -223,45 +229,76 @@ def plan_tensors(merge_config: MergeConfiguration, options: MergeOptions) -> lis
     return planned
 
 
-def validate_parameters(planned: list[PlannedTensor]) -> PrepassSettings:
-    """Check every resolved value; return the settings that must be constant."""
+def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> PrepassSettings:
+    """Check every resolved value the method has; return the settings that must be constant."""
     for tensor in planned:
-        validate_importance(tensor.shared["importance"])
-        if tensor.shared["selection"] not in SELECTIONS:
+        _check_shared(tensor.shared)
+        non_base = {m: v for m, v in tensor.per_input.items() if m != tensor.base_model}
+        for model, values in non_base.items():
+            _check_model(tensor, model, values, method)
+        if (
+            method.nonnegative_weights
+            and non_base
+            and not any(values["weight"] > 0 for values in non_base.values())
+        ):
             raise ValueError(
-                f"selection must be one of {', '.join(SELECTIONS)}, "
-                f"got {tensor.shared['selection']!r}"
+                f"Every weight of the models feeding {tensor.output_name} is 0; give at least one "
+                "model a positive weight"
             )
-        if tensor.shared.get("sign_from", SIGN_SOURCES[0]) not in SIGN_SOURCES:
-            raise ValueError(
-                f"sign_from must be one of {', '.join(SIGN_SOURCES)}, "
-                f"got {tensor.shared['sign_from']!r}"
-            )
-        for model, values in tensor.per_input.items():
-            if model == tensor.base_model:
-                continue
-            density = values["density"]
-            if not 0 <= density <= 1:
-                raise ValueError(
-                    f"density {density} for model {model} at {tensor.output_name} is outside "
-                    "[0, 1]; it is the fraction of task-vector entries kept"
-                )
-            if not values["calibration"]:
-                raise ValueError(
-                    f"Model {model} has no 'calibration' parameter. Every merged model needs "
-                    "calibration text: add `calibration: <file or dataset>` to its parameters "
-                    "(or a default under the top-level `parameters:`)."
-                )
     values = {
         spec.name: _constant(planned, spec.name)
         for spec in PREPASS_PARAMETERS
         if spec.scope == ParameterScope.SHARED
     }
     settings = PrepassSettings(
-        **values, keep_factors=any(tensor.shared["compensate"] for tensor in planned)
+        **values,
+        keep_factors=any(tensor.shared.get("compensate", False) for tensor in planned),
+        keep_hessians=method.keeps_hessians,
     )
     _check_settings(settings)
     return settings
+
+
+def _check_shared(shared: dict[str, Any]) -> None:
+    """Merge-wide values; methods differ in which parameters they have, so check those present."""
+    if "importance" in shared:
+        validate_importance(shared["importance"])
+    for name, choices in (("selection", SELECTIONS), ("sign_from", SIGN_SOURCES)):
+        if name in shared and shared[name] not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {shared[name]!r}")
+    if "alpha" in shared and not 0 <= shared["alpha"] <= 1:
+        raise ValueError(
+            f"alpha must be in [0, 1], got {shared['alpha']}: it is the share of each Hessian's "
+            "off-diagonal entries RegMean keeps (1: exact least squares, 0: diagonal only)"
+        )
+    for name in ("lambda", "nongram_scale"):
+        if name in shared and not math.isfinite(shared[name]):
+            raise ValueError(f"{name} must be finite, got {shared[name]}")
+
+
+def _check_model(
+    tensor: PlannedTensor, model: ModelReference, values: dict[str, Any], method: PluginMethod
+) -> None:
+    """Per-model values of one merged (non-base) model."""
+    where = f"for model {model} at {tensor.output_name}"
+    density = values.get("density")
+    if density is not None and not 0 <= density <= 1:
+        raise ValueError(
+            f"density {density} {where} is outside [0, 1]; it is the fraction of task-vector "
+            "entries kept"
+        )
+    weight = values.get("weight")
+    if method.nonnegative_weights and not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(
+            f"weight {weight} {where} must be a finite number >= 0: RegMean weighs each "
+            "model's Hessian by it, and a negative weight makes the system indefinite"
+        )
+    if not values["calibration"]:
+        raise ValueError(
+            f"Model {model} has no 'calibration' parameter. Every merged model needs "
+            "calibration text: add `calibration: <file or dataset>` to its parameters "
+            "(or a default under the top-level `parameters:`)."
+        )
 
 
 def _constant(planned: list[PlannedTensor], name: str) -> Any:
@@ -355,10 +392,11 @@ def task_statistics(
         "token_shape": list(windows.shape),
         "dampening": settings.dampening,
         "factors": settings.keep_factors,
+        "hessians": settings.keep_hessians,
     }
     cache_dir = settings.cache_dir or cache.default_cache_dir()
-    # Statistics with factors serve a merge without compensation too.
-    for candidate in [payload] + ([] if settings.keep_factors else [{**payload, "factors": True}]):
+    # Statistics holding more whole matrices than needed serve this merge too.
+    for candidate in cache.serving_payloads(payload):
         path = cache.cache_path(cache_dir, candidate)
         cached = cache.load_statistics(path, candidate)
         if cached is not None:
@@ -392,7 +430,9 @@ def compute_statistics(
     )
     for layer in layers:
         try:
-            statistics.add_layer(layer, settings.dampening, settings.keep_factors)
+            statistics.add_layer(
+                layer, settings.dampening, settings.keep_factors, settings.keep_hessians
+            )
         except HessianError as error:
             raise ValueError(
                 f"Model {model_ref} on calibration {task.key[1]!r}: {error}. Check the "
@@ -442,13 +482,6 @@ def _report_fallbacks(
             f"{report['pseudo_inverse']} needed the pseudo-inverse, "
             f"{report['never_ran']} linears never ran (ranked by |tau|)",
         )
-
-
-def _method(name: str):
-    for method in SPARSEGPT_METHODS:
-        if method.spec.name == name:
-            return method
-    raise ValueError(f"{name} is not a mergekit_sparsegpt method")
 
 
 def _say(options: MergeOptions, message: str) -> None:

@@ -16,13 +16,13 @@ _WRAPPED_MARKER = "__mergekit_sparsegpt_wrapped__"
 
 
 def register_methods() -> None:
-    """Add ``sparsegpt_ties`` and ``sparsegpt_dare`` to mergekit's registry (once)."""
+    """Add our methods (``methods.PLUGIN_METHODS``) to mergekit's registry (once)."""
     from mergekit.merge_methods import registry
 
-    from mergekit_sparsegpt.merge_methods import SPARSEGPT_METHODS
+    from mergekit_sparsegpt.methods import PLUGIN_METHODS
 
     known = {method.spec.name for method in registry.registered_methods()}
-    for method in SPARSEGPT_METHODS:
+    for method in PLUGIN_METHODS:
         if method.spec.name not in known:
             registry.register(method)
 
@@ -39,7 +39,7 @@ def wrap_run_merge(merge_module: ModuleType) -> None:
 
     @functools.wraps(original)
     def run_merge(merge_config: Any, out_path: str, options: Any, *args: Any, **kwargs: Any):
-        from mergekit_sparsegpt.merge_methods import is_sparsegpt_method
+        from mergekit_sparsegpt.methods import is_sparsegpt_method
 
         if not is_sparsegpt_method(merge_config.merge_method):
             return original(merge_config, out_path, options, *args, **kwargs)

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from mergekit_sparsegpt.capture import LayerHessians
-from mergekit_sparsegpt.hessian import HessianError, HessianStatistics, hessian_statistics
+from mergekit_sparsegpt.hessian import (
+    OPTIONAL_MATRICES,
+    HessianError,
+    HessianStatistics,
+    hessian_statistics,
+)
 
 
 @dataclass
@@ -31,11 +36,19 @@ class TaskStatistics:
     def empty(cls, layers_prefix: str) -> TaskStatistics:
         return cls(layers_prefix, frozenset(), {}, {}, {})
 
-    def add_layer(self, layer: LayerHessians, dampening: float, keep_factors: bool) -> None:
+    def add_layer(
+        self,
+        layer: LayerHessians,
+        dampening: float,
+        keep_factors: bool,
+        keep_hessians: bool = False,
+    ) -> None:
         for group, hessian in layer.hessians.items():
             try:
                 # Inverting on the capture device: a 11008-column Cholesky is slow on a CPU.
-                stats = hessian_statistics(hessian, dampening, keep_factor=keep_factors)
+                stats = hessian_statistics(
+                    hessian, dampening, keep_factor=keep_factors, keep_hessian=keep_hessians
+                )
                 self.statistics[group] = stats.cpu()
             except HessianError as error:
                 raise HessianError(f"Hessian of {group}: {error}") from None
@@ -100,6 +113,7 @@ class TaskStatistics:
                     damping=float(layout["damping"][group]),
                     method=str(layout["method"][group]),
                     cholesky_factor=tensors.get(f"{group}::cholesky_factor"),
+                    hessian=tensors.get(f"{group}::hessian"),
                 )
                 for group in set(layout["groups"].values())
             }
@@ -123,11 +137,13 @@ def _check_statistics(group: str, stats: HessianStatistics) -> None:
         raise ValueError(f"statistics of {group} have inconsistent shapes")
     if not all(torch.isfinite(v).all() and (v > 0).all() for v in vectors):
         raise ValueError(f"statistics of {group} are not finite and positive")
-    factor = stats.cholesky_factor
-    if factor is not None and (
-        factor.shape != (len(vectors[0]), len(vectors[0])) or not torch.isfinite(factor).all()
-    ):
-        raise ValueError(f"Cholesky factor of {group} is malformed")
+    columns = len(vectors[0])
+    for name in OPTIONAL_MATRICES:
+        matrix = getattr(stats, name)
+        if matrix is not None and (
+            matrix.shape != (columns, columns) or not torch.isfinite(matrix).all()
+        ):
+            raise ValueError(f"{name} of {group} is malformed")
 
 
 def _block_suffix(weight_name: str, layers_prefix: str) -> str:

@@ -25,3 +25,13 @@ def sparsegpt_config(
         "parameters": {"calibration_samples": 8, "calibration_seq_len": 32, **shared},
         "dtype": "float32",
     }
+
+
+def regmean_config(tiny_models, method: str = "regmean", **shared: Any) -> dict[str, Any]:
+    """``sparsegpt_config`` for the RegMean methods: ``regmean`` has no density, and
+    ``sparsegpt_regmean`` gets density 0.5."""
+    config = sparsegpt_config(tiny_models, method, 0.5, **shared)
+    if method == "regmean":
+        for entry in config["models"]:
+            del entry["parameters"]["density"]
+    return config

@@ -480,7 +480,8 @@ except Exception as exc:
     ties = dare = repr(exc)
 print(json.dumps({
     "ties": ties, "dare": dare,
-    "name_counts": [names.count("sparsegpt_ties"), names.count("sparsegpt_dare")],
+    "name_counts": [names.count(n) for n in ("sparsegpt_ties", "sparsegpt_dare", "regmean",
+                                              "sparsegpt_regmean")],
     "wrapped": getattr(mergekit.merge.run_merge, "__mergekit_sparsegpt_wrapped__", False),
     "run_yaml_bound_wrapper": run_yaml.run_merge is mergekit.merge.run_merge,
     "hooks_left": hooks(),
@@ -493,10 +494,10 @@ print(json.dumps({
 
 
 def test_methods_registered_without_explicit_import(stock_session: dict) -> None:
-    # Needs mergekit_sparsegpt.merge_methods.SPARSEGPT_METHODS.
+    # Needs mergekit_sparsegpt.methods.PLUGIN_METHODS.
     assert stock_session["warnings"] == []
     assert (stock_session["ties"], stock_session["dare"]) == ("sparsegpt_ties", "sparsegpt_dare")
-    assert stock_session["name_counts"] == [1, 1]
+    assert stock_session["name_counts"] == [1, 1, 1, 1]
 
 
 def test_run_merge_wrapped_where_run_yaml_binds_it(stock_session: dict) -> None:

@@ -1,5 +1,6 @@
 import logging
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,6 +38,50 @@ def test_round_trip_and_no_partial_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_round_trip_keeps_whole_hessians(tmp_path):
+    path = cache.cache_path(tmp_path, PAYLOAD)
+    original = _statistics()
+    inputs = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
+    name = "model.layers.0.mlp.down_proj.weight"
+    original.statistics[name] = hessian_statistics(2 / 20 * inputs.T @ inputs, keep_hessian=True)
+    cache.save_statistics(path, original, PAYLOAD)
+    loaded = cache.load_statistics(path, PAYLOAD)
+    assert torch.equal(loaded.statistics[name].hessian, original.statistics[name].hessian)
+    assert loaded.statistics["model.layers.0.self_attn.q_proj.weight"].hessian is None
+
+
+def test_malformed_hessian_is_rejected(tmp_path, caplog):
+    path = cache.cache_path(tmp_path, PAYLOAD)
+    statistics = _statistics()
+    name = "model.layers.0.mlp.down_proj.weight"
+    stats = statistics.statistics[name]
+    statistics.statistics[name] = replace(stats, hessian=torch.ones(3, 3))
+    cache.save_statistics(path, statistics, PAYLOAD)
+    with caplog.at_level(logging.WARNING):
+        assert cache.load_statistics(path, PAYLOAD) is None
+    assert "hessian of" in caplog.text
+
+
+def test_entries_holding_more_matrices_serve_a_merge_needing_fewer():
+    needs_nothing = {**PAYLOAD, "factors": False, "hessians": False}
+    served_by = cache.serving_payloads(needs_nothing)
+    assert served_by[0] == needs_nothing
+    assert [(p["factors"], p["hessians"]) for p in served_by[1:3]] in (
+        [(True, False), (False, True)],
+        [(False, True), (True, False)],
+    )
+    assert (served_by[3]["factors"], served_by[3]["hessians"]) == (True, True)
+    needs_hessians = {**PAYLOAD, "factors": False, "hessians": True}
+    assert cache.serving_payloads(needs_hessians) == [
+        needs_hessians,
+        {**needs_hessians, "factors": True},
+    ]
+    everything = {**PAYLOAD, "factors": True, "hessians": True}
+    assert cache.serving_payloads(everything) == [everything]
+    keys = {cache.cache_key(p) for p in served_by}
+    assert len(keys) == 4
+
+
 def test_key_changes_with_every_payload_field():
     keys = {cache.cache_key(PAYLOAD)}
     for field, value in [
@@ -44,9 +89,11 @@ def test_key_changes_with_every_payload_field():
         ("tokens", "abd"),
         ("dampening", 0.1),
         ("format", 0),
+        ("factors", True),
+        ("hessians", True),
     ]:
         keys.add(cache.cache_key({**PAYLOAD, field: value}))
-    assert len(keys) == 5
+    assert len(keys) == 7
 
 
 def test_entry_written_for_other_inputs_is_not_used(tmp_path, caplog):

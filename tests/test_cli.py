@@ -379,7 +379,7 @@ def test_yaml_script_runs_a_stock_merge(
 ) -> None:
     """A non-sparsegpt method passes through the wrapped run_merge unchanged.
 
-    Needs mergekit_sparsegpt.merge_methods.is_sparsegpt_method (called by the wrapper).
+    Needs mergekit_sparsegpt.methods.is_sparsegpt_method (called by the wrapper).
     """
     from safetensors.torch import load_file
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from merge_configs import sparsegpt_config
+from merge_configs import regmean_config, sparsegpt_config
 from transformers import AutoModelForCausalLM
 
 MERGEKIT_YAML = shutil.which("mergekit-yaml")
@@ -50,6 +50,28 @@ def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, met
     assert len(list(cache.glob("*.safetensors"))) == 2
 
     config = _write_config(tiny_models, tmp_path / "b.yml", method, 0.6)
+    second = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out2"), cache=cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Hessians of" not in second.stderr
+    assert second.stderr.count("from cache") == 2
+    _assert_loads_with_finite_logits(tmp_path / "out2")
+
+
+@pytest.mark.parametrize("method", ["regmean", "sparsegpt_regmean"])
+def test_stock_cli_runs_regmean_and_second_run_reuses_cache(tiny_models, tmp_path, method):
+    cache = tmp_path / "cache"
+    config = tmp_path / "a.yml"
+    config.write_text(yaml.safe_dump(regmean_config(tiny_models, method)))
+    first = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out1"), cache=cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Hessians of" in first.stderr
+    assert "RegMean solve: 14 tensors" in first.stderr
+    assert "task arithmetic x nongram_scale:" in first.stderr
+    assert "how the RegMean systems were solved: cholesky" in first.stderr
+    _assert_loads_with_finite_logits(tmp_path / "out1")
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+    config.write_text(yaml.safe_dump(regmean_config(tiny_models, method, alpha=0.5)))
     second = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out2"), cache=cache)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Hessians of" not in second.stderr

@@ -96,3 +96,17 @@ def test_non_finite_hessian_is_an_error(bad):
 def test_non_square_hessian_is_an_error():
     with pytest.raises(HessianError, match="square"):
         hessian_statistics(torch.ones(2, 3))
+
+
+def test_whole_hessian_is_kept_only_on_request_undamped_and_with_dead_columns():
+    inputs = torch.randn(30, 5, generator=torch.Generator().manual_seed(3))
+    inputs[:, 2] = 0
+    hessian = 2 / 30 * inputs.T @ inputs
+    assert hessian_statistics(hessian).hessian is None
+    stats = hessian_statistics(hessian, dampening=0.1, keep_hessian=True)
+    assert torch.equal(stats.hessian, hessian)  # no damping, column 2 still all zero
+    assert stats.hessian is not hessian  # a copy: the accumulator's buffer may be reused
+    plain = hessian_statistics(hessian, dampening=0.1)
+    assert torch.equal(stats.hessian_diagonal, plain.hessian_diagonal)
+    assert stats.hessian_diagonal[2] == 1  # the inverse statistics still use the diag-1 trick
+    assert "hessian" in stats.tensors() and "hessian" not in plain.tensors()

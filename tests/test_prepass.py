@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from mergekit_sparsegpt import prepass
 from mergekit_sparsegpt.calibration import CalibrationError
+from mergekit_sparsegpt.methods import plugin_method
 from mergekit_sparsegpt.registration import install
 from mergekit_sparsegpt.report import REPORT_FILE
 
@@ -133,6 +134,7 @@ BAD_INPUTS = [
     ("sign source", lambda c: c["parameters"].update(sign_from="merged"), "sign_from must be one"),
     ("gradient", lambda c: c["parameters"].update(calibration_samples=[4, 8]), "one value"),
     ("samples", lambda c: c["parameters"].update(calibration_samples=0), "at least 1"),
+    ("lambda", lambda c: c["parameters"].update({"lambda": float("nan")}), "lambda must be finite"),
     ("per-model setting", lambda c: _set_first_model(c, importance="obs"), "merge-wide setting"),
 ]
 
@@ -211,7 +213,7 @@ def test_base_hessian_source_runs_calibration_through_base(tiny_models, tmp_path
     config = _config(tiny_models, tmp_path / "cache", hessian_source="base")
     merge_config = MergeConfiguration.model_validate(config)
     planned = prepass.plan_tensors(merge_config, MergeOptions(quiet=True))
-    settings = prepass.validate_parameters(planned)
+    settings = prepass.validate_parameters(planned, plugin_method("sparsegpt_ties"))
     tasks, _ = prepass.calibration_tasks(planned, settings)
     assert len(tasks) == 2
     assert {str(task.forward_model) for task in tasks} == {str(tiny_models.base)}
