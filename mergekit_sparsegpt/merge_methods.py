@@ -29,6 +29,7 @@ from mergekit.sparsify import (
     sparsify,
 )
 
+from mergekit_sparsegpt._autoload import retry_deferred_registration
 from mergekit_sparsegpt.compensation import compensated_trim
 from mergekit_sparsegpt.context import active_context
 from mergekit_sparsegpt.hessian import HessianStatistics
@@ -254,3 +255,7 @@ SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
         fallback_method="dare_linear",
     ),
 )
+
+
+# mergekit's registry may have waited for this module to finish executing (see _autoload).
+retry_deferred_registration()

@@ -7,6 +7,7 @@ Besides mergekit's interface each method offers what the pre-pass needs: ``keeps
 
 from __future__ import annotations
 
+from mergekit_sparsegpt._autoload import retry_deferred_registration
 from mergekit_sparsegpt.merge_methods import SPARSEGPT_METHODS, SparseGPTMerge
 from mergekit_sparsegpt.regmean import REGMEAN_METHODS, RegMeanMerge
 
@@ -25,3 +26,7 @@ def plugin_method(name: str) -> PluginMethod:
 def is_sparsegpt_method(name: str) -> bool:
     """Whether ``name`` is one of our methods, i.e. whether the Hessian pre-pass must run."""
     return any(method.spec.name == name for method in PLUGIN_METHODS)
+
+
+# mergekit's registry may have waited for this module to finish executing (see _autoload).
+retry_deferred_registration()

@@ -43,6 +43,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from mergekit_sparsegpt._autoload import retry_deferred_registration
 from mergekit_sparsegpt.context import active_context
 from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.merge_methods import (
@@ -251,3 +252,7 @@ REGMEAN_METHODS: tuple[RegMeanMerge, ...] = (
         trims=True,
     ),
 )
+
+
+# mergekit's registry may have waited for this module to finish executing (see _autoload).
+retry_deferred_registration()

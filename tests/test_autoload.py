@@ -661,3 +661,29 @@ print(json.dumps({"attempts": attempts, "warnings": our_warnings()}))
         )
     )
     assert report == {"attempts": [False, True], "warnings": []}
+
+
+@pytest.mark.parametrize(
+    "first", ["merge_methods", "regmean", "methods", "prepass", "registration"]
+)
+def test_methods_registered_when_our_module_is_imported_first(
+    installed: Path, workdir: Path, first: str
+) -> None:
+    """Our method modules import mergekit.merge_methods, whose hook then finds them half-run."""
+    report = last_json(
+        run_python(
+            PRELUDE
+            + f"""
+import mergekit_sparsegpt.{first}
+import mergekit.merge_methods as mm
+names = [m.spec.name for m in mm.registered_methods()]
+print(json.dumps({{
+    "counts": [names.count(n) for n in ("sparsegpt_ties", "sparsegpt_dare", "regmean",
+                                         "sparsegpt_regmean")],
+    "warnings": our_warnings(),
+}}))
+""",
+            workdir,
+        )
+    )
+    assert report == {"counts": [1, 1, 1, 1], "warnings": []}

@@ -23,6 +23,7 @@ from typing import Any
 from benchmarks.quality.report import trim_by_tensor_type
 from mergekit_sparsegpt.demo.build import Family
 from mergekit_sparsegpt.demo.merges import MergeFailed, write_config
+from mergekit_sparsegpt.methods import is_sparsegpt_method
 from mergekit_sparsegpt.report import REPORT_FILE
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -43,7 +44,7 @@ class Variant:
 
     @property
     def calibrated(self) -> bool:
-        return self.method.startswith("sparsegpt_")
+        return is_sparsegpt_method(self.method)
 
 
 # As a user would run them: weights 1/N (summing to 1) and every method's own defaults. So ties
@@ -102,6 +103,12 @@ VARIANTS: dict[str, Variant] = {
     "sparsegpt_ties[wanda,compensate,lambda=0.75]": Variant(
         "sparsegpt_ties", {"importance": "wanda", "compensate": True, "lambda": 0.75}, plotted=False
     ),
+    # Hessian-weighted combination (RegMean). Weights 1: they cancel in the solve, and the
+    # tensors without a Hessian get nongram_scale (default 0.2) x the sum of the 5 task vectors,
+    # i.e. their average.
+    "regmean": Variant("regmean", uses_density=False, weight=1.0),
+    "regmean[alpha=1]": Variant("regmean", {"alpha": 1.0}, uses_density=False, weight=1.0),
+    "sparsegpt_regmean[wanda]": Variant("sparsegpt_regmean", {"importance": "wanda"}, weight=1.0),
     # DARE's L1 rescale on top of re-fitted vectors, and without it.
     "sparsegpt_dare[compensate]": Variant(
         "sparsegpt_dare", {"compensate": True}, seeds=SEEDS, plotted=False

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.quality.scoring import normalized_gains
+from mergekit_sparsegpt.methods import is_sparsegpt_method
 
 
 @dataclass(frozen=True)
@@ -110,13 +111,17 @@ def format_table(
     return "\n".join(lines)
 
 
+def is_ours(variant: str) -> bool:
+    return is_sparsegpt_method(variant.split("[")[0])
+
+
 def comparison(
     table: Mapping[tuple[str, float | None], Cell], densities: Sequence[float]
 ) -> list[str]:
     """Per density: our best variant against ties and dare_ties, said plainly."""
     lines = []
     for d in densities:
-        ours = [c for (v, dd), c in table.items() if dd == d and v.startswith("sparsegpt_")]
+        ours = [c for (v, dd), c in table.items() if dd == d and is_ours(v)]
         ties, dare = table.get(("ties", d)), table.get(("dare_ties", d))
         if not ours or ties is None:
             continue
