@@ -229,3 +229,24 @@ def test_channel_spread_preserves_the_function_and_moves_weight_scale() -> None:
             torch.testing.assert_close(
                 after[key] / before[key], column_ratio.expand_as(after[key]), rtol=1e-5, atol=0
             )
+
+
+def test_family_spread_pairs_each_variant_with_ties_of_the_same_family(tmp_path: Path) -> None:
+    from benchmarks.quality import families
+
+    tables = {
+        "a": [("ties", "0.1", 0.50), ("v", "0.1", 0.55), ("task_arithmetic", "", 0.4)],
+        "b": [("ties", "0.1", 0.20), ("v", "0.1", 0.15)],
+    }
+    outs = []
+    for name, rows in tables.items():
+        out = tmp_path / name
+        out.mkdir()
+        lines = ["variant,density,score_mean"] + [f"{v},{d},{s}" for v, d, s in rows]
+        (out / "table.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        outs.append(families.read_scores(out))
+    differences = families.paired_differences(outs, "ties")
+    assert list(differences) == [("v", "0.1")]  # no ties row for the density-free one
+    assert differences[("v", "0.1")] == pytest.approx([0.05, -0.05])
+    text = families.format_differences(differences, "ties", 2)
+    assert "+0.000±0.071 [1/2]" in text
