@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -61,6 +61,12 @@ REGMEAN_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("nongram_scale", float, ParameterScope.SHARED, default=0.2),
 )
 DENSITY_PARAMETER = ParameterSpec("density", float, ParameterScope.NON_BASE, default=1.0)
+# RegMean fits every model's outputs on that model's own inputs, so by default its Hessians come
+# from each fine-tuned model: measured 0.617 against 0.590 with the base's (README, Defaults).
+REGMEAN_PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = tuple(
+    replace(spec, default="finetuned") if spec.name == "hessian_source" else spec
+    for spec in PREPASS_PARAMETERS
+)
 
 # The Gram matrices are stored in float32, so directions whose curvature is within rounding of
 # zero are noise: solving exactly along them would put arbitrary values into the merged weights
@@ -168,7 +174,7 @@ class RegMeanMerge(GroupMergeMethod):
             name=self.method_name,
             pretty_name=self.method_pretty_name,
             reference_url=self.method_reference_url,
-            parameters=REGMEAN_PARAMETERS + trimming + PREPASS_PARAMETERS,
+            parameters=REGMEAN_PARAMETERS + trimming + REGMEAN_PREPASS_PARAMETERS,
             contract=InputContract(base=BasePolicy.REQUIRED),
         )
 

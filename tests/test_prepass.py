@@ -8,7 +8,7 @@ from pathlib import Path
 import mergekit.merge
 import pytest
 import torch
-from merge_configs import sparsegpt_config
+from merge_configs import regmean_config, sparsegpt_config
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
@@ -167,7 +167,8 @@ def test_failure_during_merge_removes_partial_output(tiny_models, tmp_path, monk
     assert not (tmp_path / "out").exists()
 
 
-def test_slices_with_offsets_use_each_inputs_own_layer(tiny_models, tmp_path):
+@pytest.mark.parametrize("source, layer", [("finetuned", 1), ("base", 0)])
+def test_slices_with_offsets_use_each_inputs_own_layer(tiny_models, tmp_path, source, layer):
     expert = str(tiny_models.experts[sorted(tiny_models.experts)[0]])
     calibration = str(tiny_models.calibration[sorted(tiny_models.experts)[0]])
     config = {
@@ -189,6 +190,7 @@ def test_slices_with_offsets_use_each_inputs_own_layer(tiny_models, tmp_path):
             "calibration_samples": 8,
             "calibration_seq_len": 32,
             "importance": "obs",
+            "hessian_source": source,
             "cache_dir": str(tmp_path / "cache"),
         },
         "dtype": "float32",
@@ -196,16 +198,18 @@ def test_slices_with_offsets_use_each_inputs_own_layer(tiny_models, tmp_path):
     merge_config = MergeConfiguration.model_validate(config)
     context = prepass.prepare_statistics(merge_config, MergeOptions(quiet=True))
     (model,) = {key[0] for key in context.tasks}
-    assert context.hessian_inputs[DOWN.format(0)][model] == DOWN.format(1)
+    # The expert's layer 1 lands on output layer 0; the base's own layer 0 is what it replaces.
+    assert context.hessian_inputs[DOWN.format(0)][model] == DOWN.format(layer)
 
     _merge(config, tmp_path / "out")
     merged = load_file(tmp_path / "out" / "model.safetensors")[DOWN.format(0)]
     base = load_file(Path(tiny_models.base) / "model.safetensors")[DOWN.format(0)]
     finetuned = load_file(Path(expert) / "model.safetensors")[DOWN.format(1)]
     (task,) = context.tasks.values()
-    expected = _reference_ties(base, [finetuned], [task.for_weight(DOWN.format(1))], 0.3)
+    statistics = task.for_weight(DOWN.format(layer))
+    expected = _reference_ties(base, [finetuned], [statistics], 0.3)
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
-    wrong = _reference_ties(base, [finetuned], [task.for_weight(DOWN.format(0))], 0.3)
+    wrong = _reference_ties(base, [finetuned], [task.for_weight(DOWN.format(1 - layer))], 0.3)
     assert not torch.allclose(wrong, expected)
 
 
@@ -218,7 +222,9 @@ def test_base_hessian_source_runs_calibration_through_base(tiny_models, tmp_path
     assert len(tasks) == 2
     assert {str(task.forward_model) for task in tasks} == {str(tiny_models.base)}
     finetuned_context = prepass.prepare_statistics(
-        MergeConfiguration.model_validate(_config(tiny_models, tmp_path / "cache")),
+        MergeConfiguration.model_validate(
+            _config(tiny_models, tmp_path / "cache", hessian_source="finetuned")
+        ),
         MergeOptions(quiet=True),
     )
     base_context = prepass.prepare_statistics(merge_config, MergeOptions(quiet=True))
@@ -235,7 +241,7 @@ def test_non_finite_activations_name_the_model(tiny_models, tmp_path):
     weights = load_file(broken / "model.safetensors")
     weights[DOWN.format(0)][0, 0] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    config = _config(tiny_models, tmp_path / "cache")
+    config = _config(tiny_models, tmp_path / "cache", hessian_source="finetuned")
     config["models"][0]["model"] = str(broken)
     config["models"][0]["parameters"]["calibration"] = str(tiny_models.calibration["code"])
     with pytest.raises(ValueError, match=f"Model {broken}.*non-finite"):
@@ -248,7 +254,7 @@ def test_model_without_tokenizer_is_a_clear_error(tiny_models, tmp_path):
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(Path(tiny_models.experts["code"]) / name, bare / name)
-    config = _config(tiny_models, tmp_path / "cache")
+    config = _config(tiny_models, tmp_path / "cache", hessian_source="finetuned")
     config["models"][0]["model"] = str(bare)
     with pytest.raises(ValueError, match=f"Could not load the tokenizer of model {bare}"):
         _merge(config, tmp_path / "out")
@@ -301,3 +307,23 @@ def test_compensate_with_rescale_warns(tiny_models, tmp_path, caplog):
             MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
         )
     assert "scales them up again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "method, forward",
+    [("sparsegpt_ties", "base"), ("sparsegpt_dare", "base"), ("regmean", "expert")],
+)
+def test_default_hessian_source_per_method(tiny_models, tmp_path, method, forward):
+    """Measured defaults: the base's activations for trimming, each expert's for RegMean."""
+    config = (
+        regmean_config(tiny_models, method)
+        if method == "regmean"
+        else _config(tiny_models, tmp_path / "cache", method=method)
+    )
+    merge_config = MergeConfiguration.model_validate(config)
+    planned = prepass.plan_tensors(merge_config, MergeOptions(quiet=True))
+    settings = prepass.validate_parameters(planned, plugin_method(method))
+    tasks, _ = prepass.calibration_tasks(planned, settings)
+    expected = {str(tiny_models.base)} if forward == "base" else {str(t.key[0]) for t in tasks}
+    assert {str(task.forward_model) for task in tasks} == expected
+    assert expected != {str(tiny_models.base)} or forward == "base"

@@ -108,6 +108,8 @@ def test_merge_config_weights_density_and_calibration() -> None:
         "calibration_seq_len": 64,
         "cache_dir": "/cache",
     }
+    pinned = grid.merge_config(grid.VARIANTS["sparsegpt_ties[obs]"], 0.2, family, calibration)
+    assert pinned["parameters"]["hessian_source"] == "finetuned"
     stock = grid.merge_config(grid.VARIANTS["task_arithmetic"], None, family, calibration)
     assert stock["models"][0]["parameters"] == {"weight": 0.25}
     assert "parameters" not in stock

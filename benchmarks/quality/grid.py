@@ -108,6 +108,9 @@ VARIANTS: dict[str, Variant] = {
     # i.e. their average.
     "regmean": Variant("regmean", uses_density=False, weight=1.0),
     "regmean[alpha=1]": Variant("regmean", {"alpha": 1.0}, uses_density=False, weight=1.0),
+    "regmean[base]": Variant(
+        "regmean", {"hessian_source": "base"}, uses_density=False, weight=1.0, plotted=False
+    ),
     "sparsegpt_regmean[wanda]": Variant("sparsegpt_regmean", {"importance": "wanda"}, weight=1.0),
     # DARE's L1 rescale on top of re-fitted vectors, and without it.
     "sparsegpt_dare[compensate]": Variant(
@@ -170,6 +173,9 @@ def merge_config(
     }
     params = dict(variant.params)
     if variant.calibrated:
+        # Pinned, so a row means the same whatever the installed default: rows without "base"
+        # in their name calibrate through each expert.
+        params.setdefault("hessian_source", "finetuned")
         params.update(
             calibration_samples=calibration.samples,
             calibration_seq_len=calibration.seq_len,
