@@ -12,12 +12,15 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergekit.common import ModelReference
 
 from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.statistics import TaskStatistics
+
+if TYPE_CHECKING:
+    from mergekit.merge_methods.base import TensorGroup
 
 TaskKey = tuple[ModelReference, str]  # (model whose task vector it is, calibration source)
 
@@ -89,3 +92,16 @@ def active_context(method_name: str) -> MergeContext:
             "mergekit_sparsegpt installed) or mergekit_sparsegpt.registration.install() first."
         )
     return _active
+
+
+def group_statistics(
+    method_name: str, group: TensorGroup, calibration: dict[Any, str]
+) -> tuple[MergeContext, str, dict[Any, HessianStatistics | None]]:
+    """The active context, the tensor's name, and every merged model's statistics for it."""
+    context = active_context(method_name)
+    name = group.metadata.name or "<unnamed tensor>"
+    statistics = {
+        entry.id: context.statistics_for(name, entry.id, calibration[entry.id])
+        for entry in group.non_base
+    }
+    return context, name, statistics

@@ -31,7 +31,7 @@ from mergekit.sparsify import (
 
 from mergekit_sparsegpt._autoload import retry_deferred_registration
 from mergekit_sparsegpt.compensation import compensated_trim
-from mergekit_sparsegpt.context import active_context
+from mergekit_sparsegpt.context import group_statistics
 from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.importance import DEFAULT_IMPORTANCE, importance_scores, top_density_mask
 from mergekit_sparsegpt.report import trim_entry
@@ -112,12 +112,9 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
         base = group.base.tensor
         if not group.non_base:
             return base
-        context = active_context(self.spec.name)
-        name = group.metadata.name or "<unnamed tensor>"
-        statistics = {
-            entry.id: context.statistics_for(name, entry.id, parameters["calibration"][entry.id])
-            for entry in group.non_base
-        }
+        context, name, statistics = group_statistics(
+            self.spec.name, group, parameters["calibration"]
+        )
         if all(stats is None for stats in statistics.values()):
             context.record(name, "fallback", base.numel())
             stock = {p.name: parameters[p.name] for p in self.fallback.spec.parameters}

@@ -44,7 +44,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_sparsegpt._autoload import retry_deferred_registration
-from mergekit_sparsegpt.context import active_context
+from mergekit_sparsegpt.context import group_statistics
 from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.merge_methods import (
     PREPASS_PARAMETERS,
@@ -186,12 +186,9 @@ class RegMeanMerge(GroupMergeMethod):
         base = group.base.tensor
         if not group.non_base:
             return base
-        context = active_context(self.spec.name)
-        name = group.metadata.name or "<unnamed tensor>"
-        statistics = {
-            entry.id: context.statistics_for(name, entry.id, parameters["calibration"][entry.id])
-            for entry in group.non_base
-        }
+        context, name, statistics = group_statistics(
+            self.spec.name, group, parameters["calibration"]
+        )
         if all(stats is None for stats in statistics.values()):
             context.record(name, "fallback", base.numel())
             return self.task_arithmetic(group, parameters)

@@ -331,14 +331,21 @@ def test_cache_entry_with_hessians_serves_a_trim_only_merge_but_not_the_reverse(
 
     monkeypatch.setattr(prepass, "compute_statistics", counting)
     cache = str(tmp_path / "cache")
-    _run(sparsegpt_config(tiny_models, cache_dir=cache), tmp_path / "ties_first")
+    # Same forward models as RegMean's default, so only what is kept differs.
+    _run(
+        sparsegpt_config(tiny_models, cache_dir=cache, hessian_source="finetuned"),
+        tmp_path / "ties_first",
+    )
     assert len(computed) == 2
     _run(regmean_config(tiny_models, cache_dir=cache), tmp_path / "regmean")
     assert len(computed) == 4  # the ties entries lack the Hessians
     other = str(tmp_path / "cache2")
     _run(regmean_config(tiny_models, "sparsegpt_regmean", cache_dir=other), tmp_path / "sr")
     assert len(computed) == 6
-    _run(sparsegpt_config(tiny_models, cache_dir=other), tmp_path / "ties_second")
+    _run(
+        sparsegpt_config(tiny_models, cache_dir=other, hessian_source="finetuned"),
+        tmp_path / "ties_second",
+    )
     assert len(computed) == 6  # served by the entries holding Hessians
     first, second = _weights(tmp_path / "ties_first"), _weights(tmp_path / "ties_second")
     assert all(torch.equal(first[name], second[name]) for name in first)
