@@ -4,6 +4,11 @@ The key is a hash of a JSON payload (model identity and weights fingerprint, the
 fed to it, damping, format version, which whole matrices were kept); the payload is also stored
 in the file and compared on load, so a hash collision or a hand-copied file cannot be used for
 the wrong task.
+
+Entries are plain safetensors files. The whole matrices of an entry (up to 22 GB per task for a
+7B model) never sit in memory all at once: ``EntryWriter`` appends them to a side file as each
+Hessian group is done and assembles the entry at the end, and ``CachedMatrices`` reads one
+group's matrices back when a kernel asks for them.
 """
 
 from __future__ import annotations
@@ -13,16 +18,26 @@ import itertools
 import json
 import logging
 import os
+import shutil
+import sys
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import PretrainedConfig
 
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.hessian import OPTIONAL_MATRICES
+from mergekit_sparsegpt.statistics import (
+    StoredMatricesError,
+    TaskStatistics,
+    split_tensor_key,
+    tensor_key,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -34,6 +49,19 @@ OPTIONAL_CONTENTS = ("factors", "hessians")
 # samples between; reading whole multi-GB checkpoints would cost more than the pre-pass.
 _FINGERPRINT_CHUNK = 1 << 16
 _FINGERPRINT_SAMPLES = 16
+# safetensors' names of the dtypes statistics come in (they are float32 by construction).
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+}
+_COPY_CHUNK = 1 << 24
+# Hessian groups whose matrices a ``CachedMatrices`` keeps after a read. mergekit's executor
+# merges a block's linears in name order (k, o, q, v), so two keep q/k/v's group across o_proj.
+RECENT_GROUPS = 2
+# Exceptions of reading a safetensors file that is missing, truncated or not one at all.
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
 
 
 def default_cache_dir() -> Path:
@@ -101,19 +129,109 @@ def cache_path(cache_dir: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
     return Path(cache_dir) / f"{cache_key(payload)}.safetensors"
 
 
+class EntryWriter:
+    """Writes one cache entry atomically: a reader sees the old file, the new file, or nothing.
+
+    ``add`` appends a whole matrix to a side file as soon as it is computed, so the pre-pass holds
+    one Hessian group's matrices, not a task's. ``commit`` writes the entry: the header (which
+    safetensors needs first, so it can only be written once every tensor is known), the tensors
+    the statistics hold in memory, then the side file copied over; into a temporary file that is
+    renamed into place. Leaving the ``with`` block removes the side file, and on an error the
+    temporary entry too.
+    """
+
+    def __init__(self, path: Path, payload: dict[str, Any]) -> None:
+        if sys.byteorder != "little":  # the raw bytes written below must be little-endian
+            raise RuntimeError("writing the statistics cache needs a little-endian machine")
+        self.path = path
+        self.payload = payload
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._side: IO[bytes] = tempfile.NamedTemporaryFile(  # closed (and deleted) by __exit__
+            dir=path.parent, prefix=path.stem, suffix=".matrices.partial"
+        )
+        self._added: dict[str, torch.Tensor] = {}  # name -> an empty tensor of its dtype, shape
+
+    def __enter__(self) -> EntryWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._side.close()  # deletes it
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self._side.write(_raw_bytes(tensor))
+        self._added[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+    def commit(self, statistics: TaskStatistics) -> None:
+        in_memory, metadata = statistics.to_tensors()
+        metadata = {**metadata, "key": _canonical(self.payload), "format": str(FORMAT_VERSION)}
+        header = _header({**in_memory, **self._added}, metadata)
+        self._side.flush()
+        self._side.seek(0)
+        handle, temporary = tempfile.mkstemp(
+            dir=self.path.parent, prefix=self.path.stem, suffix=".partial"
+        )
+        try:
+            with os.fdopen(handle, "wb") as entry:
+                entry.write(len(header).to_bytes(8, "little"))
+                entry.write(header)
+                for tensor in in_memory.values():
+                    entry.write(_raw_bytes(tensor))
+                shutil.copyfileobj(self._side, entry, _COPY_CHUNK)
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (safetensors data is little-endian, like the hosts)."""
+    return memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+
+
+def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors' JSON header for ``tensors`` laid out in this order, padded to 8 bytes."""
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    return header + b" " * (-len(header) % 8)
+
+
 def save_statistics(path: Path, statistics: TaskStatistics, payload: dict[str, Any]) -> None:
-    """Write atomically: a reader sees the old file, the new file, or nothing."""
-    tensors, metadata = statistics.to_tensors()
-    metadata = {**metadata, "key": _canonical(payload), "format": str(FORMAT_VERSION)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".partial")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """Write statistics held in memory (with their matrices) as one entry, atomically."""
+    with EntryWriter(path, payload) as writer:
+        writer.commit(statistics)
+
+
+def read_statistics(path: Path, payload: dict[str, Any]) -> TaskStatistics:
+    """The entry's statistics, its whole matrices left in the file until a kernel asks.
+
+    Raises one of ``_READ_ERRORS`` when the entry cannot be used.
+    """
+    key = _canonical(payload)
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("key") != key:
+            raise ValueError("it was written for different inputs")
+        vectors, shapes = {}, {}
+        for name in handle.keys():
+            if split_tensor_key(name)[1] in OPTIONAL_MATRICES:
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+            else:
+                vectors[name] = handle.get_tensor(name)
+    return TaskStatistics.from_tensors(vectors, metadata, CachedMatrices(path, key, shapes))
 
 
 def load_statistics(path: Path, payload: dict[str, Any]) -> TaskStatistics | None:
@@ -121,15 +239,62 @@ def load_statistics(path: Path, payload: dict[str, Any]) -> TaskStatistics | Non
     if not path.exists():
         return None
     try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        if metadata.get("key") != _canonical(payload):
-            raise ValueError("it was written for different inputs")
-        return TaskStatistics.from_tensors(tensors, metadata)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        return read_statistics(path, payload)
+    except _READ_ERRORS as error:
         LOG.warning("Ignoring statistics cache %s: %s; recomputing.", path, error)
         return None
+
+
+class CachedMatrices:
+    """The whole matrices of one cache entry, read one Hessian group at a time.
+
+    The file is opened for each read, not held open or memory-mapped: a file deleted or
+    truncated mid-merge then gives a clear error instead of a crash, and no descriptor is held
+    per task. The ``RECENT_GROUPS`` most recently used groups are kept, because linears that
+    share an input (q/k/v, gate/up) share a group and are merged close together; the oldest is
+    dropped before another group is read, so memory holds at most that many groups per entry.
+    """
+
+    def __init__(self, path: Path, key: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.path = path
+        self._key = key  # the payload the entry was loaded for, checked again on every read
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+        for name, shape in shapes.items():
+            group, field = split_tensor_key(name)
+            self._shapes.setdefault(group, {})[field] = shape
+        self._recent: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()  # mergekit's multi-GPU executor runs kernels in threads
+
+    def shapes(self, group: str) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes.get(group, {}))
+
+    def read(self, group: str) -> dict[str, torch.Tensor]:
+        with self._lock:
+            matrices = self._recent.pop(group, None)
+            if matrices is None:
+                while len(self._recent) >= RECENT_GROUPS:
+                    self._recent.popitem(last=False)
+                matrices = self._load(group)
+            self._recent[group] = matrices
+            return dict(matrices)
+
+    def _load(self, group: str) -> dict[str, torch.Tensor]:
+        shapes = self._shapes.get(group, {})
+        try:
+            with safe_open(self.path, framework="pt") as handle:
+                if (handle.metadata() or {}).get("key") != self._key:
+                    raise ValueError("it now holds statistics of other inputs")
+                matrices = {field: handle.get_tensor(tensor_key(group, field)) for field in shapes}
+        except _READ_ERRORS as error:
+            raise StoredMatricesError(
+                f"cache entry {self.path} can no longer be read ({error})"
+            ) from None
+        for field, matrix in matrices.items():
+            if tuple(matrix.shape) != shapes[field] or not torch.isfinite(matrix).all():
+                raise StoredMatricesError(
+                    f"cache entry {self.path} is corrupt: {field} of {group} is malformed"
+                )
+        return matrices
 
 
 def _canonical(payload: dict[str, Any]) -> str:

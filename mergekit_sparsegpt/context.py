@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from mergekit.common import ModelReference
 
 from mergekit_sparsegpt.hessian import HessianStatistics
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.statistics import StoredMatricesError, TaskStatistics
 
 if TYPE_CHECKING:
     from mergekit.merge_methods.base import TensorGroup
@@ -54,6 +54,13 @@ class MergeContext:
                 f"Tensor {input_name} of model {model} is a linear layer but no Hessian was "
                 f"captured for it (calibration {calibration!r}); does the calibrated model have "
                 "that layer? Delete the statistics cache entry or fix hessian_source / slices."
+            ) from None
+        except StoredMatricesError as error:
+            # The pre-pass checked the entry; something changed it during the merge.
+            raise ValueError(
+                f"Hessian statistics of model {model} with calibration {calibration!r}, needed "
+                f"for {input_name}: {error}. Delete that cache entry and rerun the merge; the "
+                "pre-pass will recompute it."
             ) from None
 
     def record(

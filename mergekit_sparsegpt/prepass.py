@@ -402,10 +402,13 @@ def task_statistics(
         if cached is not None:
             _say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
             return cached
-    statistics = compute_statistics(task, config, windows, settings, options)
-    cache.save_statistics(cache.cache_path(cache_dir, payload), statistics, payload)
+    path = cache.cache_path(cache_dir, payload)
+    with cache.EntryWriter(path, payload) as writer:
+        statistics = compute_statistics(task, config, windows, settings, options, writer.add)
+        writer.commit(statistics)
     _report_fallbacks(task, statistics, settings, options)
-    return statistics
+    # Served from the entry just written, as a cache hit is: the whole matrices stay on disk.
+    return cache.read_statistics(path, payload)
 
 
 def compute_statistics(
@@ -414,7 +417,9 @@ def compute_statistics(
     windows: torch.Tensor,
     settings: PrepassSettings,
     options: MergeOptions,
+    store_matrix: Callable[[str, torch.Tensor], None],
 ) -> TaskStatistics:
+    """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists."""
     model_ref = task.forward_model
     load_tensor = checkpoint_reader(model_ref, config.model_type)
     model = empty_model(config, options.trust_remote_code)
@@ -431,7 +436,11 @@ def compute_statistics(
     for layer in layers:
         try:
             statistics.add_layer(
-                layer, settings.dampening, settings.keep_factors, settings.keep_hessians
+                layer,
+                settings.dampening,
+                settings.keep_factors,
+                settings.keep_hessians,
+                store_matrix,
             )
         except HessianError as error:
             raise ValueError(

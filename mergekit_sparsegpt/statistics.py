@@ -1,9 +1,17 @@
-"""One task's Hessian statistics: what the kernel looks up by tensor name, and its disk form."""
+"""One task's Hessian statistics: what the kernel looks up by tensor name, and its disk form.
+
+The per-column vectors stay in memory. The whole matrices (``OPTIONAL_MATRICES``, d_in x d_in
+each) may instead live in a ``MatrixStore`` (the cache file, ``cache.CachedMatrices``), read per
+Hessian group when a kernel asks for that tensor's statistics: a task's matrices for a 7B model
+are about 22 GB, too much to hold for every task at once.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -15,6 +23,34 @@ from mergekit_sparsegpt.hessian import (
     hessian_statistics,
 )
 
+# Tensor names in the disk form: "<group>::<field>" ("model.layers.0.mlp.up_proj.weight::hessian").
+KEY_SEPARATOR = "::"
+
+
+class StoredMatricesError(ValueError):
+    """Whole matrices that could not be read back from their store (deleted, truncated, corrupt)."""
+
+
+class MatrixStore(Protocol):
+    """Where a task's whole matrices are kept when memory does not hold them."""
+
+    def shapes(self, group: str) -> dict[str, tuple[int, ...]]:
+        """The stored matrices of ``group`` by field name and their shapes ({}: none)."""
+        ...
+
+    def read(self, group: str) -> dict[str, torch.Tensor]:
+        """The stored matrices of ``group`` by field name; raises ``StoredMatricesError``."""
+        ...
+
+
+def tensor_key(group: str, field: str) -> str:
+    return f"{group}{KEY_SEPARATOR}{field}"
+
+
+def split_tensor_key(key: str) -> tuple[str, str]:
+    group, _, field = key.rpartition(KEY_SEPARATOR)
+    return group, field
+
 
 @dataclass
 class TaskStatistics:
@@ -23,7 +59,8 @@ class TaskStatistics:
     ``groups`` maps every captured linear weight (state-dict name) to its Hessian group;
     ``linear_suffixes`` are the per-block names of those weights (``self_attn.q_proj.weight``), so
     a linear of a block that was never captured can be told from a tensor that has no Hessian by
-    nature (embeddings, norms, lm_head).
+    nature (embeddings, norms, lm_head). With a ``matrices`` store, ``statistics`` holds only the
+    vectors and ``for_weight`` adds the group's stored matrices, read when asked.
     """
 
     layers_prefix: str
@@ -31,6 +68,7 @@ class TaskStatistics:
     groups: dict[str, str]
     statistics: dict[str, HessianStatistics]
     samples: dict[str, int]
+    matrices: MatrixStore | None = None
 
     @classmethod
     def empty(cls, layers_prefix: str) -> TaskStatistics:
@@ -42,16 +80,24 @@ class TaskStatistics:
         dampening: float,
         keep_factors: bool,
         keep_hessians: bool = False,
+        store_matrix: Callable[[str, torch.Tensor], None] | None = None,
     ) -> None:
+        """Add one block's statistics; ``store_matrix(key, matrix)`` takes each whole matrix
+        away as soon as its group is done, so that they never pile up in memory."""
         for group, hessian in layer.hessians.items():
             try:
                 # Inverting on the capture device: a 11008-column Cholesky is slow on a CPU.
                 stats = hessian_statistics(
                     hessian, dampening, keep_factor=keep_factors, keep_hessian=keep_hessians
-                )
-                self.statistics[group] = stats.cpu()
+                ).cpu()
             except HessianError as error:
                 raise HessianError(f"Hessian of {group}: {error}") from None
+            if store_matrix is not None:
+                for field in OPTIONAL_MATRICES:
+                    if getattr(stats, field) is not None:
+                        store_matrix(tensor_key(group, field), getattr(stats, field))
+                stats = replace(stats, **dict.fromkeys(OPTIONAL_MATRICES))
+            self.statistics[group] = stats
             self.samples[group] = layer.samples[group]
         self.groups.update(layer.groups)
         self.linear_suffixes = self.linear_suffixes | {
@@ -66,12 +112,18 @@ class TaskStatistics:
         """
         group = self.groups.get(weight_name)
         if group is not None:
-            return self.statistics[group]
+            return self._with_matrices(group)
         if weight_name.startswith(self.layers_prefix + ".") and (
             _block_suffix(weight_name, self.layers_prefix) in self.linear_suffixes
         ):
             raise KeyError(weight_name)
         return None
+
+    def _with_matrices(self, group: str) -> HessianStatistics:
+        stats = self.statistics[group]
+        if self.matrices is None or not self.matrices.shapes(group):
+            return stats
+        return replace(stats, **self.matrices.read(group))
 
     def fallback_report(self, dampening: float) -> dict[str, int]:
         """How many Hessian groups needed more damping, the pseudo-inverse, or never ran."""
@@ -83,8 +135,9 @@ class TaskStatistics:
         }
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors held in memory (not those of ``matrices``) and the layout metadata."""
         tensors = {
-            f"{group}::{key}": value.contiguous()
+            tensor_key(group, key): value.contiguous()
             for group, stats in self.statistics.items()
             for key, value in stats.tensors().items()
         }
@@ -100,20 +153,27 @@ class TaskStatistics:
 
     @classmethod
     def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+        cls,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, str],
+        matrices: MatrixStore | None = None,
     ) -> TaskStatistics:
-        """Inverse of ``to_tensors``; raises ``ValueError`` on any inconsistency."""
+        """Inverse of ``to_tensors``; raises ``ValueError`` on any inconsistency.
+
+        ``matrices`` holds the whole matrices that ``tensors`` lacks; only their shapes are
+        checked here, their values when they are read.
+        """
         try:
             layout = json.loads(metadata["layout"])
             statistics = {
                 group: HessianStatistics(
-                    hessian_diagonal=tensors[f"{group}::hessian_diagonal"],
-                    inverse_diagonal=tensors[f"{group}::inverse_diagonal"],
-                    cholesky_diagonal=tensors[f"{group}::cholesky_diagonal"],
+                    hessian_diagonal=tensors[tensor_key(group, "hessian_diagonal")],
+                    inverse_diagonal=tensors[tensor_key(group, "inverse_diagonal")],
+                    cholesky_diagonal=tensors[tensor_key(group, "cholesky_diagonal")],
                     damping=float(layout["damping"][group]),
                     method=str(layout["method"][group]),
-                    cholesky_factor=tensors.get(f"{group}::cholesky_factor"),
-                    hessian=tensors.get(f"{group}::hessian"),
+                    cholesky_factor=tensors.get(tensor_key(group, "cholesky_factor")),
+                    hessian=tensors.get(tensor_key(group, "hessian")),
                 )
                 for group in set(layout["groups"].values())
             }
@@ -123,15 +183,18 @@ class TaskStatistics:
                 dict(layout["groups"]),
                 statistics,
                 {group: int(count) for group, count in layout["samples"].items()},
+                matrices=matrices,
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"statistics layout is incomplete ({error!r})") from error
         for group, stats in statistics.items():
-            _check_statistics(group, stats)
+            _check_statistics(group, stats, {} if matrices is None else matrices.shapes(group))
         return result
 
 
-def _check_statistics(group: str, stats: HessianStatistics) -> None:
+def _check_statistics(
+    group: str, stats: HessianStatistics, stored: Mapping[str, tuple[int, ...]]
+) -> None:
     vectors = [stats.hessian_diagonal, stats.inverse_diagonal, stats.cholesky_diagonal]
     if len({v.shape for v in vectors}) != 1 or any(v.dim() != 1 for v in vectors):
         raise ValueError(f"statistics of {group} have inconsistent shapes")
@@ -143,6 +206,9 @@ def _check_statistics(group: str, stats: HessianStatistics) -> None:
         if matrix is not None and (
             matrix.shape != (columns, columns) or not torch.isfinite(matrix).all()
         ):
+            raise ValueError(f"{name} of {group} is malformed")
+    for name, shape in stored.items():
+        if tuple(shape) != (columns, columns):
             raise ValueError(f"{name} of {group} is malformed")
 
 

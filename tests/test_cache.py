@@ -1,13 +1,20 @@
+import gc
+import json
 import logging
 import os
+import struct
+import weakref
 from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from mergekit_sparsegpt import cache
+from mergekit_sparsegpt.capture import LayerHessians
 from mergekit_sparsegpt.hessian import hessian_statistics
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.statistics import StoredMatricesError, TaskStatistics
 
 PAYLOAD = {"format": cache.FORMAT_VERSION, "model": "./m", "tokens": "abc", "dampening": 0.01}
 
@@ -46,8 +53,9 @@ def test_round_trip_keeps_whole_hessians(tmp_path):
     original.statistics[name] = hessian_statistics(2 / 20 * inputs.T @ inputs, keep_hessian=True)
     cache.save_statistics(path, original, PAYLOAD)
     loaded = cache.load_statistics(path, PAYLOAD)
-    assert torch.equal(loaded.statistics[name].hessian, original.statistics[name].hessian)
-    assert loaded.statistics["model.layers.0.self_attn.q_proj.weight"].hessian is None
+    assert loaded.statistics[name].hessian is None  # left in the file until asked for
+    assert torch.equal(loaded.for_weight(name).hessian, original.statistics[name].hessian)
+    assert loaded.for_weight("model.layers.0.self_attn.q_proj.weight").hessian is None
 
 
 def test_malformed_hessian_is_rejected(tmp_path, caplog):
@@ -124,11 +132,154 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cache, "save_file", explode)
+    monkeypatch.setattr(cache.shutil, "copyfileobj", explode)  # after the header is written
     path = tmp_path / "entry.safetensors"
     with pytest.raises(OSError):
         cache.save_statistics(path, _statistics(), PAYLOAD)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_prepass_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "entry.safetensors"
+    with pytest.raises(RuntimeError, match="forward pass failed"):
+        with cache.EntryWriter(path, PAYLOAD) as writer:
+            _streamed(writer, keep_factors=True)
+            raise RuntimeError("forward pass failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- whole matrices: written group by group, read back per group when asked ---
+
+Q, K, DOWN = (
+    "model.layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight",
+)
+
+
+def _layers() -> list[LayerHessians]:
+    """Two blocks, each with an attention group (q, k) and a down_proj group of other width."""
+    generator = torch.Generator().manual_seed(3)
+    layers = []
+    for index in range(2):
+        hessians = {}
+        for name, columns in ((Q.format(index), 4), (DOWN.format(index), 6)):
+            inputs = torch.randn(30, columns, generator=generator)
+            hessians[name] = 2 / 30 * inputs.T @ inputs
+        groups = {Q.format(index): Q.format(index), K.format(index): Q.format(index)}
+        groups[DOWN.format(index)] = DOWN.format(index)
+        layers.append(LayerHessians(hessians, groups, dict.fromkeys(hessians, 30)))
+    return layers
+
+
+def _streamed(writer, keep_factors: bool) -> TaskStatistics:
+    statistics = TaskStatistics.empty("model.layers")
+    for layer in _layers():
+        statistics.add_layer(layer, 0.01, keep_factors, keep_hessians=True, store_matrix=writer.add)
+    return statistics
+
+
+def _in_memory(keep_factors: bool) -> TaskStatistics:
+    statistics = TaskStatistics.empty("model.layers")
+    for layer in _layers():
+        statistics.add_layer(layer, 0.01, keep_factors, keep_hessians=True)
+    return statistics
+
+
+def test_streamed_entry_equals_one_written_from_memory(tmp_path):
+    streamed_path, memory_path = tmp_path / "streamed.safetensors", tmp_path / "memory.safetensors"
+    with cache.EntryWriter(streamed_path, PAYLOAD) as writer:
+        streamed = _streamed(writer, keep_factors=True)
+        # Each matrix left memory as soon as its group was done.
+        assert all(
+            s.hessian is None and s.cholesky_factor is None for s in streamed.statistics.values()
+        )
+        writer.commit(streamed)
+    cache.save_statistics(memory_path, _in_memory(keep_factors=True), PAYLOAD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "memory.safetensors",
+        "streamed.safetensors",
+    ]
+    streamed_tensors, memory_tensors = load_file(streamed_path), load_file(memory_path)
+    assert streamed_tensors.keys() == memory_tensors.keys()
+    assert sum(key.endswith("::hessian") for key in memory_tensors) == 4
+    assert all(torch.equal(streamed_tensors[k], memory_tensors[k]) for k in memory_tensors)
+    with safe_open(streamed_path, "pt") as one, safe_open(memory_path, "pt") as other:
+        assert one.metadata() == other.metadata()
+
+
+@pytest.mark.parametrize("keep_factors", [False, True])
+def test_lazy_statistics_equal_the_in_memory_ones(tmp_path, keep_factors):
+    path = tmp_path / "entry.safetensors"
+    with cache.EntryWriter(path, PAYLOAD) as writer:
+        writer.commit(_streamed(writer, keep_factors))
+    lazy, eager = cache.read_statistics(path, PAYLOAD), _in_memory(keep_factors)
+    for name in eager.groups:
+        ours, theirs = lazy.for_weight(name), eager.for_weight(name)
+        for field, value in vars(theirs).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(getattr(ours, field), value), (name, field)
+            else:
+                assert getattr(ours, field) == value, (name, field)
+        assert (ours.cholesky_factor is None) == (not keep_factors)
+
+
+def test_only_the_most_recent_groups_are_kept_in_memory(tmp_path, monkeypatch):
+    path = tmp_path / "entry.safetensors"
+    cache.save_statistics(path, _in_memory(keep_factors=True), PAYLOAD)
+    loaded = cache.read_statistics(path, PAYLOAD)
+    assert all(s.hessian is None and s.cholesky_factor is None for s in loaded.statistics.values())
+    reads = []
+    original = cache.CachedMatrices._load
+
+    def counting(self, group):
+        reads.append(group)
+        return original(self, group)
+
+    monkeypatch.setattr(cache.CachedMatrices, "_load", counting)
+    monkeypatch.setattr(cache, "RECENT_GROUPS", 2)
+    query = loaded.for_weight(Q.format(0))
+    assert loaded.for_weight(K.format(0)).hessian is query.hessian  # q and k share a group
+    released = [weakref.ref(query.hessian), weakref.ref(query.cholesky_factor)]
+    del query
+    loaded.for_weight(DOWN.format(0))
+    loaded.for_weight(Q.format(0))  # still one of the two most recent
+    assert reads == [Q.format(0), DOWN.format(0)]
+    loaded.for_weight(Q.format(1))
+    loaded.for_weight(DOWN.format(1))
+    assert reads == [Q.format(0), DOWN.format(0), Q.format(1), DOWN.format(1)]
+    gc.collect()
+    assert all(ref() is None for ref in released)
+    loaded.for_weight(K.format(0))
+    assert reads[-1] == Q.format(0)  # read again once dropped
+
+
+def _overwrite_last_element(path, key: str, value: float) -> None:
+    """Set the last float32 of tensor ``key`` in the file, in place."""
+    data = bytearray(path.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    _, end = json.loads(data[8 : 8 + header_size])[key]["data_offsets"]
+    data[8 + header_size + end - 4 : 8 + header_size + end] = struct.pack("<f", value)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "garbage", "nan"])
+def test_entry_damaged_after_loading_is_a_clear_error_naming_the_file(tmp_path, damage):
+    path = tmp_path / "entry.safetensors"
+    cache.save_statistics(path, _in_memory(keep_factors=False), PAYLOAD)
+    loaded = cache.read_statistics(path, PAYLOAD)
+    if damage == "delete":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-10])
+    elif damage == "garbage":
+        path.write_bytes(b"not a safetensors file at all")
+    else:
+        _overwrite_last_element(path, f"{DOWN.format(1)}::hessian", float("nan"))
+    with pytest.raises(StoredMatricesError, match=f"cache entry {path}"):
+        loaded.for_weight(DOWN.format(1))
+    # Statistics without whole matrices need no read.
+    assert loaded.for_weight("model.embed_tokens.weight") is None
 
 
 def test_fingerprint_sees_changed_bytes(tmp_path):

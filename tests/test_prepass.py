@@ -1,8 +1,12 @@
 """The pre-pass and the whole merge, in process, on tiny Llama models built by conftest."""
 
+import gc
 import json
 import logging
+import re
 import shutil
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import mergekit.merge
@@ -11,14 +15,17 @@ import torch
 from merge_configs import regmean_config, sparsegpt_config
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from mergekit_sparsegpt import prepass
+from mergekit_sparsegpt import cache, prepass
 from mergekit_sparsegpt.calibration import CalibrationError
+from mergekit_sparsegpt.context import activated
 from mergekit_sparsegpt.methods import plugin_method
 from mergekit_sparsegpt.registration import install
 from mergekit_sparsegpt.report import REPORT_FILE
+from mergekit_sparsegpt.statistics import TaskStatistics
 
 install()
 
@@ -327,3 +334,150 @@ def test_default_hessian_source_per_method(tiny_models, tmp_path, method, forwar
     expected = {str(tiny_models.base)} if forward == "base" else {str(t.key[0]) for t in tasks}
     assert {str(task.forward_model) for task in tasks} == expected
     assert expected != {str(tiny_models.base)} or forward == "base"
+
+
+# --- whole matrices (RegMean, compensate): kept in the cache file and read per tensor ---
+
+MATRIX_MERGES = {  # name -> (config, whole matrices per Hessian group)
+    "regmean": (lambda models, cache: regmean_config(models, cache_dir=str(cache)), 1),
+    "sparsegpt_regmean, compensate": (
+        lambda models, cache: regmean_config(
+            models, "sparsegpt_regmean", cache_dir=str(cache), compensate=True
+        ),
+        2,
+    ),
+    "sparsegpt_ties, compensate": (
+        lambda models, cache: _config(models, cache, compensate=True, importance="sparsegpt"),
+        1,
+    ),
+}
+
+
+def _tensors_reachable(root: object) -> list[torch.Tensor]:
+    """Every tensor held by ``root`` through containers and this package's objects."""
+    found, seen, pending = [], set(), [root]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            found.append(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            pending.extend(item)
+        elif type(item).__module__.startswith("mergekit_sparsegpt"):
+            pending.extend(vars(item).values())
+    return found
+
+
+def _eager(context):
+    """``context`` as the pre-pass used to hold it: every task's whole matrices in memory, read
+    with safetensors itself rather than through the lazy reader."""
+    for key, task in context.tasks.items():
+        with safe_open(task.matrices.path, "pt") as handle:
+            metadata = handle.metadata()
+        context.tasks[key] = TaskStatistics.from_tensors(load_file(task.matrices.path), metadata)
+    return context
+
+
+@pytest.mark.parametrize("merge", MATRIX_MERGES)
+def test_lazy_reads_give_the_same_merge_as_matrices_in_memory(
+    tiny_models, tmp_path, monkeypatch, merge
+):
+    make_config, per_group = MATRIX_MERGES[merge]
+    config = make_config(tiny_models, tmp_path / "cache")
+    _merge(config, tmp_path / "lazy")
+    original = prepass.prepare_statistics
+    eager_contexts = []
+
+    def eager_prepass(*args, **kwargs):
+        eager_contexts.append(_eager(original(*args, **kwargs)))
+        return eager_contexts[-1]
+
+    monkeypatch.setattr(prepass, "prepare_statistics", eager_prepass)
+    _merge(config, tmp_path / "eager")
+    (context,) = eager_contexts
+    # The reference really held every whole matrix: 2 blocks of 4 groups per task.
+    matrices = sum(t.dim() == 2 for t in _tensors_reachable(context))
+    assert matrices == len(context.tasks) * 2 * 4 * per_group
+    lazy = load_file(tmp_path / "lazy" / "model.safetensors")
+    eager = load_file(tmp_path / "eager" / "model.safetensors")
+    assert lazy.keys() == eager.keys()
+    assert all(torch.equal(lazy[name], eager[name]) for name in lazy)
+    lazy_report = json.loads((tmp_path / "lazy" / REPORT_FILE).read_text())
+    assert lazy_report == json.loads((tmp_path / "eager" / REPORT_FILE).read_text())
+
+
+def _tracked(records: list[weakref.ref]) -> Callable[[torch.Tensor], int]:
+    """Record a new matrix; return how many recorded matrices are alive, it included."""
+
+    def track(matrix: torch.Tensor) -> int:
+        gc.collect()
+        records.append(weakref.ref(matrix))
+        return sum(ref() is not None for ref in records)
+
+    return track
+
+
+@pytest.mark.parametrize("merge", MATRIX_MERGES)
+def test_whole_matrices_in_memory_stay_bounded(tiny_models, tmp_path, monkeypatch, merge):
+    make_config, per_group = MATRIX_MERGES[merge]
+    config = MergeConfiguration.model_validate(make_config(tiny_models, tmp_path / "cache"))
+    computed, read = [], []
+    computed_alive, read_alive = [], []
+    track_computed, track_read = _tracked(computed), _tracked(read)
+    add, load = cache.EntryWriter.add, cache.CachedMatrices._load
+
+    def tracking_add(self, name, matrix):
+        computed_alive.append(track_computed(matrix))
+        add(self, name, matrix)
+
+    def tracking_load(self, group):
+        matrices = load(self, group)
+        read_alive.extend(track_read(matrix) for matrix in matrices.values())
+        return matrices
+
+    monkeypatch.setattr(cache.EntryWriter, "add", tracking_add)
+    monkeypatch.setattr(cache.CachedMatrices, "_load", tracking_load)
+    context = prepass.prepare_statistics(config, MergeOptions(quiet=True))
+    tasks = len(context.tasks)
+    groups = 2 * 4  # 2 blocks: q/k/v, o, gate/up, down
+    # The pre-pass: each matrix left memory once written, and none came back.
+    assert len(computed) == tasks * groups * per_group and max(computed_alive) <= per_group
+    gc.collect()
+    assert not any(ref() for ref in computed) and not read
+    assert [t.shape for t in _tensors_reachable(context) if t.dim() != 1] == []
+    # The merge: every group is read once (q/k/v and gate/up share theirs), and each task
+    # holds no more than its most recent groups.
+    with activated(context):
+        mergekit.merge.run_merge(config, str(tmp_path / "out"), MergeOptions(quiet=True))
+    assert len(read) == tasks * groups * per_group
+    assert max(read_alive) <= tasks * per_group * cache.RECENT_GROUPS < len(read)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_cache_entry_lost_during_the_merge_is_one_clear_error(
+    tiny_models, tmp_path, monkeypatch, damage
+):
+    config = regmean_config(tiny_models, cache_dir=str(tmp_path / "cache"))
+    original = prepass.prepare_statistics
+
+    def damaging_prepass(*args, **kwargs):
+        context = original(*args, **kwargs)
+        for path in (tmp_path / "cache").glob("*.safetensors"):
+            if damage == "delete":
+                path.unlink()
+            else:
+                path.write_bytes(path.read_bytes()[:-10])
+        return context
+
+    monkeypatch.setattr(prepass, "prepare_statistics", damaging_prepass)
+    with pytest.raises(ValueError) as raised:
+        _merge(config, tmp_path / "out")
+    message = str(raised.value)
+    assert re.search(r"Hessian statistics of model \S+ with calibration '\S+'", message)
+    assert re.search(re.escape(f"cache entry {tmp_path / 'cache'}/") + r"\w+\.safetensors", message)
+    assert "Delete that cache entry and rerun the merge" in message
+    assert not (tmp_path / "out").exists()
