@@ -260,7 +260,7 @@ def test_parameters_and_defaults():
     }
     for method, spec in specs.items():
         defaults = {name: spec[name].default for name in ("weight", "alpha", "lambda")}
-        assert defaults == {"weight": 1.0, "alpha": 0.9, "lambda": 1.0}, method
+        assert defaults == {"weight": 1.0, "alpha": 1.0, "lambda": 1.0}, method
         assert spec["nongram_scale"].default == 0.2
         assert {"calibration", "cache_dir", "dampening"} <= set(spec)
         assert not {"rescale", "normalize", "sign_from", "int8_mask"} & set(spec)

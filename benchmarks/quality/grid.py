@@ -107,7 +107,16 @@ VARIANTS: dict[str, Variant] = {
     # tensors without a Hessian get nongram_scale (default 0.2) x the sum of the 5 task vectors,
     # i.e. their average.
     "regmean": Variant("regmean", uses_density=False, weight=1.0),
-    "regmean[alpha=1]": Variant("regmean", {"alpha": 1.0}, uses_density=False, weight=1.0),
+    "regmean[alpha=0.9]": Variant("regmean", {"alpha": 0.9}, uses_density=False, weight=1.0),
+    **{
+        f"regmean[nongram={scale}]": Variant(
+            "regmean", {"nongram_scale": scale}, uses_density=False, weight=1.0, plotted=False
+        )
+        for scale in (0.1, 0.4)
+    },
+    "regmean[alpha=0.5]": Variant(
+        "regmean", {"alpha": 0.5}, uses_density=False, weight=1.0, plotted=False
+    ),
     "regmean[base]": Variant(
         "regmean", {"hessian_source": "base"}, uses_density=False, weight=1.0, plotted=False
     ),
