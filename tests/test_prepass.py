@@ -481,3 +481,20 @@ def test_cache_entry_lost_during_the_merge_is_one_clear_error(
     assert re.search(re.escape(f"cache entry {tmp_path / 'cache'}/") + r"\w+\.safetensors", message)
     assert "Delete that cache entry and rerun the merge" in message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "method, compensates", [("sparsegpt_ties", False), ("sparsegpt_regmean", True)]
+)
+def test_default_compensation_per_method(tiny_models, tmp_path, method, compensates):
+    """Measured defaults: re-fitting helps the RegMean solve, not sign election."""
+    config = (
+        regmean_config(tiny_models, method)
+        if method == "sparsegpt_regmean"
+        else _config(tiny_models, tmp_path / "cache", method=method)
+    )
+    planned = prepass.plan_tensors(
+        MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
+    )
+    settings = prepass.validate_parameters(planned, plugin_method(method))
+    assert settings.keep_factors is compensates

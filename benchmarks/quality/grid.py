@@ -120,7 +120,13 @@ VARIANTS: dict[str, Variant] = {
     "regmean[base]": Variant(
         "regmean", {"hessian_source": "base"}, uses_density=False, weight=1.0, plotted=False
     ),
-    "sparsegpt_regmean[wanda]": Variant("sparsegpt_regmean", {"importance": "wanda"}, weight=1.0),
+    "sparsegpt_regmean[wanda]": Variant(
+        "sparsegpt_regmean", {"importance": "wanda", "compensate": False}, weight=1.0
+    ),
+    # RegMean on re-fitted task vectors (issue 4's "RegMean on top of compensated vectors").
+    "sparsegpt_regmean[wanda,compensate]": Variant(
+        "sparsegpt_regmean", {"importance": "wanda", "compensate": True}, weight=1.0
+    ),
     # DARE's L1 rescale on top of re-fitted vectors, and without it.
     "sparsegpt_dare[compensate]": Variant(
         "sparsegpt_dare", {"compensate": True}, seeds=SEEDS, plotted=False
