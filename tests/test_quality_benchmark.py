@@ -23,10 +23,21 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("task", ["add", "sort", "rev"])
 def test_generated_splits_are_disjoint_and_deterministic(task: str) -> None:
     splits = {s: {p for p, _ in tasks.qa_problems(task, s)} for s in tasks.SPLITS}
-    assert not splits["train"] & splits["heldout"]
-    assert not splits["train"] & splits["calibration"]
-    assert not splits["calibration"] & splits["heldout"]
+    for i, first in enumerate(tasks.SPLITS):
+        for second in tasks.SPLITS[i + 1 :]:
+            assert not splits[first] & splits[second], (first, second)
+    # Hessians and hyperparameter choice get equal shares of the corpus' calibration problems.
+    assert len(splits["calibration"]) == len(splits["validation"]) > 0
     assert tasks.qa_problems(task, "heldout")[:3] == tasks.qa_problems(task, "heldout")[:3]
+
+
+def test_text_domains_split_calibration_documents_into_disjoint_halves() -> None:
+    prose = tasks.domains()["prose"]
+    calibration, validation = prose.texts("calibration"), prose.texts("validation")
+    assert calibration and validation and not set(calibration) & set(validation)
+    assert set(prose.texts("heldout")).isdisjoint(calibration + validation)
+    with pytest.raises(ValueError, match="unknown split"):
+        prose.texts("test")
 
 
 def test_each_task_has_its_own_prompt_form() -> None:
@@ -152,6 +163,53 @@ def test_table_reports_spread_and_says_when_ours_is_worse() -> None:
     assert "0.420±0.028" in text and "0.300" in text
     (line,) = report.comparison(table, (0.1,))
     assert "WORSE than ties: sparsegpt_ties[wanda]" in line
+
+
+def test_validation_score_uses_the_validation_references() -> None:
+    result = {
+        "variant": "ties",
+        "method": "ties",
+        "density": 0.1,
+        "seed": 0,
+        "scores": {"prose": 3.0, "code": 2.0},
+        "validation_scores": {"prose": 3.0, "code": 3.0},
+        "merge_s": 1.0,
+        "eval_s": 1.0,
+    }
+    validation = {"base": {"code": 4.0}, "code": {"code": 2.0}}
+    (row,) = report.run_rows([result], {"code": 3.0}, {"code": {"code": 1.0}}, validation)
+    assert row["score"] == pytest.approx((3.0 - 2.0) / (3.0 - 1.0))
+    assert row["validation_score"] == pytest.approx((4.0 - 3.0) / (4.0 - 2.0))
+
+
+def test_each_method_is_scored_at_its_setting_best_on_validation() -> None:
+    # (variant, density, seed, held-out score, validation score)
+    runs = [
+        ("ties", 0.1, 0, 0.50, 0.30),
+        ("ties", 0.3, 0, 0.55, 0.20),
+        ("ties[lambda=0.75]", 0.1, 0, 0.40, 0.25),
+        ("dare_ties", 0.1, 0, 0.40, 0.50),
+        ("dare_ties", 0.1, 1, 0.44, 0.10),  # mean validation 0.30
+        ("dare_ties", 0.3, 0, 0.30, 0.35),
+        ("dare_ties", 0.3, 1, 0.32, 0.35),
+    ]
+    rows = [{**_row(v, d, seed, h), "validation_score": val} for v, d, seed, h, val in runs]
+    table = report.cells(rows, "prose")
+    method_of = {"ties": "ties", "ties[lambda=0.75]": "ties", "dare_ties": "dare_ties"}
+    chosen = {r["method"]: r for r in report.chosen_on_validation(table, method_of)}
+    # The plain rule: per method, the setting with the highest mean validation score over seeds.
+    for method in ("ties", "dare_ties"):
+        settings: dict[tuple, list[tuple[float, float]]] = {}
+        for v, d, _, h, val in runs:
+            if method_of[v] == method:
+                settings.setdefault((v, d), []).append((h, val))
+        best = max(settings, key=lambda k: sum(val for _, val in settings[k]) / len(settings[k]))
+        heldout = sum(h for h, _ in settings[best]) / len(settings[best])
+        assert (chosen[method]["chosen"], chosen[method]["density"]) == best
+        assert chosen[method]["heldout_score"] == pytest.approx(heldout)
+        assert chosen[method]["candidates"] == len(settings)
+    assert chosen["ties"]["best_heldout"] == pytest.approx(0.55)  # not the one chosen
+    assert "dare_ties" in report.format_chosen(list(chosen.values()))
 
 
 def _trim_entry(overlap: float) -> dict:

@@ -35,8 +35,9 @@ from benchmarks.quality.scoring import EvalSet, evaluate, make_eval_set
 from mergekit_sparsegpt.demo.build import Family, Sizes
 
 HELDOUT_WINDOWS, HELDOUT_PROBLEMS = 32, 200
-# 32 x 64 tokens fits every calibration split (the smallest, add, holds ~3,600 tokens).
+# 32 x 64 tokens fits every calibration split (the smallest, add, holds ~2,200 tokens).
 CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN = 32, 64
+VALIDATION_SPLIT = "validation"
 HALF = 0.5
 TRIM_SHOWN = "sparsegpt_ties[wanda]"  # whose per-tensor-type trim table is printed
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
@@ -101,6 +102,7 @@ def _settings(sizes: Sizes, channel_spread: float) -> dict:
         **({"channel_spread": channel_spread} if channel_spread else {}),
         "domains": list(tasks.domains()),
         "heldout": [HELDOUT_WINDOWS, HELDOUT_PROBLEMS],
+        VALIDATION_SPLIT: [HELDOUT_WINDOWS, HELDOUT_PROBLEMS],
         "calibration": [CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN],
     }
 
@@ -134,6 +136,8 @@ class Reference:
     evalset: EvalSet
     base: dict[str, float]
     experts: dict[str, dict[str, float]]
+    validation_set: EvalSet
+    validation: dict[str, dict[str, float]]  # "base" and each expert, on the validation split
     eval_s: float  # one evaluation, for the time budget
     ok: bool  # base not awful and every expert clearly beats it
 
@@ -154,6 +158,13 @@ def _reference(out: Path, sizes: Sizes, jobs: int, channel_spread: float) -> Ref
         change = max(abs(base[k] - unspread[k]) for k in base)
         print(f"channel spread {channel_spread:g}: base scores move by at most {change:.1e}")
     experts = {n: evaluate(p, evalset) for n, p in family.experts.items()}
+    validation_set = make_eval_set(
+        tokenizer, domains, HELDOUT_WINDOWS, sizes.seq_len, HELDOUT_PROBLEMS, VALIDATION_SPLIT
+    )
+    validation = {
+        name: evaluate(path, validation_set)
+        for name, path in {"base": family.base, **family.experts}.items()
+    }
     print(f"\n{_reference_table({'base': base, **experts}, [*evalset.windows, *evalset.qa])}\n")
     prose = domains[BASE_DOMAIN].texts("train")
     unigram = checks.unigram_loss(prose, evalset.windows[BASE_DOMAIN], tokenizer, sizes.seq_len)
@@ -165,9 +176,12 @@ def _reference(out: Path, sizes: Sizes, jobs: int, channel_spread: float) -> Ref
     cells = ", ".join(f"{t} {a:.1%} (expert {experts[t][f'{t}_acc']:.1%})" for t, a in half.items())
     print(f"exact match of base + {HALF} x tau (a merge that halves a task vector): {cells}")
     record = {"base": base, "experts": experts, "unigram_prose_loss": unigram}
+    record[VALIDATION_SPLIT] = validation
     record.update({f"accuracy_at_{HALF}_tau": half, **tv_stats})
     (out / "reference.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
-    return Reference(family, evalset, base, experts, eval_s, base_ok and experts_ok)
+    return Reference(
+        family, evalset, base, experts, validation_set, validation, eval_s, base_ok and experts_ok
+    )
 
 
 def _forget(out: Path, names: list[str]) -> None:
@@ -181,8 +195,10 @@ def _report(
     ref: Reference, runner: grid.GridRun, results: dict, variants: list[str], densities
 ) -> tuple[list[dict], bool]:
     """Print the tables and comparisons; write the CSVs, table.txt and the plot."""
-    rows = report.run_rows(list(results.values()), ref.base, ref.experts)
+    rows = report.run_rows(list(results.values()), ref.base, ref.experts, ref.validation)
     table = report.cells(rows, BASE_DOMAIN)
+    method_of = {name: v.method for name, v in grid.VARIANTS.items()}
+    chosen = report.chosen_on_validation(table, method_of)
     averaging = table.get((grid.AVERAGING, None))
     label = f"plain averaging ({grid.AVERAGING}, weights 1/{len(ref.experts)})"
     print()
@@ -199,6 +215,7 @@ def _report(
             f"exact-match accuracy in % ({'/'.join(qa)}); experts: {expert_acc}",
             report.format_table(table, variants, densities, "accuracy"),
             "\n".join(report.comparison(table, densities)),
+            report.format_chosen(chosen),
         ]
     )
     print(f"\n{text}\n")
@@ -206,6 +223,7 @@ def _report(
     (out / "table.txt").write_text(text + "\n", encoding="utf-8")
     report.write_csv(out / "runs.csv", rows)
     report.write_csv(out / "table.csv", report.table_rows(table))
+    report.write_csv(out / "chosen_on_validation.csv", chosen)
     trims = report.trim_rows(list(results.values()))
     if trims:
         report.write_csv(out / "trim_by_tensor_type.csv", trims)
@@ -251,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(jobs)} merges ({len(variants)} variants); one evaluation {ref.eval_s:.1f}s")
     calibration = grid.Calibration(CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN, out / "cache")
     runner = grid.GridRun(
-        ref.family, calibration, lambda p: evaluate(p, ref.evalset), out, args.keep_merges
+        ref.family,
+        calibration,
+        lambda p: evaluate(p, ref.evalset),
+        out,
+        args.keep_merges,
+        validate=lambda p: evaluate(p, ref.validation_set),
     )
     results = runner.run_all(jobs, args.jobs)
     grid_s = time.perf_counter() - start - build_s

@@ -29,6 +29,9 @@ from mergekit_sparsegpt.report import REPORT_FILE
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
 SEEDS = (0, 1, 2)  # --random-seed values for the methods that drop entries at random
 IMPORTANCES = ("wanda", "obs", "sparsegpt", "design_note")
+# Name filters of the tensors without a Hessian in a Llama: both layer norms and the final norm
+# match "norm".
+NONGRAM_KINDS = ("embed_tokens", "lm_head", "norm")
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,25 @@ VARIANTS: dict[str, Variant] = {
         f"regmean[nongram={scale}]": Variant(
             "regmean", {"nongram_scale": scale}, uses_density=False, weight=1.0, plotted=False
         )
+        for scale in (0.1, 0.4)
+    },
+    **{
+        f"regmean[lambda={scale}]": Variant(
+            "regmean", {"lambda": scale}, uses_density=False, weight=1.0, plotted=False
+        )
+        for scale in (0.8, 1.2)
+    },
+    # A coefficient per kind of tensor without a Hessian (issue 4, item 5), one kind at a time
+    # off the default 0.2, through mergekit's own per-tensor filters (substring of the name).
+    **{
+        f"regmean[{kind}={scale}]": Variant(
+            "regmean",
+            {"nongram_scale": [{"filter": kind, "value": scale}, {"value": 0.2}]},
+            uses_density=False,
+            weight=1.0,
+            plotted=False,
+        )
+        for kind in NONGRAM_KINDS
         for scale in (0.1, 0.4)
     },
     "regmean[alpha=0.5]": Variant(
@@ -222,13 +244,14 @@ Evaluator = Callable[[Path], dict[str, float]]
 
 @dataclass
 class GridRun:
-    """Runs jobs, each one merge plus one evaluation, keeping results on disk."""
+    """Runs jobs, each one merge plus its evaluations, keeping results on disk."""
 
     family: Family
     calibration: Calibration
-    evaluate: Evaluator
+    evaluate: Evaluator  # held-out data: the scores reported
     out: Path
     keep_merges: bool = False
+    validate: Evaluator | None = None  # validation data: the scores hyperparameters are chosen on
     skipped: dict[str, str] = field(default_factory=dict)  # variant -> reason
     failed: dict[str, str] = field(default_factory=dict)  # job slug -> error
 
@@ -273,6 +296,7 @@ class GridRun:
             else {}
         )
         scores = self.evaluate(merged)
+        validation = self.validate(merged) if self.validate is not None else None
         eval_s = time.perf_counter() - start - merge_s
         if not self.keep_merges:
             shutil.rmtree(merged, ignore_errors=True)
@@ -283,6 +307,7 @@ class GridRun:
             "density": job.density,
             "seed": job.seed,
             "scores": scores,
+            **({"validation_scores": validation} if validation is not None else {}),
             **({"trim_by_type": trim} if trim else {}),
             "merge_s": merge_s,
             "eval_s": eval_s,

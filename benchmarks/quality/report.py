@@ -23,6 +23,7 @@ class Cell:
     prose: list[float]  # base-domain (retention) loss per seed
     gains: dict[str, float]  # mean normalized gain per expert domain
     accuracy: dict[str, float]  # mean exact-match accuracy per exact-answer task
+    validation: list[float]  # normalized score on the validation split per seed; [] if none
 
     @property
     def mean(self) -> float:
@@ -34,12 +35,24 @@ class Cell:
 
 
 def run_rows(
-    results: Sequence[dict], base: Mapping[str, float], experts: Mapping[str, Mapping]
+    results: Sequence[dict],
+    base: Mapping[str, float],
+    experts: Mapping[str, Mapping],
+    validation: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[dict]:
-    """One flat row per merge run, with its normalized gains and score."""
+    """One flat row per merge run, with its normalized gains and score.
+
+    ``validation`` holds the base's (key ``"base"``) and each expert's validation-split scores;
+    runs evaluated on that split then also get a ``validation_score``.
+    """
     rows = []
     for r in results:
         gains = normalized_gains(r["scores"], base, experts)
+        checked = {}
+        if validation is not None and "validation_scores" in r:
+            reference = {name: validation[name] for name in experts}
+            val_gains = normalized_gains(r["validation_scores"], validation["base"], reference)
+            checked["validation_score"] = statistics.fmean(val_gains.values())
         rows.append(
             {
                 "variant": r["variant"],
@@ -47,6 +60,7 @@ def run_rows(
                 "density": r["density"],
                 "seed": r["seed"],
                 "score": statistics.fmean(gains.values()),
+                **checked,
                 **{f"gain_{d}": g for d, g in gains.items()},
                 **{f"loss_{k}": v for k, v in r["scores"].items() if not k.endswith("_acc")},
                 **{k: v for k, v in r["scores"].items() if k.endswith("_acc")},
@@ -74,8 +88,61 @@ def cells(rows: Sequence[dict], prose: str) -> dict[tuple[str, float | None], Ce
             [r[f"loss_{prose}"] for r in group],
             {k[5:]: mean(k) for k in group[0] if k.startswith("gain_")},
             {k[:-4]: mean(k) for k in group[0] if k.endswith("_acc")},
+            [r["validation_score"] for r in group if "validation_score" in r],
         )
     return out
+
+
+def chosen_on_validation(
+    table: Mapping[tuple[str, float | None], Cell], method_of: Mapping[str, str]
+) -> list[dict]:
+    """Per merge method: its setting (variant x density) with the best validation score.
+
+    Every variant of a method is one candidate setting of its hyperparameters; the held-out
+    score of the chosen setting is the honest number, and the best held-out score (chosen by
+    peeking at the held-out data) shows what the choice on validation data gave away.
+    """
+    by_method: dict[str, list[Cell]] = {}
+    for (variant, _), cell in table.items():
+        if cell.validation and len(cell.validation) == len(cell.scores):
+            by_method.setdefault(method_of[variant], []).append(cell)
+    rows = []
+    for method, candidates in by_method.items():
+        chosen = max(candidates, key=lambda c: statistics.fmean(c.validation))
+        peeked = max(candidates, key=lambda c: c.mean)
+        rows.append(
+            {
+                "method": method,
+                "candidates": len(candidates),
+                "chosen": chosen.variant,
+                "density": chosen.density,
+                "validation_score": statistics.fmean(chosen.validation),
+                "heldout_score": chosen.mean,
+                "best_heldout": peeked.mean,
+                "best_heldout_setting": f"{peeked.variant} d={peeked.density}",
+            }
+        )
+    return sorted(rows, key=lambda row: -row["heldout_score"])
+
+
+def format_chosen(rows: Sequence[dict]) -> str:
+    head = (
+        f"{'method':<20}{'settings':>9}  {'chosen on validation':<46}{'valid.':>8}"
+        f"{'held-out':>10}{'best held-out':>15}"
+    )
+    lines = [
+        "each method at its setting (variant x density) with the best validation score; "
+        "held-out score of that setting, and the best held-out score of any of its settings",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        setting = r["chosen"] + ("" if r["density"] is None else f" d={r['density']:g}")
+        lines.append(
+            f"{r['method']:<20}{r['candidates']:>9}  {setting:<46}{r['validation_score']:>8.3f}"
+            f"{r['heldout_score']:>10.3f}{r['best_heldout']:>15.3f}"
+        )
+    return "\n".join(lines)
 
 
 def _fmt(cell: Cell | None, value: str) -> str:
@@ -222,6 +289,7 @@ def table_rows(table: Mapping[tuple[str, float | None], Cell]) -> list[dict]:
             "runs": len(c.scores),
             "score_mean": c.mean,
             "score_std": c.spread,
+            **({"validation_mean": statistics.fmean(c.validation)} if c.validation else {}),
             "prose_loss": statistics.fmean(c.prose),
             **{f"gain_{d}": g for d, g in c.gains.items()},
             **{f"{t}_acc": a for t, a in c.accuracy.items()},

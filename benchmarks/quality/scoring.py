@@ -40,14 +40,16 @@ def _ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def make_qa_set(tokenizer: PreTrainedTokenizerFast, domain: Domain, n_problems: int) -> QASet:
-    """Held-out problems of one task, each after a one-shot example taken from its train split."""
+def make_qa_set(
+    tokenizer: PreTrainedTokenizerFast, domain: Domain, n_problems: int, split: str = "heldout"
+) -> QASet:
+    """Problems of one split of a task, each after a one-shot example from its train split."""
     assert domain.problems is not None
     shot_prompt, shot_answer = domain.problems("train")[0]
     # In training most lines follow a newline, not <s>: a one-shot line puts them in context.
     shot = f"{shot_prompt}{shot_answer}\n"
     rows: list[tuple[list[int], list[int]]] = []
-    for prompt, answer in domain.problems("heldout")[:n_problems]:
+    for prompt, answer in domain.problems(split)[:n_problems]:
         context = [tokenizer.bos_token_id, *_ids(tokenizer, shot + prompt)]
         reply = _ids(tokenizer, answer + "\n")
         # Separate tokenization must equal the training text's, or the mask would be off.
@@ -79,13 +81,20 @@ def make_eval_set(
     n_windows: int,
     seq_len: int,
     n_problems: int,
+    split: str = "heldout",
 ) -> EvalSet:
+    """Windows and problems of one split of every domain: ``heldout`` scores, ``calibration``
+    validates (it is the only other data a user has; the trained splits would flatter experts)."""
     windows = {
-        name: token_windows(d.texts("heldout"), tokenizer, n_windows, seq_len)
+        name: token_windows(d.texts(split), tokenizer, n_windows, seq_len)
         for name, d in domains.items()
         if not d.exact
     }
-    qa = {name: make_qa_set(tokenizer, d, n_problems) for name, d in domains.items() if d.exact}
+    qa = {
+        name: make_qa_set(tokenizer, d, n_problems, split)
+        for name, d in domains.items()
+        if d.exact
+    }
     return EvalSet(windows, qa)
 
 

@@ -7,8 +7,10 @@
 * ``add`` / ``sort`` / ``rev``: generated problems, each with its own prompt form, scored by
   exact match (``add 12+7=19``, ``sort 39140=01349``, ``rev 39140=04193``).
 
-Every domain has disjoint ``train`` / ``calibration`` / ``heldout`` splits; :func:`sources`
-records what each split used.
+Every domain has disjoint ``train`` / ``calibration`` / ``validation`` / ``heldout`` splits:
+the demo corpus' calibration split is halved (alternate documents or problems) into
+``calibration``, which feeds the Hessians, and ``validation``, on which hyperparameters are
+chosen. :func:`sources` records what each split used.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from pathlib import Path
 
 from mergekit_sparsegpt.demo import corpus
 
-SPLITS = corpus.SPLITS
+SPLITS = ("train", "calibration", "validation", "heldout")
 QA_LINES_PER_TEXT = corpus.ARITH_LINES_PER_TEXT
-# Held-out and calibration problems per generated task; train gets the rest of the pool.
+# Held-out and calibration (+ validation) problems per generated task; train gets the rest.
 QA_SPLIT_SIZES = corpus.ARITH_SPLIT_SIZES
 QA_POOL = 12_000
 
@@ -50,6 +52,15 @@ class Domain:
 
 
 # ---------------------------------------------------------------------------- generated tasks
+
+
+def halved_split(items_of: Callable[[str], list], split: str) -> list:
+    """Items of one benchmark split, from a reader of the demo corpus' three splits."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split in ("calibration", "validation"):
+        return items_of("calibration")[split == "validation" :: 2]
+    return items_of(split)
 
 
 def _sort_problem(rng: random.Random) -> tuple[str, str]:
@@ -95,9 +106,8 @@ def _qa_splits(task: str) -> dict[str, tuple[tuple[str, str], ...]]:
 def qa_problems(task: str, split: str) -> list[tuple[str, str]]:
     """(prompt, answer) pairs of one generated task; ``add`` is the demo's arithmetic."""
     if task == "add":
-        return corpus.arithmetic_problems(split)
-    corpus._check_split(split)
-    return list(_qa_splits(task)[split])
+        return halved_split(corpus.arithmetic_problems, split)
+    return halved_split(lambda s: list(_qa_splits(task)[s]), split)
 
 
 def qa_texts(task: str, split: str) -> list[str]:
@@ -153,12 +163,13 @@ def man_language() -> tuple[str, tuple[Path, ...]]:
 
 def _man_files(split: str) -> list[Path]:
     _, files = man_language()
-    return [p for i, p in enumerate(files) if corpus.split_of(i) == split]
+    return halved_split(
+        lambda s: [p for i, p in enumerate(files) if corpus.split_of(i) == s], split
+    )
 
 
 def man_texts(split: str) -> list[str]:
     """Plain text of one split's man pages (split by sorted file, as the demo splits code)."""
-    corpus._check_split(split)
     texts = []
     for path in _man_files(split):
         with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
@@ -178,8 +189,8 @@ def _qa(task: str) -> Domain:
 def domains() -> dict[str, Domain]:
     """Every domain available on this machine; the first is the base's (prose)."""
     found = {
-        "prose": Domain("prose", corpus.prose_texts),
-        "code": Domain("code", corpus.code_texts),
+        "prose": Domain("prose", lambda s: halved_split(corpus.prose_texts, s)),
+        "code": Domain("code", lambda s: halved_split(corpus.code_texts, s)),
     }
     lang, _ = man_language()
     if lang:
@@ -191,7 +202,10 @@ def domains() -> dict[str, Domain]:
 
 def sources() -> dict[str, object]:
     """Which topics / files / problems / seeds each split of each domain used."""
-    demo = corpus.sources()
+    demo = {
+        domain: {s: halved_split(lambda c, items=items: items[c], s) for s in SPLITS}
+        for domain, items in corpus.sources().items()
+    }
     lang, _ = man_language()
     record: dict[str, object] = {
         "prose": {"source": "pydoc_data.topics (demo corpus)", **demo["prose"]},
