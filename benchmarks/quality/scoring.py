@@ -91,9 +91,7 @@ def make_eval_set(
         if not d.exact
     }
     qa = {
-        name: make_qa_set(tokenizer, d, n_problems, split)
-        for name, d in domains.items()
-        if d.exact
+        name: make_qa_set(tokenizer, d, n_problems, split) for name, d in domains.items() if d.exact
     }
     return EvalSet(windows, qa)
 
