@@ -310,3 +310,24 @@ def test_family_spread_pairs_each_variant_with_ties_of_the_same_family(tmp_path:
     assert differences[("v", "0.1")] == pytest.approx([0.05, -0.05])
     text = families.format_differences(differences, "ties", 2)
     assert "+0.000±0.071 [1/2]" in text
+
+
+def test_family_spread_of_the_settings_chosen_on_validation(tmp_path: Path) -> None:
+    from benchmarks.quality import families
+
+    chosen = {
+        "a": [("ties", "ties", "0.3", 0.50), ("regmean", "regmean[lambda=0.8]", "", 0.60)],
+        "b": [("ties", "ties", "0.5", 0.20), ("regmean", "regmean", "", 0.15)],
+    }
+    read = []
+    for name, rows in chosen.items():
+        out = tmp_path / name
+        out.mkdir()
+        lines = ["method,chosen,density,heldout_score"] + [",".join(map(str, r)) for r in rows]
+        (out / "chosen_on_validation.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        read.append(families.read_chosen(out))
+    assert read[0]["regmean"] == ("regmean[lambda=0.8] d=-", 0.60)
+    text = families.format_chosen_differences(read, "ties")
+    # regmean minus ties per family: +0.10 and -0.05
+    assert "+0.025±0.106 [1/2]" in text and "regmean[lambda=0.8] d=-; regmean d=-" in text
+    assert families.read_chosen(tmp_path) is None
