@@ -7,7 +7,7 @@ calibration set, so peak memory does not grow with depth. The model skeleton liv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +126,89 @@ def capture_layer_hessians(
         yield hooks.result()
 
 
+# Weight name -> merged value, for the linears of one input group (``merge_group`` below).
+MergedWeights = dict[str, torch.Tensor]
+
+
+def capture_merged_hessians(
+    model: torch.nn.Module,
+    load_tensor: TensorSource,
+    windows: Mapping[Hashable, torch.Tensor],
+    merge_group: Callable[[dict[Hashable, LayerHessians]], MergedWeights],
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    description: str = "layers",
+) -> None:
+    """Capture every task's Hessians on the inputs the *merged* model gives each linear.
+
+    RegMean++ (Nguyen et al. 2025): task ``k``'s windows run through the merged model, so the
+    merge is built as it is measured, in forward order. ``load_tensor`` returns the merged value
+    of a tensor that has no Hessian (embeddings, norms) and is not asked for the linears; per
+    block and per input group (q/k/v, o, gate/up, down), the block runs with everything before
+    the group merged, ``merge_group`` receives each task's Hessians of that group and returns
+    the group's merged weights, which the block then holds. Each block's output is the next
+    block's input. Linears not merged yet hold zeros: they run after the group, so their value
+    cannot reach its inputs.
+    """
+    prefix, layers = decoder_layers(model)
+    _materialise(model, load_tensor, device, skip=(prefix, _output_head_prefix(model)))
+    inputs = {
+        task: _layer_inputs(model, layers, task_windows, device, batch_size)
+        for task, task_windows in windows.items()
+    }
+    _release(model, skip_prefix=prefix)
+    hidden = {task: states for task, (states, _) in inputs.items()}
+    for index in tqdm(range(len(layers)), desc=description, leave=False):
+        layer = layers[index]
+        layer_prefix = f"{prefix}.{index}"
+        linears = {
+            f"{layer_prefix}.{name}.weight": name
+            for name, module in layer.named_modules()
+            if isinstance(module, torch.nn.Linear)
+        }
+        shapes = {w: layer.get_submodule(m).weight.shape for w, m in linears.items()}
+
+        def load_block_tensor(name: str, shapes: dict = shapes) -> torch.Tensor:
+            return torch.zeros(shapes[name]) if name in shapes else load_tensor(name)
+
+        _materialise(layer, load_block_tensor, device, name_prefix=f"{layer_prefix}.")
+        calls = {task: layer_calls[index] for task, (_, layer_calls) in inputs.items()}
+        for group in _input_groups(layer, layer_prefix, device, hidden, calls, batch_size):
+            hessians = {}
+            for task in windows:
+                with _HessianHooks(layer, layer_prefix, device, only=group) as hooks:
+                    _run_layer(layer, hidden[task], calls[task], batch_size)
+                hessians[task] = hooks.result()
+            for name, value in merge_group(hessians).items():
+                set_module_tensor_to_device(
+                    layer, f"{linears[name]}.weight", device, value=value.to(torch.float32)
+                )
+        hidden = {
+            task: _run_layer(layer, hidden[task], calls[task], batch_size) for task in windows
+        }
+        layer.to_empty(device="meta")
+
+
+def _input_groups(
+    layer: torch.nn.Module,
+    layer_prefix: str,
+    device: torch.device | str,
+    hidden: Mapping[Hashable, torch.Tensor],
+    calls: Mapping[Hashable, list[LayerCall]],
+    batch_size: int,
+) -> list[list[str]]:
+    """The block's linears grouped by shared input, in the order the forward pass reaches them
+    (one batch of one task is enough to see which linear reads which tensor)."""
+    task = next(iter(hidden))
+    with _HessianHooks(layer, layer_prefix, device) as hooks:
+        _run_layer(layer, hidden[task][:batch_size], calls[task][:1], batch_size)
+    groups: dict[str, list[str]] = {}
+    for weight, group in hooks.groups.items():
+        groups.setdefault(group, []).append(weight)
+    never_ran = [[weight] for weight in hooks.linears if weight not in hooks.groups]
+    return [*groups.values(), *never_ran]
+
+
 def _output_head_prefix(model: torch.nn.Module) -> str | None:
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
@@ -204,15 +287,23 @@ def _run_layer(
 class _HessianHooks:
     """Pre-hooks on a block's linears; linears fed the same tensor share one accumulator."""
 
-    def __init__(self, layer: torch.nn.Module, layer_prefix: str, device: torch.device | str):
+    def __init__(
+        self,
+        layer: torch.nn.Module,
+        layer_prefix: str,
+        device: torch.device | str,
+        only: Collection[str] | None = None,
+    ):
         self.layer = layer
         self.linears = {
             f"{layer_prefix}.{name}.weight": module
             for name, module in layer.named_modules()
             if isinstance(module, torch.nn.Linear)
         }
+        if only is not None:  # weight names: hook just these linears
+            self.linears = {name: self.linears[name] for name in only}
         self.device = device
-        self.groups: dict[str, str] = {}
+        self.groups: dict[str, str] = {}  # in the order the forward pass reaches the linears
         self.accumulators: dict[str, HessianAccumulator] = {}
         # Inputs seen during the current block call: identity, not equality, defines sharing.
         self._seen: list[tuple[torch.Tensor, str]] = []

@@ -41,12 +41,17 @@ from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.hessian import HessianError
 from mergekit_sparsegpt.importance import SELECTIONS, validate_importance
 from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SIGN_SOURCES
+from mergekit_sparsegpt.merged_statistics import (
+    MERGED,
+    check_merged_source,
+    merged_model_statistics,
+)
 from mergekit_sparsegpt.methods import PluginMethod, plugin_method
 from mergekit_sparsegpt.regmean import SOLVE_PATHS
 from mergekit_sparsegpt.report import REPORT_FILE
 from mergekit_sparsegpt.statistics import TaskStatistics
 
-HESSIAN_SOURCES = ("finetuned", "base")
+HESSIAN_SOURCES = ("finetuned", "base", MERGED)
 LOG = logging.getLogger(__name__)
 
 
@@ -99,6 +104,16 @@ def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) 
         )
     tasks, hessian_inputs = calibration_tasks(planned, settings)
     windows = {task.key: _calibration_windows(task, settings, options) for task in tasks}
+    if settings.hessian_source == MERGED:
+        model_type = tasks[0].forward_model.config(options.trust_remote_code).model_type
+        readers = {
+            model: checkpoint_reader(model, model_type)
+            for model in {m for tensor in planned for m in tensor.inputs}
+        }
+        statistics = merged_model_statistics(
+            planned, method, tasks, windows, settings, options, readers
+        )
+        return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
     statistics = {
         task.key: task_statistics(task, windows[task.key], settings, options)
         for task in tqdm(tasks, desc="Calibrating tasks", disable=options.quiet)
@@ -256,6 +271,8 @@ def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> P
         keep_hessians=method.keeps_hessians,
     )
     _check_settings(settings)
+    if settings.hessian_source == MERGED:
+        check_merged_source(planned, method)
     return settings
 
 
@@ -334,9 +351,10 @@ def calibration_tasks(
         for model, values in tensor.per_input.items():
             if model == tensor.base_model:
                 continue
+            # The merged model has the base's architecture and tokenizer.
             forward = model if settings.hessian_source == "finetuned" else tensor.base_model
             if forward is None:
-                raise ValueError("hessian_source: base needs a base_model")
+                raise ValueError(f"hessian_source: {settings.hessian_source} needs a base_model")
             key = (model, values["calibration"])
             task = tasks.setdefault(key, CalibrationTask(key, forward))
             if task.forward_model != forward:

@@ -1,0 +1,206 @@
+"""``hessian_source: merged`` (RegMean++): against a plain sequential reference, the cache, and
+what it refuses."""
+
+from pathlib import Path
+
+import mergekit.merge
+import pytest
+import torch
+from merge_configs import regmean_config, sparsegpt_config
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergekit_sparsegpt import merged_statistics, prepass
+from mergekit_sparsegpt.calibration import (
+    CalibrationSource,
+    calibration_windows,
+    read_calibration_texts,
+)
+from mergekit_sparsegpt.registration import install
+
+install()
+
+F64 = torch.float64
+# A Llama block's linears grouped by shared input, in forward order.
+STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+STAGES += (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _run(config: dict, out: Path) -> None:
+    mergekit.merge.run_merge(
+        MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True)
+    )
+
+
+def _windows(tiny_models, name: str, config: dict) -> torch.Tensor:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.base)
+    path = str(tiny_models.calibration[name])
+    texts = read_calibration_texts(CalibrationSource(path), name)
+    shared = config["parameters"]
+    return calibration_windows(
+        texts, tokenizer, shared["calibration_samples"], shared["calibration_seq_len"], name, path
+    )
+
+
+@torch.no_grad()
+def _input_gram(model, windows: torch.Tensor, module_name: str) -> torch.Tensor:
+    """sum x x^T of one module's input over every token: a hook on a whole-model forward."""
+    grams = []
+    handle = model.get_submodule(module_name).register_forward_pre_hook(
+        lambda _m, args: grams.append(args[0].reshape(-1, args[0].shape[-1]).to(F64))
+    )
+    try:
+        model(input_ids=windows)
+    finally:
+        handle.remove()
+    inputs = torch.cat(grams)
+    return inputs.T @ inputs
+
+
+@torch.no_grad()
+def _regmean_plus_reference(
+    tiny_models, config: dict, nongram_scale: float
+) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """RegMean++ written plainly: whole models in memory; every linear, in forward order,
+    solved on every task's inputs *in the model merged so far*. Returns the merged weights and,
+    per linear weight, every task's Gram matrix of its inputs."""
+    names = sorted(tiny_models.experts)
+    base = AutoModelForCausalLM.from_pretrained(tiny_models.base, dtype=torch.float32).eval()
+    experts = [
+        AutoModelForCausalLM.from_pretrained(tiny_models.experts[n], dtype=torch.float32)
+        for n in names
+    ]
+    windows = [_windows(tiny_models, n, config) for n in names]
+    merged = AutoModelForCausalLM.from_pretrained(tiny_models.base, dtype=torch.float32).eval()
+    base_params = dict(base.named_parameters())
+    expert_params = [dict(e.named_parameters()) for e in experts]
+    for name, param in merged.named_parameters():
+        tau_sum = sum(p[name] - base_params[name] for p in expert_params)
+        param.copy_(base_params[name] + nongram_scale * tau_sum)  # linears are replaced below
+    all_grams = {}
+    for layer in range(base.config.num_hidden_layers):
+        for stage in STAGES:
+            for linear in stage:
+                module = f"model.layers.{layer}.{linear}"
+                grams = [_input_gram(merged, w, module) for w in windows]
+                weight = f"{module}.weight"
+                all_grams[weight] = grams
+                numerator = sum(
+                    (p[weight] - base_params[weight]).to(F64) @ g
+                    for p, g in zip(expert_params, grams, strict=True)
+                )
+                delta = numerator @ torch.linalg.inv(sum(grams))
+                merged.get_parameter(weight).copy_(base_params[weight] + delta)
+    weights = {name: p.detach().clone() for name, p in merged.named_parameters()}
+    return weights, all_grams
+
+
+def _output_norm(difference: torch.Tensor, grams: list[torch.Tensor]) -> float:
+    """sqrt(sum_i ||X_i D^T||^2) from the Gram matrices G_i = X_i^T X_i."""
+    d = difference.to(F64)
+    return sum(torch.trace(d @ g @ d.T) for g in grams).sqrt().item()
+
+
+def test_merge_equals_a_plain_sequential_regmean_plus_plus(tiny_models, tmp_path):
+    config = regmean_config(tiny_models, cache_dir=str(tmp_path / "cache"))
+    config["parameters"]["hessian_source"] = "merged"
+    _run(config, tmp_path / "out")
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    expected, grams = _regmean_plus_reference(tiny_models, config, nongram_scale=0.2)
+    base = load_file(Path(tiny_models.base) / "model.safetensors")
+    assert set(merged) == set(expected)
+    for name, value in expected.items():
+        if name not in grams:  # no Gram matrix: task arithmetic x nongram_scale, as in RegMean
+            torch.testing.assert_close(merged[name], value, msg=name)
+            continue
+        # Some Gram matrices are ill-conditioned (o_proj's: ~1e7), so float32 accumulation moves
+        # the weights along directions the inputs barely use: compare what the inputs see.
+        error = _output_norm(merged[name] - value, grams[name])
+        assert error <= 1e-3 * _output_norm(value - base[name], grams[name]), name
+
+    # The check tells the two apart: ordinary RegMean (each expert's own inputs) is far off.
+    plain = dict(config, parameters={**config["parameters"], "hessian_source": "finetuned"})
+    _run(plain, tmp_path / "plain")
+    ordinary = load_file(tmp_path / "plain" / "model.safetensors")
+    for name in grams:
+        error = _output_norm(ordinary[name] - expected[name], grams[name])
+        assert error > 1e-2 * _output_norm(expected[name] - base[name], grams[name]), name
+
+
+def test_cached_rerun_captures_nothing_and_another_parameter_recomputes(
+    tiny_models, tmp_path, monkeypatch
+):
+    calls = []
+    original = merged_statistics.capture_merged_hessians
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(merged_statistics, "capture_merged_hessians", counting)
+    config = regmean_config(tiny_models, cache_dir=str(tmp_path / "cache"))
+    config["parameters"]["hessian_source"] = "merged"
+    _run(config, tmp_path / "first")
+    _run(config, tmp_path / "second")
+    assert len(calls) == 1
+    first = load_file(tmp_path / "first" / "model.safetensors")
+    second = load_file(tmp_path / "second" / "model.safetensors")
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=0, atol=0, msg=name)
+    # The merged model, hence every task's inputs, depends on nongram_scale: a new entry.
+    config["parameters"]["nongram_scale"] = 0.1
+    _run(config, tmp_path / "third")
+    assert len(calls) == 2
+
+
+def test_sparsegpt_regmean_runs_with_merged_hessians(tiny_models, tmp_path):
+    config = regmean_config(tiny_models, "sparsegpt_regmean", cache_dir=str(tmp_path / "c"))
+    config["parameters"]["hessian_source"] = "merged"
+    _run(config, tmp_path / "out")
+    logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(
+        input_ids=torch.tensor([[1, 2, 3, 4]])
+    ).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_merged_source_is_refused_for_the_trimming_methods(tiny_models, tmp_path):
+    config = sparsegpt_config(tiny_models, cache_dir=str(tmp_path / "cache"))
+    config["parameters"]["hessian_source"] = "merged"
+    with pytest.raises(ValueError, match="RegMean\\+\\+.*not sparsegpt_ties"):
+        prepass.prepare_statistics(
+            MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
+        )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_merged_source_is_refused_under_layer_offsets(tiny_models, tmp_path):
+    expert = str(tiny_models.experts[sorted(tiny_models.experts)[0]])
+    calibration = str(tiny_models.calibration[sorted(tiny_models.experts)[0]])
+    config = {
+        "merge_method": "regmean",
+        "base_model": str(tiny_models.base),
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(tiny_models.base), "layer_range": [0, 1]},
+                    {
+                        "model": expert,
+                        "layer_range": [1, 2],
+                        "parameters": {"weight": 1.0, "calibration": calibration},
+                    },
+                ]
+            }
+        ],
+        "parameters": {
+            "calibration_samples": 8,
+            "calibration_seq_len": 32,
+            "hessian_source": "merged",
+        },
+        "dtype": "float32",
+    }
+    with pytest.raises(ValueError, match="slices with layer offsets"):
+        prepass.prepare_statistics(
+            MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
+        )
