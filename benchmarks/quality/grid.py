@@ -149,6 +149,15 @@ VARIANTS: dict[str, Variant] = {
     "sparsegpt_regmean[wanda,compensate]": Variant(
         "sparsegpt_regmean", {"importance": "wanda", "compensate": True}, weight=1.0
     ),
+    # RegMean++: every task's Hessians on the inputs of the model merged so far.
+    "regmean[merged]": Variant(
+        "regmean", {"hessian_source": "merged"}, uses_density=False, weight=1.0
+    ),
+    "sparsegpt_regmean[wanda,compensate,merged]": Variant(
+        "sparsegpt_regmean",
+        {"importance": "wanda", "compensate": True, "hessian_source": "merged"},
+        weight=1.0,
+    ),
     # DARE's L1 rescale on top of re-fitted vectors, and without it.
     "sparsegpt_dare[compensate]": Variant(
         "sparsegpt_dare", {"compensate": True}, seeds=SEEDS, plotted=False
