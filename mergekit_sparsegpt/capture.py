@@ -105,6 +105,7 @@ def capture_layer_hessians(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     description: str = "layers",
+    progress: bool = True,
 ) -> Iterator[LayerHessians]:
     """Yield each decoder block's linear-input Hessians, first block first.
 
@@ -116,7 +117,7 @@ def capture_layer_hessians(
     hidden, layer_calls = _layer_inputs(model, layers, windows, device, batch_size)
     _release(model, skip_prefix=prefix)
 
-    for index in tqdm(range(len(layers)), desc=description, leave=False):
+    for index in tqdm(range(len(layers)), desc=description, leave=False, disable=not progress):
         layer = layers[index]
         layer_prefix = f"{prefix}.{index}"
         _materialise(layer, load_tensor, device, name_prefix=f"{layer_prefix}.")
@@ -138,6 +139,7 @@ def capture_merged_hessians(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     description: str = "layers",
+    progress: bool = True,
 ) -> None:
     """Capture every task's Hessians on the inputs the *merged* model gives each linear.
 
@@ -158,7 +160,7 @@ def capture_merged_hessians(
     }
     _release(model, skip_prefix=prefix)
     hidden = {task: states for task, (states, _) in inputs.items()}
-    for index in tqdm(range(len(layers)), desc=description, leave=False):
+    for index in tqdm(range(len(layers)), desc=description, leave=False, disable=not progress):
         layer = layers[index]
         layer_prefix = f"{prefix}.{index}"
         linears = {

@@ -194,6 +194,7 @@ def merged_model_statistics(
             merge_group,
             device=options.device or "cpu",
             batch_size=settings.calibration_batch_size,
+            progress=not options.quiet,
             description=f"RegMean++ Hessians through the merged model ({len(windows)} tasks)",
         )
         for key, writer in writers.items():

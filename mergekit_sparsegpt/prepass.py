@@ -449,6 +449,7 @@ def compute_statistics(
         windows,
         device=options.device or "cpu",
         batch_size=settings.calibration_batch_size,
+        progress=not options.quiet,
         description=f"Hessians of {model_ref} on {Path(task.key[1]).name}",
     )
     for layer in layers:
