@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Hashable, Mapping
 from contextlib import ExitStack
 from dataclasses import replace
@@ -164,6 +165,12 @@ def merged_model_statistics(
     paths = {key: cache.cache_path(cache_dir, payload) for key, payload in payloads.items()}
     found = {key: cache.load_statistics(paths[key], payloads[key]) for key in payloads}
     if all(stats is not None for stats in found.values()):
+        if not options.quiet:
+            for key, path in paths.items():
+                print(
+                    f"Hessian statistics for {key[0]} (merged model) from cache {path}",
+                    file=sys.stderr,
+                )
         return found  # type: ignore[return-value]
 
     model = empty_model(config, options.trust_remote_code)

@@ -1,7 +1,7 @@
 """Performance benchmark: pre-pass speed, pre-pass memory across depths, merge phase.
 
     python -m benchmarks.perf [--out DIR] [--quick] [--only calibration,depth,merge]
-                              [--repeats N] [--threads N]
+                              [--size quick|medium|full] [--repeats N] [--threads N]
 
 Run from the repository root. Builds random-weight Llama checkpoints under DIR/models/ (once;
 later runs reuse them), works in DIR/work/, and writes <part>.json and <part>.txt per part run,
@@ -20,11 +20,20 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from benchmarks.perf import calibration, depth, merge
-from benchmarks.perf.models import EXPERT_DOMAINS, FULL, QUICK, Checkpoints, Sizes, prepare
+from benchmarks.perf.models import (
+    EXPERT_DOMAINS,
+    FULL,
+    MEDIUM,
+    QUICK,
+    Checkpoints,
+    Sizes,
+    prepare,
+)
 from benchmarks.perf.report import PartResult, format_part, write_part
 from mergekit_sparsegpt.demo.tiny import torch_threads
 
 PARTS = (calibration.PART, depth.PART, merge.PART)
+SIZES = {sizes.name: sizes for sizes in (QUICK, MEDIUM, FULL)}
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 QUICK_REPEATS, FULL_REPEATS = 1, 3
 
@@ -36,7 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
-    parser.add_argument("--quick", action="store_true", help="tiny models: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny models: --size quick")
+    parser.add_argument(
+        "--size",
+        choices=list(SIZES),
+        help="model sizes (default full; medium: width 1024, depths 4/8/16, ~15 min on 2 cores)",
+    )
     parser.add_argument(
         "--only", type=_part_names, default=PARTS, help=f"comma-separated subset of {PARTS}"
     )
@@ -53,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "choice; --quick 1, as tiny matmuls gain nothing from threads)",
     )
     args = parser.parse_args(argv)
+    if args.quick and args.size not in (None, QUICK.name):
+        parser.error("--quick is --size quick")
+    args.size = QUICK.name if args.quick else args.size or FULL.name
+    args.quick = args.size == QUICK.name
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else FULL_REPEATS
     if args.threads is None:
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    sizes = QUICK if args.quick else FULL
+    sizes = SIZES[args.size]
     depths = depths_needed(args.only, sizes)
     with torch_threads(args.threads):
         checkpoints = prepare(args.out, sizes, depths, experts=merge.PART in args.only)

@@ -42,7 +42,9 @@ from mergekit_sparsegpt.methods import is_sparsegpt_method, plugin_method
 PART = "merge"
 TITLE = "Merge phase: stock ties vs the plugin's methods with a warm cache"
 REFERENCE = "ties"
-METHODS = (REFERENCE, "sparsegpt_ties", "regmean", "sparsegpt_regmean")
+# "regmean[merged]": regmean with hessian_source: merged (RegMean++), whose pre-pass merges too.
+METHODS = (REFERENCE, "sparsegpt_ties", "regmean", "sparsegpt_regmean", "regmean[merged]")
+MERGED_SUFFIX = "[merged]"
 TRIMMING_METHODS = frozenset({"ties", "sparsegpt_ties", "sparsegpt_regmean"})
 TARGET_OVER_TIES = {"sparsegpt_ties": 1.15}
 SAFETENSORS_HEADER_LENGTH_BYTES = 8
@@ -65,9 +67,14 @@ class CacheContents:
         return self.data_bytes / self.entries
 
 
+def method_name(label: str) -> str:
+    """The merge method of a row label ("regmean[merged]" -> "regmean")."""
+    return label.removesuffix(MERGED_SUFFIX)
+
+
 def keeps_matrices(method: str) -> tuple[bool, bool]:
     """(whole Hessians, whole Cholesky factors) a method's cache entries hold at its defaults."""
-    spec = plugin_method(method)
+    spec = plugin_method(method_name(method))
     defaults = {parameter.name: parameter.default for parameter in spec.spec.parameters}
     return spec.keeps_hessians, bool(defaults.get("compensate", False))
 
@@ -77,7 +84,7 @@ def method_config(
 ) -> dict[str, Any]:
     """Weights 1/2 for the TIES methods and 1 for RegMean's, density 0.3 where it trims."""
     weight = 1.0 if "regmean" in method else 1.0 / len(experts)
-    calibrated = is_sparsegpt_method(method)
+    calibrated = is_sparsegpt_method(method_name(method))
     models = {}
     for domain, path in experts.items():
         parameters: dict[str, Any] = {"weight": weight}
@@ -92,7 +99,9 @@ def method_config(
         if calibrated
         else None
     )
-    return merge_config(method, checkpoints.base(sizes.shallowest), models, shared)
+    if shared is not None and method.endswith(MERGED_SUFFIX):
+        shared["hessian_source"] = "merged"
+    return merge_config(method_name(method), checkpoints.base(sizes.shallowest), models, shared)
 
 
 def run(
@@ -109,7 +118,7 @@ def run(
         cache_dir = part_dir / "cache" / method
         config = method_config(method, checkpoints, experts, cache_dir)
         configs[method] = write_config(config, fresh_directory(part_dir / method) / "config.yml")
-        if is_sparsegpt_method(method):
+        if is_sparsegpt_method(method_name(method)):
             fresh_directory(cache_dir)
             prepasses[method] = calibrate(configs[method], env)
             caches[method] = cache_contents(cache_dir, expected_entries=len(experts))
@@ -139,7 +148,7 @@ def merge_once(
     measured = run_measured(stock_merge_command(config, out), env)
     shutil.rmtree(out, ignore_errors=True)  # checkpoints are large; only the timing is kept
     hits = measured.stderr.count(CACHE_HIT_MESSAGE)
-    if is_sparsegpt_method(method) and hits != tasks:
+    if is_sparsegpt_method(method_name(method)) and hits != tasks:
         raise RuntimeError(f"{method} found {hits} of {tasks} tasks in the cache: not warm")
     return measured
 
