@@ -13,6 +13,7 @@ group's matrices back when a kernel asks for them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -129,6 +131,23 @@ def cache_path(cache_dir: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
     return Path(cache_dir) / f"{cache_key(payload)}.safetensors"
 
 
+class CacheWriteError(OSError):
+    """A cache entry could not be written (disk full, read-only directory...)."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError into one message that names the entry and the fix."""
+    try:
+        yield
+    except OSError as error:
+        raise CacheWriteError(
+            f"Could not write the statistics cache entry {path} "
+            f"({error.strerror or error}). Free space there, make {path.parent} writable, or set "
+            "cache_dir (or MERGEKIT_SPARSEGPT_CACHE) to a writable directory with room for it."
+        ) from None
+
+
 class EntryWriter:
     """Writes one cache entry atomically: a reader sees the old file, the new file, or nothing.
 
@@ -145,10 +164,11 @@ class EntryWriter:
             raise RuntimeError("writing the statistics cache needs a little-endian machine")
         self.path = path
         self.payload = payload
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._side: IO[bytes] = tempfile.NamedTemporaryFile(  # closed (and deleted) by __exit__
-            dir=path.parent, prefix=path.stem, suffix=".matrices.partial"
-        )
+        with _writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._side: IO[bytes] = tempfile.NamedTemporaryFile(  # closed (deleted) by __exit__
+                dir=path.parent, prefix=path.stem, suffix=".matrices.partial"
+            )
         self._added: dict[str, torch.Tensor] = {}  # name -> an empty tensor of its dtype, shape
 
     def __enter__(self) -> EntryWriter:
@@ -163,29 +183,31 @@ class EntryWriter:
         self._side.close()  # deletes it
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        self._side.write(_raw_bytes(tensor))
+        with _writing(self.path):
+            self._side.write(_raw_bytes(tensor))
         self._added[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
     def commit(self, statistics: TaskStatistics) -> None:
         in_memory, metadata = statistics.to_tensors()
         metadata = {**metadata, "key": _canonical(self.payload), "format": str(FORMAT_VERSION)}
         header = _header({**in_memory, **self._added}, metadata)
-        self._side.flush()
-        self._side.seek(0)
-        handle, temporary = tempfile.mkstemp(
-            dir=self.path.parent, prefix=self.path.stem, suffix=".partial"
-        )
-        try:
-            with os.fdopen(handle, "wb") as entry:
-                entry.write(len(header).to_bytes(8, "little"))
-                entry.write(header)
-                for tensor in in_memory.values():
-                    entry.write(_raw_bytes(tensor))
-                shutil.copyfileobj(self._side, entry, _COPY_CHUNK)
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with _writing(self.path):
+            self._side.flush()
+            self._side.seek(0)
+            handle, temporary = tempfile.mkstemp(
+                dir=self.path.parent, prefix=self.path.stem, suffix=".partial"
+            )
+            try:
+                with os.fdopen(handle, "wb") as entry:
+                    entry.write(len(header).to_bytes(8, "little"))
+                    entry.write(header)
+                    for tensor in in_memory.values():
+                        entry.write(_raw_bytes(tensor))
+                    shutil.copyfileobj(self._side, entry, _COPY_CHUNK)
+                os.replace(temporary, self.path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:

@@ -112,6 +112,7 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
         base = group.base.tensor
         if not group.non_base:
             return base
+        check_finite(group)
         context, name, statistics = group_statistics(
             self.spec.name, group, parameters["calibration"]
         )
@@ -157,6 +158,17 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
             divisor = (weights * agree).sum(dim=0)
             mixed /= torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         return (mixed * parameters["lambda"]).to(group.base.tensor.dtype)
+
+
+def check_finite(group: TensorGroup) -> None:
+    """inf/NaN in any input would silently make the merged tensor inf/NaN."""
+    for entry in (group.base, *group.non_base):
+        if not torch.isfinite(entry.tensor).all():
+            raise ValueError(
+                f"{group.metadata.name or '<unnamed tensor>'} of model {entry.id} has inf/NaN "
+                "entries. Check that checkpoint; if its values overflow the merge dtype, merge "
+                "with dtype: float32."
+            )
 
 
 def trim_task_vectors(

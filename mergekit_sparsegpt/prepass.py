@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from mergekit.architecture.conversion import convert_checkpoint_tensors
 from mergekit.common import ModelReference
-from mergekit.config import MergeConfiguration
+from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.io.tasks import LoaderCache, SaveTensor
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit.options import MergeOptions
+from pydantic import ValidationError
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
@@ -64,6 +66,7 @@ class PlannedTensor:
     base_model: ModelReference | None
     shared: dict[str, Any]
     per_input: dict[ModelReference, dict[str, Any]]
+    vocabulary: bool = False  # indexed by token id: mergekit aligns (and checks) vocabularies
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,11 @@ def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) 
     """Validate ``merge_config`` and return the statistics every kernel call will need."""
     method = plugin_method(merge_config.merge_method)
     check_parameter_names(merge_config, method.spec.parameters)
+    check_base_model(merge_config)
+    check_models(merge_config, options)
     planned = plan_tensors(merge_config, options)
     settings = validate_parameters(planned, method)
+    check_shapes(planned)
     if any(t.shared.get("compensate") and t.shared.get("rescale") for t in planned):
         LOG.warning(
             "compensate and rescale are both on: the re-fitted task vectors already make up for "
@@ -174,8 +180,10 @@ def usage_summary(method_name: str, context: MergeContext) -> str:
 
 def check_parameter_names(merge_config: MergeConfiguration, specs: Iterable[ParameterSpec]) -> None:
     """mergekit silently ignores unknown keys, and merge-wide keys given per model; either would
-    silently change the merge."""
-    known = {spec.name for spec in specs}
+    silently change the merge. A value of the wrong type would fail inside mergekit's planner
+    with a message that names neither the parameter nor the model."""
+    by_name = {spec.name: spec for spec in specs}
+    known = set(by_name)
     merge_wide = {spec.name for spec in specs if spec.scope == ParameterScope.SHARED}
     for where, parameters, per_model in _parameter_blocks(merge_config):
         for name in parameters or {}:
@@ -191,6 +199,34 @@ def check_parameter_names(merge_config: MergeConfiguration, specs: Iterable[Para
                     f"{name!r} in {where} is a merge-wide setting, which mergekit ignores when it "
                     "is given per model; move it to the top-level `parameters:`."
                 )
+            for value in _setting_values(parameters[name]):
+                try:
+                    by_name[name].validate(value)
+                except ValidationError:
+                    expected = _TYPE_NAMES.get(by_name[name].value_type, "another type")
+                    raise ValueError(
+                        f"{name!r} in {where} must be {expected}, got {value!r}"
+                    ) from None
+
+
+_TYPE_NAMES: dict[Any, str] = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    str | None: "a string",
+}
+
+
+def _setting_values(setting: Any) -> Iterable[Any]:
+    """The scalar values of a mergekit parameter setting (a scalar, gradient or filter list)."""
+    if isinstance(setting, ConditionalParameter):
+        yield from _setting_values(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _setting_values(item)
+    else:
+        yield setting
 
 
 def _parameter_blocks(config: MergeConfiguration) -> Iterable[tuple[str, dict | None, bool]]:
@@ -209,6 +245,36 @@ def _parameter_blocks(config: MergeConfiguration) -> Iterable[tuple[str, dict | 
         yield f"modules.{name}", module.parameters, False
         for index, model in enumerate(module.models or []):
             yield f"modules.{name}.models[{index}] ({model.model})", model.parameters, True
+
+
+def check_base_model(merge_config: MergeConfiguration) -> None:
+    """mergekit's own message for a missing base model names an internal slice, not the fix."""
+    modules = (merge_config.modules or {}).values()
+    slices = [*(merge_config.slices or []), *(s for m in modules for s in m.slices or [])]
+    if merge_config.base_model is None and not any(s.base_model for s in slices):
+        raise ValueError(
+            f"{merge_config.merge_method} needs a base_model: every task vector is a model minus "
+            "the base. Add `base_model: <the model the others were fine-tuned from>` to the config."
+        )
+
+
+def check_models(merge_config: MergeConfiguration, options: MergeOptions) -> None:
+    """A reference that is not a model fails deep inside transformers or mergekit, with a message
+    that may not name the model (or say that its directory is missing)."""
+    LoaderCache().setup(options=options)
+    for model in sorted(merge_config.referenced_models(), key=str):
+        path = model.model.path
+        try:
+            if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
+                raise OSError(f"there is no directory {path}")
+            model.config(options.trust_remote_code)
+            LoaderCache().get(model)  # indexes its weight files
+        except (OSError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"Model {model} cannot be loaded ({error}). Give the directory of a Hugging Face "
+                "checkpoint (config.json and model.safetensors or pytorch_model.bin, possibly "
+                "sharded) or a model id on the Hub."
+            ) from None
 
 
 def plan_tensors(merge_config: MergeConfiguration, options: MergeOptions) -> list[PlannedTensor]:
@@ -239,9 +305,46 @@ def plan_tensors(merge_config: MergeConfiguration, options: MergeOptions) -> lis
                 base_model=task.base_model,
                 shared=dict(task.parameters.items()),
                 per_input={m: dict(p.items()) for m, p in task.input_parameters.items()},
+                vocabulary=task.output_weight.vocabulary_axis is not None,
             )
         )
     return planned
+
+
+def check_shapes(planned: list[PlannedTensor]) -> None:
+    """Every input of a tensor must have its shape. mergekit finds a mismatch only when it merges
+    that tensor, after the whole pre-pass, and does not say which model differs."""
+    shards: dict[str, dict[str, tuple[int, ...]]] = {}
+    for tensor in planned:
+        if tensor.vocabulary:
+            continue
+        shapes = {
+            model: shape
+            for model, name in tensor.inputs.items()
+            if (shape := _stored_shape(model, name, shards)) is not None
+        }
+        if len(set(shapes.values())) > 1:
+            listing = ", ".join(f"{shape} in {model}" for model, shape in shapes.items())
+            raise ValueError(
+                f"Tensor {tensor.output_name} has different shapes in the models merged: "
+                f"{listing}. Only models of one architecture and size can be merged; check that "
+                "every model is a fine-tune of the base model."
+            )
+
+
+def _stored_shape(
+    model: ModelReference, name: str, shards: dict[str, dict[str, tuple[int, ...]]]
+) -> tuple[int, ...] | None:
+    """The tensor's shape from its safetensors header (None: not stored as safetensors)."""
+    index = LoaderCache().get(model).index
+    shard = index.tensor_paths.get(name)
+    if shard is None or not index.is_safetensors:
+        return None
+    path = os.path.join(index.base_path, shard)
+    if path not in shards:  # one header read per shard
+        with safe_open(path, framework="pt") as handle:
+            shards[path] = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    return shards[path].get(name)
 
 
 def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> PrepassSettings:
@@ -304,8 +407,13 @@ def _check_model(
             f"density {density} {where} is outside [0, 1]; it is the fraction of task-vector "
             "entries kept"
         )
-    weight = values.get("weight")
-    if method.nonnegative_weights and not (math.isfinite(weight) and weight >= 0):
+    weight = values["weight"]
+    if not math.isfinite(weight):
+        raise ValueError(
+            f"weight {weight} {where} must be a finite number: it scales the model's task "
+            "vector, and the merged weights would be inf/NaN"
+        )
+    if method.nonnegative_weights and weight < 0:
         raise ValueError(
             f"weight {weight} {where} must be a finite number >= 0: RegMean weighs each "
             "model's Hessian by it, and a negative weight makes the system indefinite"

@@ -49,6 +49,7 @@ from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.merge_methods import (
     PREPASS_PARAMETERS,
     TRIM_PARAMETERS,
+    check_finite,
     trim_task_vectors,
 )
 
@@ -197,6 +198,7 @@ class RegMeanMerge(GroupMergeMethod):
         base = group.base.tensor
         if not group.non_base:
             return base
+        check_finite(group)
         context, name, statistics = group_statistics(
             self.spec.name, group, parameters["calibration"]
         )

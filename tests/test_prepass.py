@@ -136,7 +136,7 @@ BAD_INPUTS = [
         lambda c: _set_first_model(c, calibraton="x.txt"),
         "Did you mean 'calibration'",
     ),
-    ("source", lambda c: c["parameters"].update(hessian_source="merged"), "hessian_source must be"),
+    ("source", lambda c: c["parameters"].update(hessian_source="mergd"), "hessian_source must be"),
     ("selection", lambda c: c["parameters"].update(selection="column"), "selection must be one"),
     ("sign source", lambda c: c["parameters"].update(sign_from="merged"), "sign_from must be one"),
     ("gradient", lambda c: c["parameters"].update(calibration_samples=[4, 8]), "one value"),
