@@ -63,9 +63,12 @@ def _report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Imported only once a command runs (it needs torch anyway): --help stays cheap.
+        from mergekit_sparsegpt.cache import CacheWriteError
+
         try:
             return func(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except (*USER_ERRORS, CacheWriteError) as exc:
             LOG.debug("Traceback of the error below", exc_info=True)
             message = str(exc) or type(exc).__name__
             click.echo(f"Error: {message}", err=True)

@@ -203,7 +203,8 @@ def check_parameter_names(merge_config: MergeConfiguration, specs: Iterable[Para
                 try:
                     by_name[name].validate(value)
                 except ValidationError:
-                    expected = _TYPE_NAMES.get(by_name[name].value_type, "another type")
+                    kind = by_name[name].value_type
+                    expected = _TYPE_NAMES.get(kind, f"of type {kind}")
                     raise ValueError(
                         f"{name!r} in {where} must be {expected}, got {value!r}"
                     ) from None

@@ -308,6 +308,19 @@ def test_calibrate_user_error_is_one_line_exit_2(tmp_path: Path, recorders: dict
     assert "Traceback" not in result.output
 
 
+def test_calibrate_cache_write_error_is_one_line_exit_2(tmp_path: Path, recorders: dict) -> None:
+    from mergekit_sparsegpt.cache import CacheWriteError
+
+    config = tmp_path / "merge.yml"
+    config.write_text(CONFIG_YAML, encoding="utf-8")
+    recorders["behaviour"]["raise"] = CacheWriteError("Could not write the statistics cache")
+
+    result = _calibrate([str(config)])
+
+    assert result.exit_code == 2
+    assert result.stderr == "Error: Could not write the statistics cache\n"
+
+
 def test_calibrate_missing_config_file(tmp_path: Path, recorders: dict) -> None:
     result = _calibrate([str(tmp_path / "missing.yml")])
     assert result.exit_code == 2
