@@ -29,7 +29,9 @@ def sparsegpt_config(
 
 def regmean_config(tiny_models, method: str = "regmean", **shared: Any) -> dict[str, Any]:
     """``sparsegpt_config`` for the RegMean methods: ``regmean`` has no density, and
-    ``sparsegpt_regmean`` gets density 0.5."""
+    ``sparsegpt_regmean`` gets density 0.5. Hessians from each fine-tuned model unless
+    ``hessian_source`` says otherwise (the default, merged, has tests of its own)."""
+    shared.setdefault("hessian_source", "finetuned")
     config = sparsegpt_config(tiny_models, method, 0.5, **shared)
     if method == "regmean":
         for entry in config["models"]:

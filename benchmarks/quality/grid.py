@@ -153,6 +153,13 @@ VARIANTS: dict[str, Variant] = {
     "regmean[merged]": Variant(
         "regmean", {"hessian_source": "merged"}, uses_density=False, weight=1.0
     ),
+    "regmean[merged,nongram=0.4]": Variant(
+        "regmean",
+        {"hessian_source": "merged", "nongram_scale": 0.4},
+        uses_density=False,
+        weight=1.0,
+        plotted=False,
+    ),
     "sparsegpt_regmean[wanda,compensate,merged]": Variant(
         "sparsegpt_regmean",
         {"importance": "wanda", "compensate": True, "hessian_source": "merged"},

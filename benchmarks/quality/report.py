@@ -127,7 +127,7 @@ def chosen_on_validation(
 
 def format_chosen(rows: Sequence[dict]) -> str:
     head = (
-        f"{'method':<20}{'settings':>9}  {'chosen on validation':<46}{'valid.':>8}"
+        f"{'method':<20}{'settings':>9}  {'chosen on validation':<50}{'valid.':>8}"
         f"{'held-out':>10}{'best held-out':>15}"
     )
     lines = [
@@ -139,7 +139,7 @@ def format_chosen(rows: Sequence[dict]) -> str:
     for r in rows:
         setting = r["chosen"] + ("" if r["density"] is None else f" d={r['density']:g}")
         lines.append(
-            f"{r['method']:<20}{r['candidates']:>9}  {setting:<46}{r['validation_score']:>8.3f}"
+            f"{r['method']:<20}{r['candidates']:>9}  {setting:<50}{r['validation_score']:>8.3f}"
             f"{r['heldout_score']:>10.3f}{r['best_heldout']:>15.3f}"
         )
     return "\n".join(lines)
