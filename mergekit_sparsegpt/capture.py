@@ -122,7 +122,7 @@ def capture_layer_hessians(
         layer_prefix = f"{prefix}.{index}"
         _materialise(layer, load_tensor, device, name_prefix=f"{layer_prefix}.")
         with _HessianHooks(layer, layer_prefix, device) as hooks:
-            hidden = _run_layer(layer, hidden, layer_calls[index], batch_size)
+            hidden = _run_layer(layer, hidden, layer_calls[index], batch_size, in_place=True)
         layer.to_empty(device="meta")
         yield hooks.result()
 
@@ -186,7 +186,8 @@ def capture_merged_hessians(
                     layer, f"{linears[name]}.weight", device, value=value.to(torch.float32)
                 )
         hidden = {
-            task: _run_layer(layer, hidden[task], calls[task], batch_size) for task in windows
+            task: _run_layer(layer, hidden[task], calls[task], batch_size, in_place=True)
+            for task in windows
         }
         layer.to_empty(device="meta")
 
@@ -270,13 +271,31 @@ def _layer_inputs(
     finally:
         for index, block in enumerate(originals):
             layers[index] = block
-    return torch.cat(hidden), calls
+    return _concatenate_releasing(hidden), calls
+
+
+def _concatenate_releasing(batches: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(batches)``, releasing each batch once copied: at most one batch more than the
+    result is held, where ``torch.cat`` holds the activations twice."""
+    result = batches[0].new_empty((sum(len(b) for b in batches), *batches[0].shape[1:]))
+    start = 0
+    while batches:
+        batch = batches.pop(0)
+        result[start : start + len(batch)] = batch
+        start += len(batch)
+    return result
 
 
 def _run_layer(
-    layer: torch.nn.Module, hidden: torch.Tensor, calls: list[LayerCall], batch_size: int
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    calls: list[LayerCall],
+    batch_size: int,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    outputs = torch.empty_like(hidden)
+    """The block's output for every batch; ``in_place`` writes it over ``hidden`` (each batch's
+    input is done with once its output exists), so the calibration activations are held once."""
+    outputs = hidden if in_place else torch.empty_like(hidden)
     batches = zip(hidden.split(batch_size), calls, strict=True)
     with torch.no_grad():
         for index, (batch, (args, kwargs)) in enumerate(batches):
