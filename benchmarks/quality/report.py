@@ -312,7 +312,8 @@ OPTION_STYLES: dict[frozenset[str], object] = {
 OTHER_COLORS = ("C4", "C5", "C6", "C8", "C9")
 
 
-def _style(variant: str, index: int) -> dict:
+def _fixed_style(variant: str) -> dict | None:
+    """Stock methods and sparsegpt_ties variants have a style of their own; None otherwise."""
     if variant in STOCK_STYLES:
         return {"color": "black", "linestyle": STOCK_STYLES[variant]}
     options = variant[variant.find("[") + 1 : -1].split(",") if "[" in variant else []
@@ -320,7 +321,20 @@ def _style(variant: str, index: int) -> dict:
     rest = frozenset(options[1:] if importance else options)
     if variant.startswith("sparsegpt_ties") and importance and rest in OPTION_STYLES:
         return {"color": IMPORTANCE_COLORS[importance], "linestyle": OPTION_STYLES[rest]}
-    return {"color": OTHER_COLORS[index % len(OTHER_COLORS)], "linestyle": "-"}
+    return None
+
+
+def _styles(variants: Sequence[str]) -> dict[str, dict]:
+    """Every variant's line style; the others take OTHER_COLORS in turn, dash-dot once used."""
+    styles, others = {}, 0
+    for variant in variants:
+        fixed = _fixed_style(variant)
+        if fixed is None:
+            dashes = "-" if others < len(OTHER_COLORS) else "-."
+            fixed = {"color": OTHER_COLORS[others % len(OTHER_COLORS)], "linestyle": dashes}
+            others += 1
+        styles[variant] = fixed
+    return styles
 
 
 def plot(
@@ -344,7 +358,9 @@ def plot(
     pad = 0.05 * (high - low) + 0.01
     off_chart: list[str] = []
     shown = [low, high]
-    for i, v in enumerate(variants):
+    trimmed_variants = [v for v in variants if any((v, d) in table for d in densities)]
+    styles = _styles(trimmed_variants)
+    for v in variants:
         dense = table.get((v, None))
         if dense is not None:
             # A density-free method is one horizontal line; one far below would squash the rest.
@@ -358,7 +374,7 @@ def plot(
         if not points:
             continue
         xs, ys = [c.density for c in points], [c.mean for c in points]
-        style = _style(v, i)
+        style = styles[v]
         ax.plot(xs, ys, marker="o", ms=3, lw=1.3, label=v, **style)
         if any(c.spread for c in points):
             spread = [c.spread for c in points]
