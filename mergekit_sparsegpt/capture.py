@@ -7,6 +7,8 @@ calibration set, so peak memory does not grow with depth. The model skeleton liv
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +127,7 @@ def capture_layer_hessians(
             hidden = _run_layer(layer, hidden, layer_calls[index], batch_size, in_place=True)
         layer.to_empty(device="meta")
         yield hooks.result()
+        release_freed_memory()
 
 
 # Weight name -> merged value, for the linears of one input group (``merge_group`` below).
@@ -190,6 +193,7 @@ def capture_merged_hessians(
             for task in windows
         }
         layer.to_empty(device="meta")
+        release_freed_memory()
 
 
 def _input_groups(
@@ -210,6 +214,30 @@ def _input_groups(
         groups.setdefault(group, []).append(weight)
     never_ran = [[weight] for weight in hooks.linears if weight not in hooks.groups]
     return [*groups.values(), *never_ran]
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None off glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the finished block back to the system.
+
+    glibc keeps freed blocks of up to 32 MB in its heap once larger ones have been freed, so a
+    block's weights and Hessians, freed after the block, stayed resident: peak RSS grew with
+    depth (1.3 GiB at 4 layers, 3.0 GiB at 16, benchmarks/perf). A no-op off glibc.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _output_head_prefix(model: torch.nn.Module) -> str | None:
