@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from mergekit.common import ModelReference
 
 from mergekit_sparsegpt.hessian import HessianStatistics
@@ -101,14 +102,33 @@ def active_context(method_name: str) -> MergeContext:
     return _active
 
 
-def group_statistics(
+def kernel_statistics(
     method_name: str, group: TensorGroup, calibration: dict[Any, str]
-) -> tuple[MergeContext, str, dict[Any, HessianStatistics | None]]:
-    """The active context, the tensor's name, and every merged model's statistics for it."""
+) -> tuple[MergeContext, str, dict[Any, HessianStatistics | None]] | None:
+    """The active context, the tensor's name, and every merged model's statistics for it.
+
+    None when no model has a Hessian for the tensor (embeddings, norms, lm_head): the tensor is
+    then recorded under the "fallback" path, and the kernel applies its stock rule. Inputs with
+    inf/NaN entries are refused here: they would silently make the merged tensor inf/NaN.
+    """
+    _check_finite(group)
     context = active_context(method_name)
     name = group.metadata.name or "<unnamed tensor>"
     statistics = {
         entry.id: context.statistics_for(name, entry.id, calibration[entry.id])
         for entry in group.non_base
     }
+    if all(stats is None for stats in statistics.values()):
+        context.record(name, "fallback", group.base.tensor.numel())
+        return None
     return context, name, statistics
+
+
+def _check_finite(group: TensorGroup) -> None:
+    for entry in (group.base, *group.non_base):
+        if not torch.isfinite(entry.tensor).all():
+            raise ValueError(
+                f"{group.metadata.name or '<unnamed tensor>'} of model {entry.id} has inf/NaN "
+                "entries. Check that checkpoint; if its values overflow the merge dtype, merge "
+                "with dtype: float32."
+            )

@@ -31,7 +31,7 @@ from mergekit.sparsify import (
 
 from mergekit_sparsegpt._autoload import retry_deferred_registration
 from mergekit_sparsegpt.compensation import compensated_trim
-from mergekit_sparsegpt.context import group_statistics
+from mergekit_sparsegpt.context import kernel_statistics
 from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.importance import DEFAULT_IMPORTANCE, importance_scores, top_density_mask
 from mergekit_sparsegpt.report import trim_entry
@@ -112,14 +112,11 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
         base = group.base.tensor
         if not group.non_base:
             return base
-        check_finite(group)
-        context, name, statistics = group_statistics(
-            self.spec.name, group, parameters["calibration"]
-        )
-        if all(stats is None for stats in statistics.values()):
-            context.record(name, "fallback", base.numel())
+        found = kernel_statistics(self.spec.name, group, parameters["calibration"])
+        if found is None:
             stock = {p.name: parameters[p.name] for p in self.fallback.spec.parameters}
             return self.fallback.merge_group(group, **stock)
+        context, name, statistics = found
 
         trimmed, masks, report = trim_task_vectors(
             group, statistics, parameters, name, self.fallback.sparsification_method
@@ -158,17 +155,6 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
             divisor = (weights * agree).sum(dim=0)
             mixed /= torch.where(divisor == 0, torch.ones_like(divisor), divisor)
         return (mixed * parameters["lambda"]).to(group.base.tensor.dtype)
-
-
-def check_finite(group: TensorGroup) -> None:
-    """inf/NaN in any input would silently make the merged tensor inf/NaN."""
-    for entry in (group.base, *group.non_base):
-        if not torch.isfinite(entry.tensor).all():
-            raise ValueError(
-                f"{group.metadata.name or '<unnamed tensor>'} of model {entry.id} has inf/NaN "
-                "entries. Check that checkpoint; if its values overflow the merge dtype, merge "
-                "with dtype: float32."
-            )
 
 
 def trim_task_vectors(

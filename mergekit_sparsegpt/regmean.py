@@ -44,12 +44,11 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_sparsegpt._autoload import retry_deferred_registration
-from mergekit_sparsegpt.context import group_statistics
+from mergekit_sparsegpt.context import kernel_statistics
 from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.merge_methods import (
     PREPASS_PARAMETERS,
     TRIM_PARAMETERS,
-    check_finite,
     trim_task_vectors,
 )
 
@@ -199,13 +198,10 @@ class RegMeanMerge(GroupMergeMethod):
         base = group.base.tensor
         if not group.non_base:
             return base
-        check_finite(group)
-        context, name, statistics = group_statistics(
-            self.spec.name, group, parameters["calibration"]
-        )
-        if all(stats is None for stats in statistics.values()):
-            context.record(name, "fallback", base.numel())
+        found = kernel_statistics(self.spec.name, group, parameters["calibration"])
+        if found is None:
             return self.task_arithmetic(group, parameters)
+        context, name, statistics = found
 
         grams = [_gram(group, entry.id, statistics[entry.id], name) for entry in group.non_base]
         task_vectors, report = self._task_vectors(group, statistics, parameters, name)
