@@ -17,9 +17,8 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from contextlib import ExitStack
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,9 +42,9 @@ from mergekit_sparsegpt.capture import (
     empty_model,
 )
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
-from mergekit_sparsegpt.hessian import OPTIONAL_MATRICES, HessianError
+from mergekit_sparsegpt.hessian import HessianError
 from mergekit_sparsegpt.methods import PluginMethod
-from mergekit_sparsegpt.statistics import TaskStatistics, tensor_key
+from mergekit_sparsegpt.statistics import TaskStatistics
 
 if TYPE_CHECKING:
     from mergekit_sparsegpt.prepass import CalibrationTask, PlannedTensor, PrepassSettings
@@ -191,7 +190,8 @@ def merged_model_statistics(
             weights = next(iter(hessians.values())).groups
             values = {name: merged(name) for name in weights}
             for key, layer in hessians.items():
-                _store_matrices(statistics[key], layer, writers[key].add)
+                for group in layer.hessians:
+                    statistics[key].move_matrices(group, writers[key].add)
             return values
 
         capture_merged_hessians(
@@ -223,17 +223,3 @@ def _add(
             f"Model {key[0]} on calibration {key[1]!r}, through the merged model: {error}. "
             "Check the checkpoints for inf/NaN weights, or merge in float32."
         ) from None
-
-
-def _store_matrices(
-    statistics: TaskStatistics,
-    layer: LayerHessians,
-    store: Callable[[str, torch.Tensor], None],
-) -> None:
-    """Hand the group's whole matrices to the cache writer and drop them from memory."""
-    for group in layer.hessians:
-        stats = statistics.statistics[group]
-        for field in OPTIONAL_MATRICES:
-            if getattr(stats, field) is not None:
-                store(tensor_key(group, field), getattr(stats, field))
-        statistics.statistics[group] = replace(stats, **dict.fromkeys(OPTIONAL_MATRICES))

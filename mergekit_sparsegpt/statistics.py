@@ -92,17 +92,22 @@ class TaskStatistics:
                 ).cpu()
             except HessianError as error:
                 raise HessianError(f"Hessian of {group}: {error}") from None
-            if store_matrix is not None:
-                for field in OPTIONAL_MATRICES:
-                    if getattr(stats, field) is not None:
-                        store_matrix(tensor_key(group, field), getattr(stats, field))
-                stats = replace(stats, **dict.fromkeys(OPTIONAL_MATRICES))
             self.statistics[group] = stats
             self.samples[group] = layer.samples[group]
+            if store_matrix is not None:
+                self.move_matrices(group, store_matrix)
         self.groups.update(layer.groups)
         self.linear_suffixes = self.linear_suffixes | {
             _block_suffix(name, self.layers_prefix) for name in layer.groups
         }
+
+    def move_matrices(self, group: str, store_matrix: Callable[[str, torch.Tensor], None]) -> None:
+        """Hand ``group``'s whole matrices to ``store_matrix``; memory keeps its vectors only."""
+        stats = self.statistics[group]
+        for field in OPTIONAL_MATRICES:
+            if getattr(stats, field) is not None:
+                store_matrix(tensor_key(group, field), getattr(stats, field))
+        self.statistics[group] = replace(stats, **dict.fromkeys(OPTIONAL_MATRICES))
 
     def for_weight(self, weight_name: str) -> HessianStatistics | None:
         """Statistics for ``weight_name``; None for tensors that have no Hessian by nature.
