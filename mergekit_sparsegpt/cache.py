@@ -30,6 +30,8 @@ from types import TracebackType
 from typing import IO, Any
 
 import torch
+from mergekit.common import ModelReference
+from mergekit.io.tasks import LoaderCache
 from safetensors import SafetensorError, safe_open
 from transformers import PretrainedConfig
 
@@ -101,6 +103,14 @@ def weights_fingerprint(weight_files: list[str]) -> str:
         digest.update(os.path.basename(path).encode())
         digest.update(file_fingerprint(path).encode())
     return digest.hexdigest()
+
+
+def model_weights_fingerprint(model: ModelReference) -> str:
+    """``weights_fingerprint`` of every weight file mergekit's loader indexes for ``model``."""
+    index = LoaderCache().get(model).index
+    return weights_fingerprint(
+        [os.path.join(index.base_path, name) for name in set(index.tensor_paths.values())]
+    )
 
 
 def config_fingerprint(config: PretrainedConfig) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Hashable, Mapping
 from contextlib import ExitStack
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from mergekit.common import ModelReference
-from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods.base import (
     ParameterScope,
     PerInputValues,
@@ -84,15 +82,6 @@ def merge_fingerprint(method_name: str, planned: list[PlannedTensor]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def models_fingerprint(models: list[ModelReference]) -> dict[str, str]:
-    fingerprints = {}
-    for model in models:
-        index = LoaderCache().get(model).index
-        files = sorted({os.path.join(index.base_path, f) for f in index.tensor_paths.values()})
-        fingerprints[str(model)] = cache.weights_fingerprint(files)
-    return fingerprints
-
-
 class MergedTensors:
     """The merge's value of any tensor, computed by the method's own kernel."""
 
@@ -151,7 +140,7 @@ def merged_model_statistics(
         "format": cache.FORMAT_VERSION,
         "hessian_source": MERGED,
         "merge": merge_fingerprint(method.spec.name, planned),
-        "weights": models_fingerprint(models),
+        "weights": {str(model): cache.model_weights_fingerprint(model) for model in models},
         "config": cache.config_fingerprint(config),
         "tokens": {_task_name(k): cache.tokens_fingerprint(w) for k, w in windows.items()},
         "token_shape": list(next(iter(windows.values())).shape),

@@ -507,13 +507,11 @@ def task_statistics(
     task: CalibrationTask, windows: torch.Tensor, settings: PrepassSettings, options: MergeOptions
 ) -> TaskStatistics:
     """Load the task's statistics from the cache, or run the calibration forward pass."""
-    index = LoaderCache().get(task.forward_model).index
     config = task.forward_model.config(options.trust_remote_code)
-    weight_files = sorted({os.path.join(index.base_path, f) for f in index.tensor_paths.values()})
     payload = {
         "format": cache.FORMAT_VERSION,
         "model": str(task.forward_model),
-        "weights": cache.weights_fingerprint(weight_files),
+        "weights": cache.model_weights_fingerprint(task.forward_model),
         "config": cache.config_fingerprint(config),
         "tokens": cache.tokens_fingerprint(windows),
         "token_shape": list(windows.shape),
