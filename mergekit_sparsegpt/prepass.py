@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mergekit.architecture.conversion import convert_checkpoint_tensors
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.io.tasks import LoaderCache, SaveTensor
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from mergekit.options import MergeOptions
 from pydantic import ValidationError
-from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
@@ -39,6 +37,7 @@ from mergekit_sparsegpt.calibration import (
     read_calibration_texts,
 )
 from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, empty_model
+from mergekit_sparsegpt.checkpoint import CheckpointReader
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.hessian import HessianError
 from mergekit_sparsegpt.importance import SELECTIONS, validate_importance
@@ -99,7 +98,11 @@ def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) 
     check_models(merge_config, options)
     planned = plan_tensors(merge_config, options)
     settings = validate_parameters(planned, method)
-    check_shapes(planned)
+    readers = {
+        model: CheckpointReader(model, model.config(options.trust_remote_code).model_type)
+        for model in {m for tensor in planned for m in tensor.inputs}
+    }
+    check_shapes(planned, readers)
     if any(t.shared.get("compensate") and t.shared.get("rescale") for t in planned):
         LOG.warning(
             "compensate and rescale are both on: the re-fitted task vectors already make up for "
@@ -111,11 +114,6 @@ def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) 
     tasks, hessian_inputs = calibration_tasks(planned, settings)
     windows = {task.key: _calibration_windows(task, settings, options) for task in tasks}
     if settings.hessian_source == MERGED:
-        model_type = tasks[0].forward_model.config(options.trust_remote_code).model_type
-        readers = {
-            model: checkpoint_reader(model, model_type)
-            for model in {m for tensor in planned for m in tensor.inputs}
-        }
         statistics = merged_model_statistics(
             planned, method, tasks, windows, settings, options, readers
         )
@@ -312,17 +310,18 @@ def plan_tensors(merge_config: MergeConfiguration, options: MergeOptions) -> lis
     return planned
 
 
-def check_shapes(planned: list[PlannedTensor]) -> None:
+def check_shapes(
+    planned: list[PlannedTensor], readers: dict[ModelReference, CheckpointReader]
+) -> None:
     """Every input of a tensor must have its shape. mergekit finds a mismatch only when it merges
     that tensor, after the whole pre-pass, and does not say which model differs."""
-    shards: dict[str, dict[str, tuple[int, ...]]] = {}
     for tensor in planned:
         if tensor.vocabulary:
             continue
         shapes = {
-            model: shape
+            model: stored.shape
             for model, name in tensor.inputs.items()
-            if (shape := _stored_shape(model, name, shards)) is not None
+            if (stored := readers[model].stored(name)) is not None
         }
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{shape} in {model}" for model, shape in shapes.items())
@@ -331,21 +330,6 @@ def check_shapes(planned: list[PlannedTensor]) -> None:
                 f"{listing}. Only models of one architecture and size can be merged; check that "
                 "every model is a fine-tune of the base model."
             )
-
-
-def _stored_shape(
-    model: ModelReference, name: str, shards: dict[str, dict[str, tuple[int, ...]]]
-) -> tuple[int, ...] | None:
-    """The tensor's shape from its safetensors header (None: not stored as safetensors)."""
-    index = LoaderCache().get(model).index
-    shard = index.tensor_paths.get(name)
-    if shard is None or not index.is_safetensors:
-        return None
-    path = os.path.join(index.base_path, shard)
-    if path not in shards:  # one header read per shard
-        with safe_open(path, framework="pt") as handle:
-            shards[path] = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    return shards[path].get(name)
 
 
 def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> PrepassSettings:
@@ -546,7 +530,7 @@ def compute_statistics(
 ) -> TaskStatistics:
     """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists."""
     model_ref = task.forward_model
-    load_tensor = checkpoint_reader(model_ref, config.model_type)
+    load_tensor = CheckpointReader(model_ref, config.model_type)
     model = empty_model(config, options.trust_remote_code)
     layers_prefix, _ = decoder_layers(model)
     statistics = TaskStatistics.empty(layers_prefix)
@@ -574,32 +558,6 @@ def compute_statistics(
                 "checkpoint for inf/NaN weights, or merge in float32."
             ) from None
     return statistics
-
-
-def checkpoint_reader(model_ref: ModelReference, model_type: str) -> Callable[[str], torch.Tensor]:
-    """Read a tensor by the model's own parameter name, converting checkpoint layouts.
-
-    transformers 5 keeps some architectures in a different layout in memory than on disk (fused
-    MoE experts); mergekit's converter builds the in-memory tensor from the checkpoint's.
-    """
-    loader = LoaderCache().get(model_ref)
-    sources = {
-        key: (lambda key=key: loader.get_tensor(key, device="cpu"))
-        for key in loader.index.tensor_paths
-    }
-
-    def load_tensor(name: str) -> torch.Tensor:
-        if name in loader.index.tensor_paths:
-            return loader.get_tensor(name, device="cpu")
-        converted = convert_checkpoint_tensors(model_type, sources, name)
-        if converted is None:
-            raise ValueError(
-                f"Model {model_ref} has no checkpoint tensor {name!r}, which its transformers "
-                "architecture needs for the calibration forward pass"
-            )
-        return converted
-
-    return load_tensor
 
 
 def _report_fallbacks(
