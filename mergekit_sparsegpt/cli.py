@@ -106,7 +106,9 @@ def _calibrate_command() -> Any:
             "Compute the calibration statistics a sparsegpt_ties/sparsegpt_dare/regmean/"
             "sparsegpt_regmean merge of CONFIG_FILE needs and store them in the statistics "
             "cache, without merging. "
-            "A later merge of the same config reuses them."
+            "A later merge of the same config reuses them. Under torchrun "
+            "(torchrun --nproc-per-node N -m mergekit_sparsegpt.cli calibrate CONFIG_FILE) "
+            "the processes share each task's calibration windows."
         ),
     )
     @click.argument("config_file")
@@ -122,10 +124,13 @@ def _calibrate_command() -> Any:
             config_source = file.read()
         merge_config = MergeConfiguration.model_validate(yaml.safe_load(config_source))
 
+        from mergekit_sparsegpt.distributed import launched_ranks, process_group
         from mergekit_sparsegpt.prepass import prepare_statistics
 
-        context = prepare_statistics(merge_config, merge_options)
-        if not merge_options.quiet:
+        ranks = launched_ranks()
+        with process_group(ranks, ranks.device(merge_options.device)):
+            context = prepare_statistics(merge_config, merge_options, ranks)
+        if ranks.main and not merge_options.quiet:
             click.echo(f"Calibration statistics ready for {len(context.tasks)} task(s).", err=True)
 
     return _with_user_errors(calibrate)

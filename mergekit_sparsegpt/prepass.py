@@ -8,6 +8,7 @@ any weight is read.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -39,6 +40,15 @@ from mergekit_sparsegpt.calibration import (
 from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, empty_model
 from mergekit_sparsegpt.checkpoint import CheckpointReader
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
+from mergekit_sparsegpt.distributed import (
+    SINGLE_PROCESS,
+    Ranks,
+    all_reduced_layers,
+    decided_by_main,
+    launched_ranks,
+    shard_windows,
+    together,
+)
 from mergekit_sparsegpt.hessian import HessianError
 from mergekit_sparsegpt.importance import SELECTIONS, validate_importance
 from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SIGN_SOURCES
@@ -90,8 +100,14 @@ class CalibrationTask:
     forward_model: ModelReference  # the model the calibration text runs through
 
 
-def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) -> MergeContext:
-    """Validate ``merge_config`` and return the statistics every kernel call will need."""
+def prepare_statistics(
+    merge_config: MergeConfiguration, options: MergeOptions, ranks: Ranks = SINGLE_PROCESS
+) -> MergeContext:
+    """Validate ``merge_config`` and return the statistics every kernel call will need.
+
+    With several ``ranks`` (``torchrun``), every rank takes its share of each task's windows;
+    the statistics are cached and returned by the main rank only (the others get no tasks).
+    """
     method = plugin_method(merge_config.merge_method)
     check_parameter_names(merge_config, method.spec.parameters)
     check_base_model(merge_config)
@@ -114,14 +130,21 @@ def prepare_statistics(merge_config: MergeConfiguration, options: MergeOptions) 
     tasks, hessian_inputs = calibration_tasks(planned, settings)
     windows = {task.key: _calibration_windows(task, settings, options) for task in tasks}
     if settings.hessian_source == MERGED:
+        if ranks.world_size > 1:
+            raise ValueError(
+                "hessian_source: merged builds the merge while it calibrates and runs in one "
+                "process only: run it without torchrun, or calibrate with hessian_source: "
+                "finetuned or base"
+            )
         statistics = merged_model_statistics(
             planned, method, tasks, windows, settings, options, readers
         )
         return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
-    statistics = {
-        task.key: task_statistics(task, windows[task.key], settings, options)
-        for task in tqdm(tasks, desc="Calibrating tasks", disable=options.quiet)
+    computed = {
+        task.key: task_statistics(task, windows[task.key], settings, options, ranks)
+        for task in tqdm(tasks, desc="Calibrating tasks", disable=options.quiet or not ranks.main)
     }
+    statistics = {key: value for key, value in computed.items() if value is not None}
     return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
 
 
@@ -134,6 +157,12 @@ def run_with_statistics(
     **kwargs: Any,
 ) -> Any:
     """``run_merge`` with the pre-pass in front; a failed run leaves no new output directory."""
+    if launched_ranks().world_size > 1:
+        raise ValueError(
+            "A merge runs in one process. Under torchrun, run `mergekit-sparsegpt calibrate "
+            "CONFIG` to fill the statistics cache, then the merge without torchrun: it reads "
+            "the cache."
+        )
     existed = os.path.exists(out_path)
     try:
         context = prepare_statistics(merge_config, options)
@@ -453,7 +482,10 @@ def calibration_tasks(
             if task.forward_model != forward:
                 raise ValueError(f"Model {model} would be calibrated through two base models")
             hessian_inputs.setdefault(tensor.output_name, {})[model] = tensor.inputs[forward]
-    return list(tasks.values()), hessian_inputs
+    # mergekit's per-model dicts follow hash order, which differs between processes; ranks of a
+    # distributed calibration must take the tasks in one order.
+    ordered = sorted(tasks.values(), key=lambda task: (str(task.key[0]), str(task.key[1])))
+    return ordered, hessian_inputs
 
 
 def _calibration_windows(
@@ -488,9 +520,17 @@ def _calibration_windows(
 
 
 def task_statistics(
-    task: CalibrationTask, windows: torch.Tensor, settings: PrepassSettings, options: MergeOptions
-) -> TaskStatistics:
-    """Load the task's statistics from the cache, or run the calibration forward pass."""
+    task: CalibrationTask,
+    windows: torch.Tensor,
+    settings: PrepassSettings,
+    options: MergeOptions,
+    ranks: Ranks = SINGLE_PROCESS,
+) -> TaskStatistics | None:
+    """Load the task's statistics from the cache, or run the calibration forward pass.
+
+    With several ranks, the main rank alone reads and writes the cache and returns the
+    statistics; the other ranks return None.
+    """
     config = task.forward_model.config(options.trust_remote_code)
     payload = {
         "format": cache.FORMAT_VERSION,
@@ -504,6 +544,36 @@ def task_statistics(
         "hessians": settings.keep_hessians,
     }
     cache_dir = settings.cache_dir or cache.default_cache_dir()
+    cached = _cached_statistics(task, payload, cache_dir, options) if ranks.main else None
+    if decided_by_main(cached is not None, ranks):
+        return cached
+    path = cache.cache_path(cache_dir, payload)
+    with together(ranks):
+        windows = shard_windows(windows, ranks, str(task.key[0]))
+        writer = cache.EntryWriter(path, payload) if ranks.main else None
+    with writer or contextlib.nullcontext():
+        statistics = compute_statistics(
+            task,
+            config,
+            windows,
+            settings,
+            options,
+            writer.add if writer else _discard,
+            ranks,
+        )
+        with together(ranks):
+            if writer:
+                writer.commit(statistics)
+    if not ranks.main:
+        return None
+    _report_fallbacks(task, statistics, settings, options)
+    # Served from the entry just written, as a cache hit is: the whole matrices stay on disk.
+    return cache.read_statistics(path, payload)
+
+
+def _cached_statistics(
+    task: CalibrationTask, payload: dict[str, Any], cache_dir: str | Path, options: MergeOptions
+) -> TaskStatistics | None:
     # Statistics holding more whole matrices than needed serve this merge too.
     for candidate in cache.serving_payloads(payload):
         path = cache.cache_path(cache_dir, candidate)
@@ -511,13 +581,11 @@ def task_statistics(
         if cached is not None:
             _say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
             return cached
-    path = cache.cache_path(cache_dir, payload)
-    with cache.EntryWriter(path, payload) as writer:
-        statistics = compute_statistics(task, config, windows, settings, options, writer.add)
-        writer.commit(statistics)
-    _report_fallbacks(task, statistics, settings, options)
-    # Served from the entry just written, as a cache hit is: the whole matrices stay on disk.
-    return cache.read_statistics(path, payload)
+    return None
+
+
+def _discard(name: str, matrix: torch.Tensor) -> None:
+    """Where ranks other than the main one put whole matrices: only the main rank caches."""
 
 
 def compute_statistics(
@@ -527,8 +595,12 @@ def compute_statistics(
     settings: PrepassSettings,
     options: MergeOptions,
     store_matrix: Callable[[str, torch.Tensor], None],
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> TaskStatistics:
-    """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists."""
+    """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists.
+
+    With several ranks, ``windows`` is this rank's share and the Hessians are summed over all.
+    """
     model_ref = task.forward_model
     load_tensor = CheckpointReader(model_ref, config.model_type)
     model = empty_model(config, options.trust_remote_code)
@@ -538,25 +610,26 @@ def compute_statistics(
         model,
         load_tensor,
         windows,
-        device=options.device or "cpu",
+        device=ranks.device(options.device),
         batch_size=settings.calibration_batch_size,
-        progress=not options.quiet,
+        progress=not options.quiet and ranks.main,
         description=f"Hessians of {model_ref} on {Path(task.key[1]).name}",
     )
-    for layer in layers:
-        try:
-            statistics.add_layer(
-                layer,
-                settings.dampening,
-                settings.keep_factors,
-                settings.keep_hessians,
-                store_matrix,
-            )
-        except HessianError as error:
-            raise ValueError(
-                f"Model {model_ref} on calibration {task.key[1]!r}: {error}. Check the "
-                "checkpoint for inf/NaN weights, or merge in float32."
-            ) from None
+    for layer in all_reduced_layers(layers, ranks):
+        with together(ranks):
+            try:
+                statistics.add_layer(
+                    layer,
+                    settings.dampening,
+                    settings.keep_factors,
+                    settings.keep_hessians,
+                    store_matrix,
+                )
+            except HessianError as error:
+                raise ValueError(
+                    f"Model {model_ref} on calibration {task.key[1]!r}: {error}. Check the "
+                    "checkpoint for inf/NaN weights, or merge in float32."
+                ) from None
     return statistics
 
 

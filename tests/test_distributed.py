@@ -1,0 +1,207 @@
+"""Calibration over several processes: 2 CPU processes (gloo) against one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+from safetensors import safe_open
+
+from mergekit_sparsegpt.capture import LayerHessians
+from mergekit_sparsegpt.distributed import (
+    Ranks,
+    _all_reduced,
+    launched_ranks,
+    shard_windows,
+    together,
+)
+from tests.merge_configs import regmean_config, sparsegpt_config
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _calibrate(config: dict, workdir: Path, processes: int) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "config.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
+        + ["--standalone", "-m"]
+        if processes > 1
+        else [sys.executable, "-m"]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)
+    return subprocess.run(
+        [*launcher, "mergekit_sparsegpt.cli", "calibrate", str(config_path)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _entries(cache_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    entries = {}
+    for path in sorted(cache_dir.rglob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            entries[path.name] = {key: handle.get_tensor(key) for key in handle.keys()}
+    return entries
+
+
+@pytest.mark.parametrize("method", ["sparsegpt_regmean", "sparsegpt_ties"])
+def test_two_gloo_processes_fill_the_cache_one_process_would(tiny_models, tmp_path, method):
+    """7 windows split 4 + 3: the sample-count weighting is exercised."""
+    make = regmean_config if method == "sparsegpt_regmean" else sparsegpt_config
+    caches = {}
+    for processes in (1, 2):
+        cache_dir = tmp_path / f"cache{processes}"
+        config = make(
+            tiny_models, method, calibration_samples=7, cache_dir=str(cache_dir), compensate=True
+        )
+        proc = _calibrate(config, tmp_path / f"run{processes}", processes)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count("Calibration statistics ready for 2 task(s).") == 1
+        caches[processes] = _entries(cache_dir)
+    single, double = caches[1], caches[2]
+    assert len(single) == 2 and set(single) == set(double)  # the same keys: a merge reuses them
+    for name, tensors in single.items():
+        assert set(tensors) == set(double[name])
+        if method == "sparsegpt_regmean":
+            assert any(key.endswith("::hessian") for key in tensors)
+            assert any(key.endswith("::cholesky_factor") for key in tensors)
+        for key, value in tensors.items():
+            # The sums agree to float rounding; what is derived through H^-1 amplifies that
+            # rounding by H's condition number.
+            tolerance = 1e-5 if key.endswith(("::hessian", "::hessian_diagonal")) else 1e-3
+            error = (double[name][key].double() - value.double()).norm() / value.double().norm()
+            assert error < tolerance, f"{key}: relative error {error:.2e}"
+
+
+def test_merge_under_torchrun_is_refused(tiny_models, tmp_path, monkeypatch):
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_sparsegpt.prepass import run_with_statistics
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    config = MergeConfiguration.model_validate(sparsegpt_config(tiny_models))
+    with pytest.raises(ValueError, match="mergekit-sparsegpt calibrate CONFIG"):
+        run_with_statistics(lambda *a, **k: None, config, str(tmp_path / "out"), MergeOptions())
+    assert not (tmp_path / "out").exists()
+
+
+def test_merged_hessian_source_is_refused_with_several_processes(tiny_models, tmp_path):
+    config = regmean_config(tiny_models, hessian_source="merged", cache_dir=str(tmp_path / "c"))
+    proc = _calibrate(config, tmp_path / "run", 2)
+    assert proc.returncode != 0
+    assert "hessian_source: merged builds the merge while it calibrates" in proc.stderr
+
+
+def test_launched_ranks_read_torchrun_environment(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_ranks() == Ranks()
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ranks = launched_ranks()
+    assert (ranks.rank, ranks.world_size, ranks.local_rank, ranks.main) == (3, 4, 1, False)
+    assert ranks.device("cuda") == "cuda:1"
+    assert ranks.device(None) == "cpu" and ranks.device("cuda:0") == "cuda:0"
+    assert Ranks().device("cuda") == "cuda"
+
+
+def test_windows_are_shared_out_contiguously_and_completely():
+    windows = torch.arange(7 * 3).reshape(7, 3)
+    shares = [shard_windows(windows, Ranks(rank, 3), "m") for rank in range(3)]
+    assert [len(share) for share in shares] == [3, 2, 2]
+    assert torch.equal(torch.cat(shares), windows)
+    assert shard_windows(windows, Ranks(), "m") is windows
+    with pytest.raises(ValueError, match="Calibration of m has 2 windows for 3 processes"):
+        shard_windows(windows[:2], Ranks(0, 3), "m")
+
+
+# ----------------------------------------------------------- collectives, 2 gloo processes
+
+
+def _layer_of_rank(rank: int) -> LayerHessians:
+    """q/k share an input and ran on both ranks (3 and 5 sequences); the expert's gate/up share
+    an input but ran on rank 0 only; ``never`` ran nowhere."""
+    generator = torch.Generator().manual_seed(rank)
+    attention = torch.randn(4, 4, generator=generator)
+    expert = torch.randn(3, 3, generator=generator)
+    if rank == 0:
+        return LayerHessians(
+            hessians={"q": attention, "gate": expert, "never": torch.zeros(2, 2)},
+            groups={"q": "q", "k": "q", "gate": "gate", "up": "gate", "never": "never"},
+            samples={"q": 3, "gate": 2, "never": 0},
+        )
+    return LayerHessians(
+        hessians={
+            "q": attention,
+            "gate": torch.zeros(3, 3),
+            "up": torch.zeros(3, 3),
+            "never": torch.zeros(2, 2),
+        },
+        groups={"q": "q", "k": "q", "gate": "gate", "up": "up", "never": "never"},
+        samples={"q": 5, "gate": 0, "up": 0, "never": 0},
+    )
+
+
+def _reduce_worker(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
+    )
+    try:
+        reduced = _all_reduced(_layer_of_rank(rank), Ranks(rank, 2))
+        outcome = None
+        try:
+            with together(Ranks(rank, 2)):
+                if rank == 1:
+                    raise ValueError("bad calibration file x.txt")
+        except ValueError as error:
+            outcome = str(error)
+        torch.save({"reduced": reduced, "outcome": outcome}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_all_reduce_weights_by_samples_and_reconciles_groups(tmp_path):
+    out = str(tmp_path / "result")
+    mp.spawn(_reduce_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    results = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    layers = [_layer_of_rank(rank) for rank in range(2)]
+    expected_attention = torch.zeros(4, 4)
+    for i in range(4):
+        for j in range(4):
+            expected_attention[i, j] = (
+                3 * layers[0].hessians["q"][i, j] + 5 * layers[1].hessians["q"][i, j]
+            ) / 8
+    for rank, result in enumerate(results):
+        reduced = result["reduced"]
+        assert reduced.groups == {
+            "q": "q",
+            "k": "q",
+            "gate": "gate",
+            "up": "gate",
+            "never": "never",
+        }
+        assert reduced.samples == {"q": 8, "gate": 2, "never": 0}
+        torch.testing.assert_close(reduced.hessians["q"], expected_attention)
+        torch.testing.assert_close(reduced.hessians["gate"], layers[0].hessians["gate"])
+        assert torch.equal(reduced.hessians["never"], torch.zeros(2, 2))
+        # The failing rank re-raises its own error; the other names the rank that failed.
+        expected = "bad calibration file x.txt"
+        assert result["outcome"] == (
+            expected if rank == 1 else f"Calibration process 1 failed: {expected}"
+        )
