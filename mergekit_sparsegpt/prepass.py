@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
-from mergekit_sparsegpt import cache
+from mergekit_sparsegpt import cache, model_card
 from mergekit_sparsegpt.calibration import (
     CalibrationSource,
     calibration_windows,
@@ -108,6 +108,22 @@ def prepare_statistics(
     With several ``ranks`` (``torchrun``), every rank takes its share of each task's windows;
     the statistics are cached and returned by the main rank only (the others get no tasks).
     """
+    return _prepare(merge_config, options, ranks).context
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The statistics and what the model card says about them."""
+
+    context: MergeContext
+    method: PluginMethod
+    planned: list[PlannedTensor]
+    windows: dict[TaskKey, torch.Tensor]
+
+
+def _prepare(
+    merge_config: MergeConfiguration, options: MergeOptions, ranks: Ranks = SINGLE_PROCESS
+) -> Prepared:
     method = plugin_method(merge_config.merge_method)
     check_parameter_names(merge_config, method.spec.parameters)
     check_base_model(merge_config)
@@ -139,13 +155,15 @@ def prepare_statistics(
         statistics = merged_model_statistics(
             planned, method, tasks, windows, settings, options, readers
         )
-        return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
+        context = MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
+        return Prepared(context, method, planned, windows)
     computed = {
         task.key: task_statistics(task, windows[task.key], settings, options, ranks)
         for task in tqdm(tasks, desc="Calibrating tasks", disable=options.quiet or not ranks.main)
     }
     statistics = {key: value for key, value in computed.items() if value is not None}
-    return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
+    context = MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
+    return Prepared(context, method, planned, windows)
 
 
 def run_with_statistics(
@@ -165,7 +183,8 @@ def run_with_statistics(
         )
     existed = os.path.exists(out_path)
     try:
-        context = prepare_statistics(merge_config, options)
+        prepared = _prepare(merge_config, options)
+        context = prepared.context
         with activated(context):
             result = run_merge(merge_config, out_path, options, *args, **kwargs)
     except BaseException:
@@ -174,8 +193,29 @@ def run_with_statistics(
         raise
     if os.path.isdir(out_path):
         write_report(context, os.path.join(out_path, REPORT_FILE))
+        if options.write_model_card:
+            model_card.append_to_card(out_path, card_section(prepared))
     _say(options, usage_summary(merge_config.merge_method, context))
     return result
+
+
+def card_section(prepared: Prepared) -> str:
+    """The model card's calibration section for this merge."""
+    per_model: dict[ModelReference, list[dict[str, Any]]] = {}
+    calibration: dict[ModelReference, tuple[str, int]] = {}
+    for tensor in prepared.planned:
+        for model, values in tensor.per_input.items():
+            if model != tensor.base_model:
+                per_model.setdefault(model, []).append(values)
+    for (model, source), windows in prepared.windows.items():
+        calibration[model] = (source, windows.numel())
+    return model_card.calibration_section(
+        prepared.method,
+        [tensor.shared for tensor in prepared.planned],
+        per_model,
+        calibration,
+        prepared.context,
+    )
 
 
 def write_report(context: MergeContext, path: str) -> None:
@@ -292,6 +332,12 @@ def check_models(merge_config: MergeConfiguration, options: MergeOptions) -> Non
     LoaderCache().setup(options=options)
     for model in sorted(merge_config.referenced_models(), key=str):
         path = model.model.path
+        if model.lora is not None and not options.lora_merge_cache:
+            raise ValueError(
+                f"Model {model} is a LoRA adapter on a base model: mergekit merges the adapter "
+                "into the base before anything reads it, and needs a directory for that. Add "
+                "--lora-merge-cache DIR to the command."
+            )
         try:
             if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
                 raise OSError(f"there is no directory {path}")
@@ -509,7 +555,7 @@ def _calibration_windows(
             "tokenized with the tokenizer of the model it runs through: save that tokenizer "
             "next to the model's weights (tokenizer.save_pretrained)."
         ) from None
-    return calibration_windows(
+    windows = calibration_windows(
         texts,
         tokenizer,
         settings.calibration_samples,
@@ -517,6 +563,28 @@ def _calibration_windows(
         model_name=name,
         source_name=source,
     )
+    check_tokens_fit(windows, task.forward_model.config(options.trust_remote_code), name)
+    return windows
+
+
+def check_tokens_fit(windows: torch.Tensor, config: PretrainedConfig, model_name: str) -> None:
+    """Token ids beyond the embedding, or windows beyond the positions, fail deep in the forward
+    pass (an index error, or silently wrong rotary tables) without naming the model."""
+    text_config = config.get_text_config()
+    rows = getattr(text_config, "vocab_size", None)
+    largest = int(windows.max())
+    if rows is not None and largest >= rows:
+        raise ValueError(
+            f"The tokenizer saved with model {model_name} gives token id {largest}, but the "
+            f"model's embedding has {rows} rows: that tokenizer is not the model's own. Save "
+            "the tokenizer the model was trained with next to its weights."
+        )
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if positions is not None and windows.shape[1] > positions:
+        raise ValueError(
+            f"calibration_seq_len {windows.shape[1]} is longer than model {model_name} can "
+            f"read ({positions} positions). Set calibration_seq_len to {positions} or less."
+        )
 
 
 def task_statistics(

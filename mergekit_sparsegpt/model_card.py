@@ -1,0 +1,124 @@
+"""The calibration section of the model card (``--write-model-card``, on by default in mergekit).
+
+mergekit's card shows the YAML as written. What shaped a data-aware merge is more than that: the
+values our methods resolved (defaults included, per-layer gradients), the calibration data each
+model read, how many tokens, and which tensors fell back to the stock rule. The section below is
+appended to mergekit's README.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mergekit.common import ModelReference
+from mergekit.merge_methods.base import ParameterScope
+
+from mergekit_sparsegpt import __version__
+from mergekit_sparsegpt.context import MergeContext
+from mergekit_sparsegpt.methods import PluginMethod
+
+CARD_FILE = "README.md"
+SECTION_TITLE = "## Data-aware merge: mergekit-sparsegpt"
+# Settings of the pre-pass itself, shown once in the calibration line, not in the tables.
+CALIBRATION_SETTINGS = (
+    "calibration_samples",
+    "calibration_seq_len",
+    "calibration_batch_size",
+    "calibration_field",
+    "calibration_split",
+    "cache_dir",
+)
+
+
+def describe_values(values: Iterable[Any]) -> str:
+    """One value as itself; several as a range (numbers) or a list: they varied by tensor."""
+    distinct = sorted({_plain(value) for value in values}, key=str)
+    if not distinct:
+        return "–"
+    if len(distinct) == 1:
+        return str(distinct[0])
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct):
+        return f"{min(distinct):g} to {max(distinct):g} (varies by tensor)"
+    return ", ".join(str(v) for v in distinct) + " (varies by tensor)"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return value  # keep 1.0 as 1.0: the YAML wrote it so
+    return value
+
+
+def calibration_section(
+    method: PluginMethod,
+    shared: list[dict[str, Any]],
+    per_model: dict[ModelReference, list[dict[str, Any]]],
+    calibration: dict[ModelReference, tuple[str, int]],
+    context: MergeContext,
+) -> str:
+    """Markdown for the card.
+
+    ``shared``: each planned tensor's merge-wide values; ``per_model``: each merged model's
+    values per tensor; ``calibration``: per model, its calibration source and token count.
+    """
+    name = method.spec.name
+    shared_specs = [
+        spec.name
+        for spec in method.spec.parameters
+        if spec.scope == ParameterScope.SHARED and spec.name not in CALIBRATION_SETTINGS
+    ]
+    model_specs = [
+        spec.name for spec in method.spec.parameters if spec.scope != ParameterScope.SHARED
+    ]
+    first = shared[0] if shared else {}
+    lines = [
+        SECTION_TITLE,
+        "",
+        f"Merged with `{name}` (mergekit-sparsegpt {__version__}). Every value below is the one "
+        "the merge used, defaults included.",
+        "",
+        f"Calibration: {first.get('calibration_samples', '?')} windows of "
+        f"{first.get('calibration_seq_len', '?')} tokens per model, each model's text "
+        "tokenized with the tokenizer of the model it ran through.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {spec} | {describe_values(v.get(spec) for v in shared)} |" for spec in shared_specs),
+        "",
+        "| model | calibration data | tokens | "
+        + " | ".join(spec for spec in model_specs if spec != "calibration")
+        + " |",
+        "|---|---|---|" + "---|" * sum(spec != "calibration" for spec in model_specs),
+    ]
+    for model, values in per_model.items():
+        source, tokens = calibration.get(model, ("–", 0))
+        cells = [
+            describe_values(v.get(spec) for v in values)
+            for spec in model_specs
+            if spec != "calibration"
+        ]
+        lines.append(f"| {model} | {source} | {tokens:,} | " + " | ".join(cells) + " |")
+    lines += ["", _usage_line(method, context), ""]
+    return "\n".join(lines)
+
+
+def _usage_line(method: PluginMethod, context: MergeContext) -> str:
+    counts = [
+        f"{label}: {context.usage[(path, 'tensors')]}" for path, label in method.summary_paths
+    ]
+    return (
+        f"Tensors merged per rule: {'; '.join(counts)}. Tensors without a Hessian (embeddings, "
+        "norms, lm_head, biases) take the stock rule. Per-tensor details: sparsegpt_report.json."
+    )
+
+
+def append_to_card(out_path: str | Path, section: str) -> bool:
+    """Append ``section`` to the card mergekit wrote; False when there is none."""
+    card = Path(out_path) / CARD_FILE
+    if not card.is_file():
+        return False
+    text = card.read_text(encoding="utf-8")
+    card.write_text(text.rstrip("\n") + "\n\n" + section, encoding="utf-8")
+    return True
