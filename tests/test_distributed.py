@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from merge_configs import regmean_config, sparsegpt_config
 from safetensors import safe_open
 
 from mergekit_sparsegpt.capture import LayerHessians
@@ -21,7 +22,6 @@ from mergekit_sparsegpt.distributed import (
     shard_windows,
     together,
 )
-from tests.merge_configs import regmean_config, sparsegpt_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ transformers, mergekit and the plugin gives the interpreter's fixed overhead, fr
 predicted bound is
 
     fixed overhead + one decoder block + one copy of the calibration activations
-    + one block's Hessians
+    + one block's Hessians + the widest Hessian group's factorisation + one batch's temporaries
 
 all float32, from the config's sizes. One more ``calibrate`` on a warm cache (no weights read,
 no forward pass) shows what planning and tokenizing add to the imports.
@@ -26,6 +26,7 @@ from benchmarks.perf.configs import (
     CACHE_HIT_MESSAGE,
     calibrate_command,
     calibration_settings,
+    prepass_default,
     single_task_prepass_config,
 )
 from benchmarks.perf.measure import (
@@ -126,14 +127,17 @@ def _shape(checkpoints: Checkpoints, depth: int) -> formulas.LlamaShape:
 
 
 def predicted_bound(
-    shape: formulas.LlamaShape, samples: int, seq_len: int, overhead_bytes: int
+    shape: formulas.LlamaShape, samples: int, seq_len: int, overhead_bytes: int, batch: int
 ) -> dict[str, int]:
-    """The terms of the bound the issue states, and their sum."""
+    """The terms of the bound the issue states, plus the two working sets it leaves out (the
+    widest Hessian group's factorisation and one batch's temporaries), and their sum."""
     terms = {
         "fixed_overhead": overhead_bytes,
         "decoder_block": formulas.block_bytes(shape),
         "activations": formulas.activation_bytes(shape, samples, seq_len),
         "block_hessians": formulas.block_hessian_bytes(shape),
+        "factorisation": formulas.factorisation_bytes(shape),
+        "batch_temporaries": formulas.batch_temporary_bytes(shape, batch, seq_len),
     }
     return {**terms, "total": sum(terms.values())}
 
@@ -152,6 +156,7 @@ def summarize(
         sizes.calibration_samples,
         sizes.calibration_seq_len,
         overhead.peak_rss_bytes,
+        prepass_default("calibration_batch_size"),
     )
     result = PartResult(PART, TITLE)
     for runs in depths:
@@ -249,7 +254,8 @@ def _notes(samples: int, seq_len: int, bound: dict[str, int]) -> list[str]:
         f"each depth: `python -m mergekit_sparsegpt.cli calibrate CONFIG --lazy-unpickle` in a "
         f"fresh subprocess, empty cache, {samples} x {seq_len} calibration tokens; medians of the "
         "repeats; peak RSS = the child's ru_maxrss (file-backed pages included)",
-        f"predicted bound = {terms}; it counts one copy of the activations",
+        f"predicted bound = {terms}; it counts one copy of the activations, and the plugin's "
+        f"default batch of {prepass_default('calibration_batch_size')}",
         "file-backed RSS is sampled from /proc every 20 ms: shared libraries (libtorch) and "
         "the memory-mapped safetensors shard being read; what exceeds the imports-only run's "
         "is shard pages, which the kernel can drop under memory pressure",

@@ -128,6 +128,24 @@ def block_hessian_bytes(shape: LlamaShape) -> int:
     return FLOAT32_BYTES * sum(width**2 for width in hessian_group_widths(shape))
 
 
+# Square matrices the factorisation of one Hessian group holds at once (hessian.py): the undamped
+# copy, the damped matrix, its Cholesky factor, H^-1 and the factor U of H^-1.
+FACTORISATION_MATRICES = 5
+
+
+def factorisation_bytes(shape: LlamaShape) -> int:
+    """Working matrices of the widest group's factorisation (one group at a time)."""
+    return FLOAT32_BYTES * FACTORISATION_MATRICES * max(hessian_group_widths(shape)) ** 2
+
+
+def batch_temporary_bytes(shape: LlamaShape, batch: int, seq_len: int) -> int:
+    """What one batch's pass through a block allocates beyond its input and output: the attention
+    scores and their softmax, and the MLP's gate, up and activated product."""
+    attention = 2 * batch * shape.heads * seq_len**2
+    mlp = 3 * batch * seq_len * shape.intermediate
+    return FLOAT32_BYTES * max(attention, mlp)
+
+
 def cache_bytes_per_task(shape: LlamaShape, hessians: bool, factors: bool) -> int:
     """Tensor data of one task's cache entry (the safetensors header comes on top).
 
