@@ -503,3 +503,29 @@ def test_default_compensation_per_method(tiny_models, tmp_path, method, compensa
     )
     settings = prepass.validate_parameters(planned, plugin_method(method))
     assert settings.keep_factors is compensates
+
+
+@pytest.mark.parametrize("method", ["sparsegpt_ties", "regmean"])
+def test_mergekit_memory_flags_give_the_same_merge(tiny_models, tmp_path, method):
+    """--lazy-unpickle, --low-cpu-memory and --out-shard-size change how mergekit reads and
+    writes, never what the plugin's kernels compute."""
+    if method == "regmean":
+        config = regmean_config(tiny_models, cache_dir=str(tmp_path / "cache"))
+    else:
+        config = _config(tiny_models, tmp_path / "cache")
+    outputs = {}
+    for name, flags in (
+        ("plain", {}),
+        ("lazy", {"lazy_unpickle": True, "low_cpu_memory": True, "out_shard_size": 20_000}),
+    ):
+        out = tmp_path / name
+        mergekit.merge.run_merge(
+            MergeConfiguration.model_validate(config), str(out), MergeOptions(quiet=True, **flags)
+        )
+        shards = sorted(out.glob("*.safetensors"))
+        outputs[name] = {k: v for shard in shards for k, v in load_file(shard).items()}
+        if name == "lazy":
+            assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    assert set(outputs["plain"]) == set(outputs["lazy"])
+    for key, value in outputs["plain"].items():
+        assert torch.equal(outputs["lazy"][key], value), key
