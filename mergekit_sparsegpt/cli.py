@@ -106,9 +106,9 @@ def _calibrate_command() -> Any:
             "Compute the calibration statistics a sparsegpt_ties/sparsegpt_dare/regmean/"
             "sparsegpt_regmean merge of CONFIG_FILE needs and store them in the statistics "
             "cache, without merging. "
-            "A later merge of the same config reuses them. Under torchrun "
-            "(torchrun --nproc-per-node N -m mergekit_sparsegpt.cli calibrate CONFIG_FILE) "
-            "the processes share each task's calibration windows."
+            "A later merge of the same config reuses them. Started by torchrun, the "
+            "processes share each task's calibration windows (README: GPUs and several "
+            "processes)."
         ),
     )
     @click.argument("config_file")

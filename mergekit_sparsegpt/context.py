@@ -18,7 +18,7 @@ import torch
 from mergekit.common import ModelReference
 
 from mergekit_sparsegpt.hessian import HessianStatistics
-from mergekit_sparsegpt.statistics import StoredMatricesError, TaskStatistics
+from mergekit_sparsegpt.statistics import StoredMatricesError, TaskStatistics, TensorStatistics
 
 if TYPE_CHECKING:
     from mergekit.merge_methods.base import TensorGroup
@@ -35,12 +35,27 @@ class MergeContext:
     # output tensor -> {"path": ..., "models": {model: trim_entry(...)}, **details}, for the
     # JSON report
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What the model card says about the merge (``prepass.CardFacts``), set by the pre-pass.
+    card_facts: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def statistics_for(
         self, output_name: str, model: ModelReference, calibration: str | None
     ) -> HessianStatistics | None:
-        """Hessian statistics for ``model``'s contribution to ``output_name`` (None: fallback)."""
+        """Hessian statistics for ``model``'s contribution to ``output_name`` (None: fallback),
+        a tensor that holds one matrix (any linear but fused MoE experts)."""
+        found = self.tensor_statistics_for(output_name, model, calibration)
+        if found is None:
+            return None
+        if len(found.matrices) != 1:
+            raise ValueError(f"{output_name} holds {len(found.matrices)} expert matrices")
+        return found.matrices[0]
+
+    def tensor_statistics_for(
+        self, output_name: str, model: ModelReference, calibration: str | None
+    ) -> TensorStatistics | None:
+        """Statistics of every matrix of ``output_name`` for ``model``'s contribution (None:
+        the tensor has no Hessian, and is merged by the stock rule)."""
         task = self.tasks.get((model, calibration or ""))
         if task is None:
             raise ValueError(
@@ -49,7 +64,7 @@ class MergeContext:
             )
         input_name = self.hessian_inputs.get(output_name, {}).get(model, output_name)
         try:
-            return task.for_weight(input_name)
+            return task.for_tensor(input_name)
         except KeyError:
             raise ValueError(
                 f"Tensor {input_name} of model {model} is a linear layer but no Hessian was "
@@ -104,7 +119,7 @@ def active_context(method_name: str) -> MergeContext:
 
 def kernel_statistics(
     method_name: str, group: TensorGroup, calibration: dict[Any, str]
-) -> tuple[MergeContext, str, dict[Any, HessianStatistics | None]] | None:
+) -> tuple[MergeContext, str, dict[Any, TensorStatistics | None]] | None:
     """The active context, the tensor's name, and every merged model's statistics for it.
 
     None when no model has a Hessian for the tensor (embeddings, norms, lm_head): the tensor is
@@ -115,12 +130,18 @@ def kernel_statistics(
     context = active_context(method_name)
     name = group.metadata.name or "<unnamed tensor>"
     statistics = {
-        entry.id: context.statistics_for(name, entry.id, calibration[entry.id])
+        entry.id: context.tensor_statistics_for(name, entry.id, calibration[entry.id])
         for entry in group.non_base
     }
     if all(stats is None for stats in statistics.values()):
         context.record(name, "fallback", group.base.tensor.numel())
         return None
+    layouts = {stats.layout for stats in statistics.values() if stats is not None}
+    if len(layouts) > 1:
+        raise ValueError(
+            f"The models' Hessian statistics for {name} lay its matrices out differently "
+            f"({sorted(map(str, layouts))}): the models are not of one architecture"
+        )
     return context, name, statistics
 
 

@@ -195,4 +195,4 @@ def _all_reduced(layer: LayerHessians, ranks: Ranks) -> LayerHessians:
         samples[group] = int(counts[index].item())
         if samples[group]:
             hessians[group].div_(samples[group])
-    return LayerHessians(hessians=hessians, groups=groups, samples=samples)
+    return LayerHessians(hessians=hessians, groups=groups, samples=samples, layouts=layer.layouts)

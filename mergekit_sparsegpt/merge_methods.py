@@ -32,9 +32,10 @@ from mergekit.sparsify import (
 from mergekit_sparsegpt._autoload import retry_deferred_registration
 from mergekit_sparsegpt.compensation import compensated_trim
 from mergekit_sparsegpt.context import kernel_statistics
-from mergekit_sparsegpt.hessian import HessianStatistics
+from mergekit_sparsegpt.hessian import HessianStatistics, TensorLayout
 from mergekit_sparsegpt.importance import DEFAULT_IMPORTANCE, importance_scores, top_density_mask
 from mergekit_sparsegpt.report import trim_entry
+from mergekit_sparsegpt.statistics import TensorStatistics
 
 # Parameters read by the pre-pass (calibration, Hessians, cache) rather than by the kernel.
 PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
@@ -159,7 +160,7 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
 
 def trim_task_vectors(
     group: TensorGroup,
-    statistics: Mapping[Any, HessianStatistics | None],
+    statistics: Mapping[Any, TensorStatistics | None],
     parameters: Mapping[str, Any],
     name: str,
     stock_method: SparsificationMethod | None = None,
@@ -178,11 +179,64 @@ def trim_task_vectors(
         if stats is None:
             vector, mask = _stock_trim(task_vector, density, parameters, stock_method, where), None
         else:
-            vector, mask = trim_task_vector(task_vector, stats, density, parameters, where)
-            report[str(entry.id)] = trim_entry(task_vector, vector, mask, stats, density)
+            vector, mask, report[str(entry.id)] = trim_tensor_task_vector(
+                task_vector, stats, density, parameters, where
+            )
         trimmed.append(vector)
         masks.append(mask)
     return trimmed, masks, report
+
+
+def trim_tensor_task_vector(
+    task_vector: torch.Tensor,
+    statistics: TensorStatistics,
+    density: float,
+    parameters: Mapping[str, Any],
+    where: str,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``trim_task_vector`` on every [out, in] matrix of a checkpoint tensor, each with its own
+    Hessian (each expert of a fused MoE tensor keeps ``density`` of its entries), in the
+    tensor's layout; and the report entry."""
+    layout = statistics.layout
+    matrices = matrix_views(layout, task_vector, where)
+    trims = [
+        trim_task_vector(matrix, stats, density, parameters, _matrix_where(where, index, layout))
+        for index, (matrix, stats) in enumerate(zip(matrices, statistics.matrices, strict=True))
+    ]
+    entries = [
+        trim_entry(matrix, vector, mask, stats, density)
+        for matrix, (vector, mask), stats in zip(matrices, trims, statistics.matrices, strict=True)
+    ]
+    vector = layout.assemble([vector for vector, _ in trims])
+    mask = layout.assemble([mask for _, mask in trims])
+    return vector, mask, tensor_entry(entries, statistics)
+
+
+def matrix_views(layout: TensorLayout, tensor: torch.Tensor, where: str) -> list[torch.Tensor]:
+    """The tensor's [out, in] matrices, or one clear error naming the tensor and model."""
+    try:
+        return layout.matrices(tensor)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _matrix_where(where: str, index: int, layout: TensorLayout) -> str:
+    return f"{where} (expert {index})" if layout.experts else where
+
+
+def tensor_entry(entries: list[dict[str, Any]], statistics: TensorStatistics) -> dict[str, Any]:
+    """A tensor's report entry: its matrix's, or for fused experts the mean over experts of each
+    figure, with every expert's own entry and the experts no calibration token reached."""
+    if not statistics.layout.experts:
+        return entries[0]
+    numeric = [key for key, value in entries[0].items() if isinstance(value, float)]
+    mean = {key: sum(entry[key] for entry in entries) / len(entries) for key in numeric}
+    return {
+        **entries[0],
+        **mean,
+        "experts": entries,
+        "experts_without_tokens": [e for e, count in enumerate(statistics.samples) if not count],
+    }
 
 
 def trim_task_vector(

@@ -176,8 +176,8 @@ def merged_model_statistics(
         def merge_group(hessians: dict[Hashable, LayerHessians]) -> dict[str, torch.Tensor]:
             for key, layer in hessians.items():
                 _add(statistics[key], layer, settings, key)
-            weights = next(iter(hessians.values())).groups
-            values = {name: merged(name) for name in weights}
+            tensors = next(iter(hessians.values())).tensor_names()
+            values = {name: merged(name) for name in tensors}
             for key, layer in hessians.items():
                 for group in layer.hessians:
                     statistics[key].move_matrices(group, writers[key].add)

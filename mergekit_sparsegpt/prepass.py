@@ -37,7 +37,12 @@ from mergekit_sparsegpt.calibration import (
     calibration_windows,
     read_calibration_texts,
 )
-from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, empty_model
+from mergekit_sparsegpt.capture import (
+    capture_layer_hessians,
+    check_supported,
+    decoder_layers,
+    empty_model,
+)
 from mergekit_sparsegpt.checkpoint import CheckpointReader
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.distributed import (
@@ -108,26 +113,14 @@ def prepare_statistics(
     With several ``ranks`` (``torchrun``), every rank takes its share of each task's windows;
     the statistics are cached and returned by the main rank only (the others get no tasks).
     """
-    return _prepare(merge_config, options, ranks).context
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """The statistics and what the model card says about them."""
-
-    context: MergeContext
-    method: PluginMethod
-    planned: list[PlannedTensor]
-    windows: dict[TaskKey, torch.Tensor]
-
-
-def _prepare(
-    merge_config: MergeConfiguration, options: MergeOptions, ranks: Ranks = SINGLE_PROCESS
-) -> Prepared:
     method = plugin_method(merge_config.merge_method)
     check_parameter_names(merge_config, method.spec.parameters)
     check_base_model(merge_config)
     check_models(merge_config, options)
+    for model in sorted(merge_config.referenced_models(), key=str):
+        check_supported(
+            model.config(options.trust_remote_code), str(model), options.trust_remote_code
+        )
     planned = plan_tensors(merge_config, options)
     settings = validate_parameters(planned, method)
     readers = {
@@ -155,15 +148,28 @@ def _prepare(
         statistics = merged_model_statistics(
             planned, method, tasks, windows, settings, options, readers
         )
-        context = MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
-        return Prepared(context, method, planned, windows)
+        facts = CardFacts(method, planned, _token_counts(windows))
+        return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics, card_facts=facts)
     computed = {
         task.key: task_statistics(task, windows[task.key], settings, options, ranks)
         for task in tqdm(tasks, desc="Calibrating tasks", disable=options.quiet or not ranks.main)
     }
     statistics = {key: value for key, value in computed.items() if value is not None}
-    context = MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
-    return Prepared(context, method, planned, windows)
+    facts = CardFacts(method, planned, _token_counts(windows))
+    return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics, card_facts=facts)
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What the model card says about the merge, besides how each tensor went."""
+
+    method: PluginMethod
+    planned: list[PlannedTensor]
+    tokens: dict[TaskKey, int]  # calibration tokens per task
+
+
+def _token_counts(windows: dict[TaskKey, torch.Tensor]) -> dict[TaskKey, int]:
+    return {key: task_windows.numel() for key, task_windows in windows.items()}
 
 
 def run_with_statistics(
@@ -183,8 +189,7 @@ def run_with_statistics(
         )
     existed = os.path.exists(out_path)
     try:
-        prepared = _prepare(merge_config, options)
-        context = prepared.context
+        context = prepare_statistics(merge_config, options)
         with activated(context):
             result = run_merge(merge_config, out_path, options, *args, **kwargs)
     except BaseException:
@@ -194,27 +199,22 @@ def run_with_statistics(
     if os.path.isdir(out_path):
         write_report(context, os.path.join(out_path, REPORT_FILE))
         if options.write_model_card:
-            model_card.append_to_card(out_path, card_section(prepared))
+            model_card.append_to_card(out_path, card_section(context))
     _say(options, usage_summary(merge_config.merge_method, context))
     return result
 
 
-def card_section(prepared: Prepared) -> str:
+def card_section(context: MergeContext) -> str:
     """The model card's calibration section for this merge."""
+    facts: CardFacts = context.card_facts
     per_model: dict[ModelReference, list[dict[str, Any]]] = {}
-    calibration: dict[ModelReference, tuple[str, int]] = {}
-    for tensor in prepared.planned:
+    for tensor in facts.planned:
         for model, values in tensor.per_input.items():
             if model != tensor.base_model:
                 per_model.setdefault(model, []).append(values)
-    for (model, source), windows in prepared.windows.items():
-        calibration[model] = (source, windows.numel())
+    calibration = {model: (source, count) for (model, source), count in facts.tokens.items()}
     return model_card.calibration_section(
-        prepared.method,
-        [tensor.shared for tensor in prepared.planned],
-        per_model,
-        calibration,
-        prepared.context,
+        facts.method, [tensor.shared for tensor in facts.planned], per_model, calibration, context
     )
 
 
@@ -612,26 +612,36 @@ def task_statistics(
         "hessians": settings.keep_hessians,
     }
     cache_dir = settings.cache_dir or cache.default_cache_dir()
-    cached = _cached_statistics(task, payload, cache_dir, options) if ranks.main else None
-    if decided_by_main(cached is not None, ranks):
-        return cached
     path = cache.cache_path(cache_dir, payload)
-    with together(ranks):
-        windows = shard_windows(windows, ranks, str(task.key[0]))
-        writer = cache.EntryWriter(path, payload) if ranks.main else None
-    with writer or contextlib.nullcontext():
-        statistics = compute_statistics(
-            task,
-            config,
-            windows,
-            settings,
-            options,
-            writer.add if writer else _discard,
-            ranks,
-        )
+    with contextlib.ExitStack() as locked:
+        if ranks.main:
+            # Another process computing this entry is waited for, and its entry read.
+            waiting = f"another process is computing the Hessian statistics of {task.key[0]}"
+            locked.enter_context(
+                cache.entry_lock(path, lambda lock: _say(options, f"Waiting for {lock}: {waiting}"))
+            )
+        cached = _cached_statistics(task, payload, cache_dir, options) if ranks.main else None
+        if decided_by_main(cached is not None, ranks):
+            return cached
         with together(ranks):
-            if writer:
-                writer.commit(statistics)
+            windows = shard_windows(windows, ranks, str(task.key[0]))
+            # Each rank holds activations of its own windows: only one process can resume.
+            resumable = ranks.world_size == 1
+            writer = cache.EntryWriter(path, payload, resumable) if ranks.main else None
+        with writer or contextlib.nullcontext():
+            statistics = compute_statistics(
+                task,
+                config,
+                windows,
+                settings,
+                options,
+                writer.add if writer else _discard,
+                ranks,
+                checkpoint=writer if writer and writer.resumable else None,
+            )
+            with together(ranks):
+                if writer:
+                    writer.commit(statistics)
     if not ranks.main:
         return None
     _report_fallbacks(task, statistics, settings, options)
@@ -648,6 +658,8 @@ def _cached_statistics(
         cached = cache.load_statistics(path, candidate)
         if cached is not None:
             _say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
+            # Left by a run killed between committing the entry and removing its checkpoint.
+            cache.remove_checkpoint(path)
             return cached
     return None
 
@@ -664,16 +676,27 @@ def compute_statistics(
     options: MergeOptions,
     store_matrix: Callable[[str, torch.Tensor], None],
     ranks: Ranks = SINGLE_PROCESS,
+    checkpoint: cache.EntryWriter | None = None,
 ) -> TaskStatistics:
     """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists.
 
     With several ranks, ``windows`` is this rank's share and the Hessians are summed over all.
+    A resumable ``checkpoint`` writer supplies the blocks an interrupted run finished (they do
+    not run again) and is offered each block this run finishes.
     """
     model_ref = task.forward_model
     load_tensor = CheckpointReader(model_ref, config.model_type)
     model = empty_model(config, options.trust_remote_code)
-    layers_prefix, _ = decoder_layers(model)
-    statistics = TaskStatistics.empty(layers_prefix)
+    layers_prefix, blocks = decoder_layers(model)
+    description = f"Hessians of {model_ref} on {Path(task.key[1]).name}"
+    resumed = checkpoint.take_resume_point() if checkpoint else None
+    statistics = resumed.statistics if resumed else TaskStatistics.empty(layers_prefix)
+    if resumed and checkpoint:
+        _say(
+            options,
+            f"{description}: resuming at block {resumed.next_block} of {len(blocks)} "
+            f"from checkpoint {checkpoint.checkpoint}",
+        )
     layers = capture_layer_hessians(
         model,
         load_tensor,
@@ -681,8 +704,15 @@ def compute_statistics(
         device=ranks.device(options.device),
         batch_size=settings.calibration_batch_size,
         progress=not options.quiet and ranks.main,
-        description=f"Hessians of {model_ref} on {Path(task.key[1]).name}",
+        description=description,
+        resume=(resumed.next_block, resumed.activations) if resumed else None,
+        block_done=(
+            (lambda index, outputs: checkpoint.block_finished(index, outputs, statistics))
+            if checkpoint
+            else None
+        ),
     )
+    del resumed  # its activations now belong to the capture, which overwrites them
     for layer in all_reduced_layers(layers, ranks):
         with together(ranks):
             try:

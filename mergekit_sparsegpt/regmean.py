@@ -49,8 +49,10 @@ from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.merge_methods import (
     PREPASS_PARAMETERS,
     TRIM_PARAMETERS,
+    matrix_views,
     trim_task_vectors,
 )
+from mergekit_sparsegpt.statistics import TensorStatistics
 
 REGMEAN_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0),
@@ -203,13 +205,24 @@ class RegMeanMerge(GroupMergeMethod):
             return self.task_arithmetic(group, parameters)
         context, name, statistics = found
 
-        grams = [_gram(group, entry.id, statistics[entry.id], name) for entry in group.non_base]
+        grams = [_grams(group, entry.id, statistics[entry.id], name) for entry in group.non_base]
+        layout = next(stats.layout for stats in statistics.values() if stats is not None)
         task_vectors, report = self._task_vectors(group, statistics, parameters, name)
+        # Each [out, in] matrix (each expert of a fused MoE tensor) is a system of its own.
+        matrices = [matrix_views(layout, tau, name) for tau in task_vectors]
         weights = [parameters["weight"][entry.id] for entry in group.non_base]
-        solve = regmean_delta(task_vectors, grams, weights, parameters["alpha"])
-        details = {"path": solve.path, "damping": solve.damping}
-        context.record(name, "regmean", base.numel(), report, solve=details)
-        return base + (parameters["lambda"] * solve.delta).to(base.dtype)
+        solves = [
+            regmean_delta(
+                [model_matrices[index] for model_matrices in matrices],
+                [model_grams[index] for model_grams in grams],
+                weights,
+                parameters["alpha"],
+            )
+            for index in range(len(grams[0]))
+        ]
+        delta = layout.assemble([solve.delta for solve in solves])
+        context.record(name, "regmean", base.numel(), report, solve=_solve_details(solves))
+        return base + (parameters["lambda"] * delta).to(base.dtype)
 
     def task_arithmetic(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:
         """W_base + nongram_scale * sum_i w_i tau_i, by mergekit's own ``task_arithmetic``."""
@@ -224,7 +237,7 @@ class RegMeanMerge(GroupMergeMethod):
     def _task_vectors(
         self,
         group: TensorGroup,
-        statistics: Mapping[Any, HessianStatistics | None],
+        statistics: Mapping[Any, TensorStatistics | None],
         parameters: Mapping[str, Any],
         name: str,
     ) -> tuple[list[torch.Tensor], dict[str, dict[str, Any]]]:
@@ -235,23 +248,39 @@ class RegMeanMerge(GroupMergeMethod):
         return trimmed, report
 
 
-def _gram(
-    group: TensorGroup, model: Any, statistics: HessianStatistics | None, name: str
-) -> torch.Tensor:
-    """The model's whole Hessian for this tensor, or one clear error why it cannot be used."""
+def _solve_details(solves: list[Solve]) -> dict[str, Any]:
+    """The report's solve entry; for fused experts, the least exact path taken by any expert,
+    and each expert's own."""
+    worst = max(solves, key=lambda solve: (SOLVE_PATHS.index(solve.path), solve.damping))
+    details: dict[str, Any] = {"path": worst.path, "damping": worst.damping}
+    if len(solves) > 1:
+        details["experts"] = [{"path": s.path, "damping": s.damping} for s in solves]
+    return details
+
+
+def _grams(
+    group: TensorGroup, model: Any, statistics: TensorStatistics | None, name: str
+) -> list[torch.Tensor]:
+    """The model's whole Hessian of every matrix of this tensor, or one clear error why they
+    cannot be used."""
     where = f"{name} of model {model}"
     if statistics is None:
         raise ValueError(f"{where} has no Hessian, though other models have one for this tensor")
+    matrices = matrix_views(statistics.layout, group.base.tensor, where)
+    pairs = zip(matrices, statistics.matrices, strict=True)
+    return [_gram(matrix, stats, where) for matrix, stats in pairs]
+
+
+def _gram(matrix: torch.Tensor, statistics: HessianStatistics, where: str) -> torch.Tensor:
     if statistics.hessian is None:
         raise ValueError(
             f"{where}: RegMean needs the whole Hessian, which these statistics lack (they were "
             "computed for another method); delete that statistics cache entry"
         )
-    shape = group.base.tensor.shape
     columns = statistics.hessian.shape[0]
-    if len(shape) != 2 or shape[1] != columns:
+    if matrix.shape[1] != columns:
         raise ValueError(
-            f"{where}: a tensor of shape {tuple(shape)} does not match a Hessian over "
+            f"{where}: a matrix of shape {tuple(matrix.shape)} does not match a Hessian over "
             f"{columns} input columns"
         )
     return statistics.hessian

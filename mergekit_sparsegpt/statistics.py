@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from typing import Protocol
 
 import torch
@@ -20,6 +21,7 @@ from mergekit_sparsegpt.hessian import (
     OPTIONAL_MATRICES,
     HessianError,
     HessianStatistics,
+    TensorLayout,
     hessian_statistics,
 )
 
@@ -52,14 +54,26 @@ def split_tensor_key(key: str) -> tuple[str, str]:
     return group, field
 
 
+@dataclass(frozen=True)
+class TensorStatistics:
+    """The statistics of one checkpoint tensor: one per matrix it holds (one per expert of a
+    fused MoE tensor), with the tensor's layout and each matrix's sample count (0: never ran)."""
+
+    layout: TensorLayout
+    matrices: tuple[HessianStatistics, ...]
+    samples: tuple[int, ...]
+
+
 @dataclass
 class TaskStatistics:
     """Statistics of one task: one model run forward on one calibration set.
 
-    ``groups`` maps every captured linear weight (state-dict name) to its Hessian group;
-    ``linear_suffixes`` are the per-block names of those weights (``self_attn.q_proj.weight``), so
-    a linear of a block that was never captured can be told from a tensor that has no Hessian by
-    nature (embeddings, norms, lm_head). With a ``matrices`` store, ``statistics`` holds only the
+    ``groups`` maps every captured matrix to its Hessian group: a linear weight by its state-dict
+    name, expert ``e`` of a fused MoE tensor as ``tensor[e]``. ``layouts`` holds every tensor
+    whose matrices are not plain [out, in] (GPT-2's Conv1D, fused experts). ``linear_suffixes``
+    are the per-block names of the captured tensors (``self_attn.q_proj.weight``), so a linear of
+    a block that was never captured can be told from a tensor that has no Hessian by nature
+    (embeddings, norms, lm_head). With a ``matrices`` store, ``statistics`` holds only the
     vectors and ``for_weight`` adds the group's stored matrices, read when asked.
     """
 
@@ -69,6 +83,7 @@ class TaskStatistics:
     statistics: dict[str, HessianStatistics]
     samples: dict[str, int]
     matrices: MatrixStore | None = None
+    layouts: dict[str, TensorLayout] = dataclass_field(default_factory=dict)
 
     @classmethod
     def empty(cls, layers_prefix: str) -> TaskStatistics:
@@ -97,8 +112,9 @@ class TaskStatistics:
             if store_matrix is not None:
                 self.move_matrices(group, store_matrix)
         self.groups.update(layer.groups)
+        self.layouts.update(layer.layouts)
         self.linear_suffixes = self.linear_suffixes | {
-            _block_suffix(name, self.layers_prefix) for name in layer.groups
+            _block_suffix(name, self.layers_prefix) for name in layer.tensor_names()
         }
 
     def move_matrices(self, group: str, store_matrix: Callable[[str, torch.Tensor], None]) -> None:
@@ -123,6 +139,24 @@ class TaskStatistics:
         ):
             raise KeyError(weight_name)
         return None
+
+    def for_tensor(self, tensor_name: str) -> TensorStatistics | None:
+        """Statistics of every matrix of checkpoint tensor ``tensor_name``, as ``for_weight``
+        (None: no Hessian by nature; ``KeyError``: a block's linear that was not captured)."""
+        layout = self.layouts.get(tensor_name, TensorLayout())
+        matrices = layout.matrix_names(tensor_name)
+        if matrices[0] not in self.groups:
+            return self.for_weight(tensor_name)  # None or KeyError: it has no matrix here
+        groups = [self.groups[matrix] for matrix in matrices]
+        return TensorStatistics(
+            layout,
+            tuple(self._with_matrices(group) for group in groups),
+            tuple(self.samples.get(group, 0) for group in groups),
+        )
+
+    def never_ran(self) -> list[str]:
+        """Matrices no calibration token reached (an unrouted expert), ranked by |tau| alone."""
+        return [matrix for matrix, group in self.groups.items() if not self.samples.get(group, 0)]
 
     def _with_matrices(self, group: str) -> HessianStatistics:
         stats = self.statistics[group]
@@ -153,6 +187,7 @@ class TaskStatistics:
             "samples": self.samples,
             "damping": {group: stats.damping for group, stats in self.statistics.items()},
             "method": {group: stats.method for group, stats in self.statistics.items()},
+            "tensor_layouts": {name: layout.to_json() for name, layout in self.layouts.items()},
         }
         return tensors, {"layout": json.dumps(layout, sort_keys=True)}
 
@@ -189,6 +224,11 @@ class TaskStatistics:
                 statistics,
                 {group: int(count) for group, count in layout["samples"].items()},
                 matrices=matrices,
+                # Absent from entries written before GPT-2 and MoE support: all [out, in] then.
+                layouts={
+                    name: TensorLayout.from_json(value)
+                    for name, value in layout.get("tensor_layouts", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"statistics layout is incomplete ({error!r})") from error

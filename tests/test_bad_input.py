@@ -159,6 +159,9 @@ def _read_only_cache(bad: Bad) -> dict:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), kwargs["dir"])
 
         bad.monkeypatch.setattr(cache.tempfile, "NamedTemporaryFile", refuse)
+        bad.monkeypatch.setattr(
+            cache.EntryWriter, "_open_checkpoint", lambda self: refuse(dir=self.checkpoint)
+        )
     return bad.config()
 
 
@@ -436,9 +439,9 @@ ROWS = [
         lambda b: b.with_model(
             b.model("inf_weights", _set_inf(DOWN.format(0))), hessian_source="finetuned"
         ),
-        r"^Model {model0} on calibration '{cal0}': Hessian of model\.layers\.1\.self_attn\."
-        r"q_proj\.weight: Hessian has non-finite entries \(inf/NaN activations\)\. Check the "
-        r"checkpoint for inf/NaN weights, or merge in float32\.$",
+        r"^Model {model0}: Non-finite activations entering model\.layers\.1\.self_attn\.q_proj: "
+        r"\d+ of \d+ values are non-finite \(inf/NaN\) in the float32 calibration forward "
+        r"pass\. Check the checkpoint for inf/NaN weights\.$",
     ),
     Row(
         "checkpoint with inf weights (hessian_source: base)",

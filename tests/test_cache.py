@@ -1,15 +1,18 @@
+import fcntl
 import gc
 import json
 import logging
 import os
+import queue
 import struct
+import threading
 import weakref
 from dataclasses import replace
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mergekit_sparsegpt import cache
 from mergekit_sparsegpt.capture import LayerHessians
@@ -320,3 +323,341 @@ def test_config_fingerprint_changes_with_architecture_settings():
         LlamaConfig(hidden_size=32, rms_norm_eps=1e-6)
     )
     assert cache.config_fingerprint(one) != cache.config_fingerprint(two)
+
+
+# --- resume checkpoints: what an interrupted pre-pass leaves, and how a rerun uses it ---
+
+
+def _activations(block: int) -> torch.Tensor:
+    return torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(100 + block))
+
+
+def _add_block(writer: cache.EntryWriter, statistics: TaskStatistics, block: int) -> None:
+    statistics.add_layer(_layers()[block], 0.01, True, keep_hessians=True, store_matrix=writer.add)
+
+
+def _interrupted_after_block_0(path, payload=PAYLOAD) -> TaskStatistics:
+    """A resumable pre-pass stopped by Ctrl-C halfway through block 1's matrices."""
+    with pytest.raises(KeyboardInterrupt):
+        with cache.EntryWriter(path, payload, resumable=True) as writer:
+            statistics = TaskStatistics.empty("model.layers")
+            _add_block(writer, statistics, 0)
+            writer.save_checkpoint(1, statistics, _activations(0))
+            writer.add("model.layers.1.self_attn.q_proj.weight::hessian", torch.ones(4, 4))
+            raise KeyboardInterrupt
+    return statistics
+
+
+def test_a_resumed_writer_continues_after_the_checkpointed_block(tmp_path, caplog):
+    path = tmp_path / "entry.safetensors"
+    with caplog.at_level(logging.WARNING):
+        _interrupted_after_block_0(path)
+    checkpoint = cache.checkpoint_dir(path)
+    assert f"checkpoint {checkpoint} keeps the statistics of blocks 0-0: run" in caplog.text
+    with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+        resumed = writer.take_resume_point()
+        assert writer.take_resume_point() is None  # handed over once
+        assert resumed.next_block == 1
+        assert torch.equal(resumed.activations, _activations(0))
+        assert sorted(resumed.statistics.groups) == sorted(_layers()[0].groups)
+        _add_block(writer, resumed.statistics, 1)
+        writer.commit(resumed.statistics)
+    reference = tmp_path / "reference.safetensors"
+    cache.save_statistics(reference, _in_memory(keep_factors=True), PAYLOAD)
+    resumed_tensors, reference_tensors = load_file(path), load_file(reference)
+    assert resumed_tensors.keys() == reference_tensors.keys()
+    assert all(torch.equal(resumed_tensors[k], v) for k, v in reference_tensors.items())
+    with safe_open(path, "pt") as one, safe_open(reference, "pt") as other:
+        assert one.metadata() == other.metadata()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, reference.name]
+
+
+def test_a_checkpoint_can_be_resumed_twice(tmp_path):
+    path = tmp_path / "entry.safetensors"
+    _interrupted_after_block_0(path)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+            statistics = writer.take_resume_point().statistics
+            _add_block(writer, statistics, 1)
+            writer.save_checkpoint(2, statistics, _activations(1))
+            raise RuntimeError("out of memory")  # not the inputs' fault: the checkpoint stays
+    with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+        resumed = writer.take_resume_point()
+        assert resumed.next_block == 2 and torch.equal(resumed.activations, _activations(1))
+        writer.commit(resumed.statistics)
+    loaded, eager = cache.read_statistics(path, PAYLOAD), _in_memory(keep_factors=True)
+    for name in eager.groups:
+        assert torch.equal(loaded.for_weight(name).hessian, eager.for_weight(name).hessian)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def _damage_checkpoint(checkpoint, damage: str) -> str:
+    """Damage the checkpoint of ``_interrupted_after_block_0``; return the reason expected."""
+    state = checkpoint / "state.safetensors"
+    if damage == "other inputs":
+        tensors = load_file(state)
+        with safe_open(state, "pt") as handle:
+            metadata = handle.metadata()
+        other = json.dumps({**PAYLOAD, "tokens": "zzz"}, sort_keys=True, separators=(",", ":"))
+        save_file(tensors, state, {**metadata, "key": other})
+        return "it was written for different inputs"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:-10])
+        return "Error while deserializing header"
+    if damage == "garbage":
+        state.write_bytes(b"not a safetensors file at all")
+        return "Error while deserializing header"
+    if damage == "other version":
+        tensors = load_file(state)
+        with safe_open(state, "pt") as handle:
+            metadata = handle.metadata()
+        save_file(tensors, state, {**metadata, "checkpoint": "0"})
+        return f"it is not a version {cache.CHECKPOINT_VERSION} pre-pass checkpoint"
+    if damage == "no activations":
+        tensors = load_file(state)
+        with safe_open(state, "pt") as handle:
+            metadata = handle.metadata()
+        del tensors["activations"]
+        save_file(tensors, state, metadata)
+        return "it holds no activations"
+    (checkpoint / "matrices").write_bytes(b"short")
+    return "its matrices file holds 5 of "
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["other inputs", "truncated", "garbage", "other version", "no activations", "short matrices"],
+)
+def test_a_checkpoint_that_does_not_fit_is_discarded_with_a_message(tmp_path, caplog, damage):
+    path = tmp_path / "entry.safetensors"
+    _interrupted_after_block_0(path)
+    checkpoint = cache.checkpoint_dir(path)
+    reason = _damage_checkpoint(checkpoint, damage)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+            assert writer.take_resume_point() is None
+            assert (checkpoint / "matrices").stat().st_size == 0
+            assert not (checkpoint / "state.safetensors").exists()
+            statistics = TaskStatistics.empty("model.layers")
+            for block in range(2):
+                _add_block(writer, statistics, block)
+            writer.commit(statistics)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"Discarding pre-pass checkpoint {checkpoint}: ")
+    assert reason in message and message.endswith("; starting from the first block.")
+    assert "\n" not in message
+    assert torch.equal(
+        load_file(path)[f"{DOWN.format(1)}::hessian"],
+        _in_memory(True).statistics[DOWN.format(1)].hessian,
+    )
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize(
+    ("error", "kept"),
+    [(KeyboardInterrupt, True), (RuntimeError, True), (OSError, True), (ValueError, False)],
+)
+def test_a_failed_prepass_keeps_its_checkpoint_unless_the_inputs_are_at_fault(
+    tmp_path, error, kept
+):
+    path = tmp_path / "entry.safetensors"
+    with pytest.raises(error):
+        with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+            statistics = TaskStatistics.empty("model.layers")
+            _add_block(writer, statistics, 0)
+            writer.save_checkpoint(1, statistics, _activations(0))
+            raise error("stopped")
+    assert cache.checkpoint_dir(path).exists() == kept
+    assert not path.exists()
+
+
+def test_a_prepass_stopped_before_its_first_checkpoint_leaves_nothing(tmp_path):
+    path = tmp_path / "entry.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+            _add_block(writer, TaskStatistics.empty("model.layers"), 0)
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "entry.safetensors"
+    _interrupted_after_block_0(path)
+    state = cache.checkpoint_dir(path) / "state.safetensors"
+    before = state.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(cache.CacheWriteError, match="No space left on device"):
+        with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+            statistics = writer.take_resume_point().statistics
+            _add_block(writer, statistics, 1)
+            monkeypatch.setattr(cache, "_write_tensors", disk_full)
+            writer.save_checkpoint(2, statistics, _activations(1))
+    assert state.read_bytes() == before
+    assert sorted(p.name for p in state.parent.iterdir()) == ["matrices", "state.safetensors"]
+
+
+def test_a_failed_commit_keeps_the_checkpoint_and_no_partial_entry(tmp_path, monkeypatch):
+    path = tmp_path / "entry.safetensors"
+    _interrupted_after_block_0(path)
+    copy = cache.shutil.copyfileobj
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(cache.CacheWriteError, match="No space left on device"):
+        with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+            statistics = writer.take_resume_point().statistics
+            _add_block(writer, statistics, 1)
+            writer.save_checkpoint(2, statistics, _activations(1))
+            monkeypatch.setattr(cache.shutil, "copyfileobj", disk_full)
+            writer.commit(statistics)
+    assert not path.exists()
+    checkpoint = cache.checkpoint_dir(path)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["matrices", "state.safetensors"]
+    monkeypatch.setattr(cache.shutil, "copyfileobj", copy)  # space freed: the rerun commits
+    with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+        writer.commit(writer.take_resume_point().statistics)
+    assert torch.equal(
+        load_file(path)[f"{DOWN.format(1)}::hessian"],
+        _in_memory(True).statistics[DOWN.format(1)].hessian,
+    )
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_checkpoints_are_written_when_their_cost_is_a_small_share(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(cache.time, "monotonic", lambda: clock[0])
+    schedule = cache.CheckpointSchedule(0.1)
+    assert schedule.due()  # the first: its cost is not known yet
+    schedule.written(2.0)  # 2 s for the write: the next only after 18 s more (2 / 20 = 0.1)
+    clock[0] += 17.9
+    assert not schedule.due()
+    clock[0] += 0.1
+    assert schedule.due()
+    every, never = cache.CheckpointSchedule(1.0), cache.CheckpointSchedule(0.0)
+    every.written(5.0)
+    assert every.due() and not never.due()
+
+
+@pytest.mark.parametrize("value", ["abc", "2", "-0.1", "nan"])
+def test_checkpoint_overhead_must_be_a_share(monkeypatch, value):
+    monkeypatch.setenv(cache.CHECKPOINT_OVERHEAD_VARIABLE, value)
+    with pytest.raises(ValueError, match=f"{cache.CHECKPOINT_OVERHEAD_VARIABLE}='{value}' must"):
+        cache.checkpoint_overhead()
+
+
+def test_checkpoint_overhead_default_and_setting(monkeypatch):
+    monkeypatch.delenv(cache.CHECKPOINT_OVERHEAD_VARIABLE, raising=False)
+    assert cache.checkpoint_overhead() == cache.DEFAULT_CHECKPOINT_OVERHEAD
+    monkeypatch.setenv(cache.CHECKPOINT_OVERHEAD_VARIABLE, "0.5")
+    assert cache.checkpoint_overhead() == 0.5
+
+
+# --- the entry lock ---
+
+
+def test_a_second_holder_waits_is_told_and_gets_the_lock_once_released(tmp_path):
+    path = tmp_path / "entry.safetensors"
+    told, acquired = threading.Event(), threading.Event()
+    waiting_on = []
+
+    def second() -> None:
+        def on_wait(lock):
+            waiting_on.append(lock)
+            told.set()
+
+        with cache.entry_lock(path, on_wait):
+            acquired.set()
+
+    with cache.entry_lock(path, lambda lock: pytest.fail("nobody held it")):
+        assert cache.lock_path(path).exists()
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert told.wait(60)
+        assert not acquired.is_set()
+    thread.join(60)
+    assert acquired.is_set() and waiting_on == [cache.lock_path(path)]
+    assert list(tmp_path.iterdir()) == []  # the lock file goes with the last holder
+
+
+def test_a_waiter_on_a_removed_lock_file_locks_the_file_there_now(tmp_path, monkeypatch):
+    """Holders remove the lock file on release; a process that was waiting on the removed file
+    must not hold the lock alongside one that locked the new file in between."""
+    path = tmp_path / "entry.safetensors"
+    lock = cache.lock_path(path)
+    checks: queue.Queue[bool] = queue.Queue()
+    is_at = cache._is_at
+
+    def reporting_is_at(handle: int, where) -> bool:
+        result = is_at(handle, where)
+        checks.put(result)
+        return result
+
+    monkeypatch.setattr(cache, "_is_at", reporting_is_at)
+    first = os.open(lock, os.O_RDWR | os.O_CREAT)  # a holder about to release
+    fcntl.flock(first, fcntl.LOCK_EX)
+    told, acquired = threading.Event(), threading.Event()
+
+    def waiter() -> None:
+        with cache.entry_lock(path, lambda _: told.set()):
+            acquired.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert told.wait(60)  # the waiter has the first file open
+    lock.unlink()  # the first holder's release: the file goes, then its lock
+    with cache.entry_lock(path):  # a third process locks the new file in between
+        assert checks.get(timeout=60) is True
+        os.close(first)
+        assert checks.get(timeout=60) is False  # the waiter's flock returned, on the old file
+        assert not acquired.is_set()
+    thread.join(60)
+    assert acquired.is_set()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_that_cannot_be_locked_is_still_read(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with cache.entry_lock(blocker / "entry.safetensors"):
+        pass  # nothing to lock in: reading goes on unlocked, and writing fails with its message
+
+
+# --- entries of another program or another format version ---
+
+
+@pytest.mark.parametrize("kind", ["no metadata", "foreign", "old version", "newer version"])
+def test_an_entry_that_is_not_this_versions_is_rejected_saying_why(tmp_path, caplog, kind):
+    path = cache.cache_path(tmp_path, PAYLOAD)
+    if kind == "no metadata":
+        save_file({"weight": torch.ones(2)}, path)
+        reason = (
+            "it has no metadata, so it is not a mergekit_sparsegpt statistics entry "
+            "(another program's file?)"
+        )
+    elif kind == "foreign":
+        save_file({"weight": torch.ones(2)}, path, metadata={"format": "pt"})
+        reason = (
+            "its metadata (format) has no cache key, so it is not a mergekit_sparsegpt "
+            "statistics entry (another program's file?)"
+        )
+    else:
+        version = cache.FORMAT_VERSION + (-1 if kind == "old version" else 1)
+        cache.save_statistics(path, _statistics(), PAYLOAD)
+        tensors = load_file(path)
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata()
+        save_file(tensors, path, {**metadata, "format": str(version)})
+        reason = (
+            f"it has cache format version {version}; this version of mergekit_sparsegpt "
+            f"reads version {cache.FORMAT_VERSION} only"
+        )
+    with caplog.at_level(logging.WARNING):
+        assert cache.load_statistics(path, PAYLOAD) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Ignoring statistics cache {path}: {reason}; recomputing."
+    ]

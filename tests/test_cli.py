@@ -247,7 +247,8 @@ def recorders(monkeypatch: pytest.MonkeyPatch) -> dict:
     def install() -> None:
         events.append(("install",))
 
-    def prepare_statistics(merge_config, options):
+    def prepare_statistics(merge_config, options, ranks):
+        assert ranks.world_size == 1  # not under torchrun
         events.append(("prepare", merge_config, options))
         if behaviour["raise"] is not None:
             raise behaviour["raise"]
