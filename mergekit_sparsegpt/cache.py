@@ -160,6 +160,20 @@ def serving_payloads(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**payload, **extra} for extra in sorted(extras, key=len)]
 
 
+def older_format_entries(
+    cache_dir: str | os.PathLike[str], payload: dict[str, Any]
+) -> list[tuple[Path, int]]:
+    """Entries of earlier format versions for the same inputs: the version is part of the key,
+    so they are never read, only named so that the user knows why the cache missed."""
+    found = []
+    for version in range(1, FORMAT_VERSION):
+        for candidate in serving_payloads({**payload, "format": version}):
+            path = cache_path(cache_dir, candidate)
+            if path.is_file():
+                found.append((path, version))
+    return found
+
+
 def cache_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical(payload).encode()).hexdigest()
 

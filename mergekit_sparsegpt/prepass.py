@@ -661,6 +661,13 @@ def _cached_statistics(
             # Left by a run killed between committing the entry and removing its checkpoint.
             cache.remove_checkpoint(path)
             return cached
+    for path, version in cache.older_format_entries(cache_dir, payload):
+        _say(
+            options,
+            f"Statistics cache {path} holds these inputs in format {version}, which this version "
+            f"of mergekit_sparsegpt does not read (format {cache.FORMAT_VERSION}); recomputing. "
+            "Delete it to free the space.",
+        )
     return None
 
 

@@ -418,3 +418,26 @@ def test_a_checkpoint_left_next_to_a_committed_entry_is_removed(deep_models, tmp
     monkeypatch.setattr(prepass, "compute_statistics", no_forward)
     prepass.prepare_statistics(config, MergeOptions(quiet=True))
     assert _only_entries(cache_dir) == entries
+
+
+def test_an_entry_of_an_older_format_is_named_and_recomputed(
+    deep_models, tmp_path, monkeypatch, capsys
+):
+    """The format version is part of the key: an old entry is never read, but the run says why
+    the cache missed and which file can go."""
+    cache_dir = tmp_path / "cache"
+    config = MergeConfiguration.model_validate(_config(deep_models, cache_dir))
+    with monkeypatch.context() as old:
+        old.setattr(cache, "FORMAT_VERSION", cache.FORMAT_VERSION - 1)
+        prepass.prepare_statistics(config, MergeOptions(quiet=True))
+    old_entries = sorted(cache_dir.glob("*.safetensors"))
+    capsys.readouterr()
+    prepass.prepare_statistics(config, MergeOptions(quiet=False))
+    said = capsys.readouterr().err
+    for path in old_entries:
+        assert (
+            f"Statistics cache {path} holds these inputs in format {cache.FORMAT_VERSION - 1}, "
+            f"which this version of mergekit_sparsegpt does not read (format "
+            f"{cache.FORMAT_VERSION}); recomputing. Delete it to free the space."
+        ) in said
+    assert len(sorted(cache_dir.glob("*.safetensors"))) == 2 * len(old_entries)
