@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Hashable, Mapping
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -151,51 +152,62 @@ def merged_model_statistics(
     payloads = {task.key: {**shared, "task": _task_name(task.key)} for task in tasks}
     cache_dir = settings.cache_dir or cache.default_cache_dir()
     paths = {key: cache.cache_path(cache_dir, payload) for key, payload in payloads.items()}
-    found = {key: cache.load_statistics(paths[key], payloads[key]) for key in payloads}
-    if all(stats is not None for stats in found.values()):
-        if not options.quiet:
-            for key, path in paths.items():
-                print(
-                    f"Hessian statistics for {key[0]} (merged model) from cache {path}",
-                    file=sys.stderr,
-                )
-        return found  # type: ignore[return-value]
+    with ExitStack() as locks:
+        # Every task's entry comes from one joint pass: hold all their locks, in one order.
+        for path in sorted(paths.values()):
+            locks.enter_context(cache.entry_lock(path, lambda lock: _say_waiting(lock, options)))
+        found = {key: cache.load_statistics(paths[key], payloads[key]) for key in payloads}
+        if all(stats is not None for stats in found.values()):
+            if not options.quiet:
+                for key, path in paths.items():
+                    print(
+                        f"Hessian statistics for {key[0]} (merged model) from cache {path}",
+                        file=sys.stderr,
+                    )
+            return found  # type: ignore[return-value]
+        model = empty_model(config, options.trust_remote_code)
+        layers_prefix, _ = decoder_layers(model)
+        statistics = {key: TaskStatistics.empty(layers_prefix) for key in payloads}
+        hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in planned}
+        context = MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
+        merged = MergedTensors(planned, method, context, readers)
+        with ExitStack() as stack:
+            writers = {
+                key: stack.enter_context(cache.EntryWriter(paths[key], payloads[key]))
+                for key in payloads
+            }
 
-    model = empty_model(config, options.trust_remote_code)
-    layers_prefix, _ = decoder_layers(model)
-    statistics = {key: TaskStatistics.empty(layers_prefix) for key in payloads}
-    hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in planned}
-    context = MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
-    merged = MergedTensors(planned, method, context, readers)
-    with ExitStack() as stack:
-        writers = {
-            key: stack.enter_context(cache.EntryWriter(paths[key], payloads[key]))
-            for key in payloads
-        }
+            def merge_group(hessians: dict[Hashable, LayerHessians]) -> dict[str, torch.Tensor]:
+                for key, layer in hessians.items():
+                    _add(statistics[key], layer, settings, key)
+                tensors = next(iter(hessians.values())).tensor_names()
+                values = {name: merged(name) for name in tensors}
+                for key, layer in hessians.items():
+                    for group in layer.hessians:
+                        statistics[key].move_matrices(group, writers[key].add)
+                return values
 
-        def merge_group(hessians: dict[Hashable, LayerHessians]) -> dict[str, torch.Tensor]:
-            for key, layer in hessians.items():
-                _add(statistics[key], layer, settings, key)
-            tensors = next(iter(hessians.values())).tensor_names()
-            values = {name: merged(name) for name in tensors}
-            for key, layer in hessians.items():
-                for group in layer.hessians:
-                    statistics[key].move_matrices(group, writers[key].add)
-            return values
-
-        capture_merged_hessians(
-            model,
-            merged,
-            windows,
-            merge_group,
-            device=options.device or "cpu",
-            batch_size=settings.calibration_batch_size,
-            progress=not options.quiet,
-            description=f"RegMean++ Hessians through the merged model ({len(windows)} tasks)",
-        )
-        for key, writer in writers.items():
-            writer.commit(statistics[key])
+            capture_merged_hessians(
+                model,
+                merged,
+                windows,
+                merge_group,
+                device=options.device or "cpu",
+                batch_size=settings.calibration_batch_size,
+                progress=not options.quiet,
+                description=f"RegMean++ Hessians through the merged model ({len(windows)} tasks)",
+            )
+            for key, writer in writers.items():
+                writer.commit(statistics[key])
     return {key: cache.read_statistics(paths[key], payloads[key]) for key in payloads}
+
+
+def _say_waiting(lock: Path, options: MergeOptions) -> None:
+    if not options.quiet:
+        print(
+            f"Waiting for {lock}: another process is computing RegMean++ statistics",
+            file=sys.stderr,
+        )
 
 
 def _task_name(key: TaskKey) -> str:

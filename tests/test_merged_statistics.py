@@ -1,11 +1,15 @@
 """``hessian_source: merged`` (RegMean++): against a plain sequential reference, the cache, and
 what it refuses."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mergekit.merge
 import pytest
 import torch
+import yaml
 from merge_configs import regmean_config, sparsegpt_config
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
@@ -204,3 +208,49 @@ def test_merged_source_is_refused_under_layer_offsets(tiny_models, tmp_path):
         prepass.prepare_statistics(
             MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
         )
+
+
+# A calibrate run that, once in its joint pass (holding the entries' locks), waits for the file
+# argv[2] to exist before it goes on.
+_HELD_CALIBRATE = """
+import os, sys, time
+from mergekit_sparsegpt import merged_statistics
+original = merged_statistics.capture_merged_hessians
+def held(*args, **kwargs):
+    print("COMPUTING", flush=True)
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    return original(*args, **kwargs)
+merged_statistics.capture_merged_hessians = held
+from mergekit_sparsegpt.cli import main
+main(["calibrate", sys.argv[1]])
+"""
+
+
+def test_two_runs_sharing_a_cache_compute_the_merged_statistics_once(tiny_models, tmp_path):
+    config = regmean_config(tiny_models, hessian_source="merged", cache_dir=str(tmp_path / "c"))
+    config_path = tmp_path / "config.yml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    go = tmp_path / "go"
+    command = [sys.executable, "-c", _HELD_CALIBRATE, str(config_path), str(go)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    first = subprocess.Popen(command, env=env, **pipes)
+    assert first.stdout.readline().strip() == "COMPUTING"  # it holds the locks now
+    second = subprocess.Popen(command, env=env, **pipes)
+    waited = []
+    for line in second.stderr:
+        waited.append(line)
+        if "Waiting for" in line:
+            break
+    go.touch()
+    first_out, first_err = first.communicate(timeout=600)
+    second_out, second_err = second.communicate(timeout=600)
+    second_err = "".join(waited) + second_err
+    assert first.returncode == 0, first_err[-3000:]
+    assert second.returncode == 0, second_err[-3000:]
+    assert "another process is computing RegMean++ statistics" in second_err
+    assert "COMPUTING" not in second_out
+    assert second_err.count("(merged model) from cache") == 2
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+    assert not list((tmp_path / "c").glob("*.lock"))
