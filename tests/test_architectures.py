@@ -11,7 +11,10 @@ architectures the pre-pass does not understand, and float16 / bfloat16 checkpoin
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ import mergekit.merge_methods
 import pytest
 import torch
 import transformers
+import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.options import MergeOptions
@@ -246,6 +250,18 @@ def _run_merge(config: dict, out: Path) -> dict[str, dict]:
     return json.loads((out / REPORT_FILE).read_text())["tensors"]
 
 
+def _run_mergekit_yaml(config: dict, out: Path) -> dict[str, dict]:
+    """The merge through the stock ``mergekit-yaml`` command in a fresh interpreter (the plugin
+    arrives through its start-up hook); returns the report's tensors."""
+    path = out.parent / f"{out.name}.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(path), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / REPORT_FILE).read_text())["tensors"]
+
+
 # ---- the reference: hooks on a full forward of the real model --------------------------------
 
 
@@ -378,18 +394,24 @@ def _linear_tensors(family: Family) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    "method, shared",
-    [("sparsegpt_ties", {}), ("regmean", {"hessian_source": "finetuned"})],
-    ids=["sparsegpt_ties", "regmean"],
+    "method, shared, run",
+    [
+        ("sparsegpt_ties", {}, _run_mergekit_yaml),
+        ("regmean", {"hessian_source": "finetuned"}, _run_merge),
+    ],
+    ids=["sparsegpt_ties-mergekit-yaml", "regmean-run_merge"],
 )
-def test_merge_loads_and_merges_every_linear_with_its_hessian(family, tmp_path, method, shared):
-    report = _run_merge(_merge_config(family, method, tmp_path / "cache", **shared), tmp_path)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path)
+def test_merge_loads_and_merges_every_linear_with_its_hessian(
+    family, tmp_path, method, shared, run
+):
+    out = tmp_path / "out"
+    report = run(_merge_config(family, method, tmp_path / "cache", **shared), out)
+    merged = AutoModelForCausalLM.from_pretrained(out)
     logits = merged(input_ids=torch.tensor([[1, 5, 9, 40, 7]])).logits
     assert torch.isfinite(logits).all()
 
     linears = _linear_tensors(family)
-    assert linears <= set(load_file(tmp_path / "model.safetensors"))  # mergekit's own names
+    assert linears <= set(load_file(out / "model.safetensors"))  # mergekit's own names
     with_hessian = {name for name, entry in report.items() if entry["path"] != "fallback"}
     assert with_hessian == linears
     assert {entry["path"] for name, entry in report.items() if name in linears} == {
