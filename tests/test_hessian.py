@@ -69,6 +69,20 @@ def test_singular_hessian_escalates_damping():
     )
 
 
+def test_caller_hessian_is_left_unchanged_through_damping_escalation():
+    """Damping is applied to a private copy's diagonal in place and taken off after each try."""
+    singular = torch.ones(4, 4)
+    singular[3, 3] = 0  # a dead column as well
+    original = singular.clone()
+    stats = hessian_statistics(singular, dampening=0.0, keep_factor=True)
+    assert torch.equal(singular, original)
+    reference = singular.double().clone()
+    reference[3, 3] = 1
+    reference += stats.damping * reference.diagonal().mean() * torch.eye(4, dtype=torch.float64)
+    upper = torch.linalg.cholesky(torch.linalg.inv(reference), upper=True)
+    torch.testing.assert_close(stats.cholesky_factor.double(), upper, rtol=1e-4, atol=1e-6)
+
+
 def test_pseudo_inverse_fallback_when_cholesky_always_fails(monkeypatch):
     def failing_cholesky(matrix, upper=False):
         return matrix, torch.tensor(1)

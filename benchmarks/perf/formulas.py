@@ -128,9 +128,9 @@ def block_hessian_bytes(shape: LlamaShape) -> int:
     return FLOAT32_BYTES * sum(width**2 for width in hessian_group_widths(shape))
 
 
-# Square matrices the factorisation of one Hessian group holds at once (hessian.py): the undamped
-# copy, the damped matrix, its Cholesky factor, H^-1 and the factor U of H^-1.
-FACTORISATION_MATRICES = 5
+# Square matrices the factorisation of one Hessian group holds at once beyond the Hessian itself
+# (hessian.py): its private copy, damped in place, with the Cholesky factor, then H^-1, then U.
+FACTORISATION_MATRICES = 3
 
 
 def factorisation_bytes(shape: LlamaShape) -> int:
