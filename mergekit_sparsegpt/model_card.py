@@ -8,7 +8,6 @@ appended to mergekit's README.md.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ CALIBRATION_SETTINGS = (
 
 def describe_values(values: Iterable[Any]) -> str:
     """One value as itself; several as a range (numbers) or a list: they varied by tensor."""
-    distinct = sorted({_plain(value) for value in values}, key=str)
+    distinct = sorted(set(values), key=str)
     if not distinct:
         return "–"
     if len(distinct) == 1:
@@ -43,12 +42,6 @@ def describe_values(values: Iterable[Any]) -> str:
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct):
         return f"{min(distinct):g} to {max(distinct):g} (varies by tensor)"
     return ", ".join(str(v) for v in distinct) + " (varies by tensor)"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        return value  # keep 1.0 as 1.0: the YAML wrote it so
-    return value
 
 
 def calibration_section(
