@@ -2,8 +2,10 @@
 
 A calibration source is either an existing path (``.txt``, ``.jsonl``, ``.json``, ``.parquet``,
 or a directory written by ``datasets``' ``save_to_disk``) or the name of a Hugging Face dataset
-(``name`` or ``name:config``) that is already in the local cache. Dataset names are only ever
-resolved offline: a merge must never start a download behind the user's back.
+(``name`` or ``name:config``). A dataset name is loaded the way ``datasets`` loads it, like mergekit
+loads a model by name: from the Hub, or from the local cache when ``HF_HUB_OFFLINE`` /
+``HF_DATASETS_OFFLINE`` is set or the Hub is out of reach. It is streamed, so only the documents
+the windows need are fetched from a large corpus.
 
 Every failure is a :class:`CalibrationError` whose message names the model, the source and the
 fix, because these errors surface in the middle of a long merge run.
@@ -11,10 +13,11 @@ fix, because these errors surface in the middle of a long merge run.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +43,12 @@ CHUNK_CHARS = 64 * 1024
 # keeps huge corpora from costing minutes of tokenization.
 STREAM_OVERSAMPLE = 8
 
+LOG = logging.getLogger(__name__)
+
+# Windows per task when calibration_samples is not set, and the fewest a short text may give then.
+DEFAULT_SAMPLES = 128
+FEWEST_DEFAULT_SAMPLES = 16
+
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 
 # Suffixes that make a string look like a file path, so a missing file is reported as such
@@ -60,7 +69,7 @@ _SUPPORTED_FORMS = (
     "Supported calibration sources: a .txt file (plain text), a .jsonl file (one JSON object per "
     "line), a .json file (a list of objects or strings, or an object holding one such list), a "
     ".parquet file, a directory written by datasets' save_to_disk, or a Hugging Face dataset "
-    "name ('name' or 'name:config') that is already in the local cache."
+    "name ('name' or 'name:config'), read from the Hub or, offline, from the local cache."
 )
 
 
@@ -91,11 +100,13 @@ def _fail(source: str, model_name: str, problem: str) -> CalibrationError:
 # --------------------------------------------------------------------------------------------
 
 
-def read_calibration_texts(source: CalibrationSource, model_name: str) -> list[str]:
+def read_calibration_texts(source: CalibrationSource, model_name: str) -> Iterable[str]:
     """Return the documents of ``source`` in their stored order.
 
     A ``.txt`` file is one document; every other form gives one document per record. Blank
     documents and null values are dropped. Raises :class:`CalibrationError` when nothing is left.
+    Files give a list; a dataset name gives a lazy, single-pass iterable that fetches documents
+    only as they are consumed.
     """
     if not source.source.strip():
         raise _fail(source.source, model_name, "no calibration source given. " + _SUPPORTED_FORMS)
@@ -110,15 +121,23 @@ def read_calibration_texts(source: CalibrationSource, model_name: str) -> list[s
             f"against the current directory, {Path.cwd()}).",
         )
     else:
-        texts = _read_cached_dataset(source, model_name)
-    texts = [text for text in texts if text.strip()]
-    if not texts:
+        texts = _stream_hub_dataset(source, model_name)
+    return _non_blank(texts, source.source, model_name)
+
+
+def _non_blank(texts: Iterable[str], source_name: str, model_name: str) -> Iterable[str]:
+    documents = (text for text in texts if text.strip())
+    # Peeking reports an empty source now, before any model loads, without reading a stream whole.
+    first = next(documents, None)
+    if first is None:
         raise _fail(
-            source.source,
+            source_name,
             model_name,
             "contains no text. Point the calibration source at data with non-blank text.",
         )
-    return texts
+    if isinstance(texts, list):
+        return [first, *documents]
+    return itertools.chain([first], documents)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -336,16 +355,20 @@ def _load_saved_dataset(path: Path, source: CalibrationSource, model_name: str) 
             f"({type(err).__name__}: {_brief(err)}). {_SUPPORTED_FORMS}",
         ) from err
     if isinstance(loaded, datasets.DatasetDict):
-        if source.split not in loaded:
-            splits = ", ".join(repr(name) for name in loaded) or "none"
-            raise _fail(
-                source.source,
-                model_name,
-                f"{path} has no split '{source.split}' (available splits: {splits}). "
-                "Set calibration_split to one of these.",
-            )
-        return loaded[source.split]
+        return _pick_split(loaded, source, model_name, str(path))
     return loaded
+
+
+def _pick_split(splits: Any, source: CalibrationSource, model_name: str, where: str) -> Any:
+    if source.split not in splits:
+        available = ", ".join(repr(name) for name in splits) or "none"
+        raise _fail(
+            source.source,
+            model_name,
+            f"{where} has no split '{source.split}' (available splits: {available}). "
+            "Set calibration_split to one of these.",
+        )
+    return splits[source.split]
 
 
 def _dataset_texts(dataset: Any, source: CalibrationSource, model_name: str, where: str) -> list:
@@ -356,9 +379,10 @@ def _dataset_texts(dataset: Any, source: CalibrationSource, model_name: str, whe
     return _string_column(column, source, model_name, where)
 
 
-def _read_cached_dataset(source: CalibrationSource, model_name: str) -> list[str]:
-    dataset = _load_cached_dataset(source, model_name)
-    return _dataset_texts(dataset, source, model_name, f"dataset split '{source.split}'")
+def _stream_hub_dataset(source: CalibrationSource, model_name: str) -> Iterator[str]:
+    splits = _load_hub_dataset(source, model_name)
+    dataset = _pick_split(splits, source, model_name, f"dataset '{source.source}'")
+    return _record_texts(dataset, source, model_name)
 
 
 def _split_dataset_name(name: str) -> tuple[str, str | None]:
@@ -366,63 +390,109 @@ def _split_dataset_name(name: str) -> tuple[str, str | None]:
     return dataset_name, config or None
 
 
-def _load_cached_dataset(source: CalibrationSource, model_name: str) -> Any:
+def _load_hub_dataset(source: CalibrationSource, model_name: str) -> Any:
     import datasets
 
     name, config = _split_dataset_name(source.source)
     try:
-        with _hf_offline():
-            return datasets.load_dataset(name, config, split=source.split)
-    except Exception as err:  # datasets raises many types here; all mean "not usable offline"
-        config_arg = f", {config!r}" if config else ""
-        example = f"datasets.load_dataset({name!r}{config_arg}, split={source.split!r})"
-        raise _fail(
-            source.source,
-            model_name,
-            f"the path does not exist and it is not a dataset available offline in the Hugging "
-            f"Face cache ({type(err).__name__}: {_brief(err)}). Give an existing file or "
-            f"directory, or download the dataset once with network access ({example}) so it is "
-            "in the cache.",
-        ) from err
+        # One call for both worlds: datasets streams from the Hub, or (offline, or the Hub out of
+        # reach) from the dataset's prepared copy in its cache. No split here, so that a wrong
+        # calibration_split is reported with the splits there are.
+        return datasets.load_dataset(name, config, streaming=True)
+    except Exception as err:  # datasets raises many unrelated types for "cannot load this"
+        raise _hub_failure(source, model_name, err) from err
+
+
+def _hub_failure(source: CalibrationSource, model_name: str, err: Exception) -> CalibrationError:
+    name, config = _split_dataset_name(source.source)
+    config_arg = f", {config!r}" if config else ""
+    example = f"datasets.load_dataset({name!r}{config_arg}, split={source.split!r})"
+    switch = _offline_switch()
+    if switch:
+        # Streaming never fills the cache, so only a full download makes a dataset usable offline.
+        fix = (
+            f"Offline mode is on ({switch}), so only datasets already in the local Hugging Face "
+            f"cache load: unset {switch.partition('=')[0]} to read it from the Hub, or download "
+            f"it once with network access ({example}) so it is in the cache."
+        )
+    else:
+        fix = (
+            "Check the dataset name and config on the Hugging Face Hub (a gated or private "
+            "dataset needs `hf auth login`)."
+        )
+    return _fail(
+        source.source,
+        model_name,
+        f"the path does not exist and it could not be loaded as a Hugging Face dataset "
+        f"({type(err).__name__}: {_brief(err)}). Give an existing file or directory, or a "
+        f"dataset name ('name' or 'name:config'). {fix}",
+    )
+
+
+_OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _offline_switch() -> str | None:
+    """The offline setting in force for ``datasets``, as the user wrote it, or None if online."""
+    import datasets.config
+
+    # datasets decides from its own flag, read from the environment when it was imported.
+    if not datasets.config.HF_HUB_OFFLINE:
+        return None
+    for variable in _OFFLINE_VARIABLES:
+        value = os.environ.get(variable, "")
+        if value.upper() in datasets.config.ENV_VARS_TRUE_VALUES:
+            return f"{variable}={value}"
+    return "HF_HUB_OFFLINE=1"
+
+
+def _record_texts(dataset: Any, source: CalibrationSource, model_name: str) -> Iterator[str]:
+    where = f"dataset split '{source.split}'"
+    field = source.text_field
+    for record in _records(dataset, source, model_name, where):
+        if field not in record:
+            raise _missing_column(source, model_name, where, list(record))
+        value = record[field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise _fail(
+                source.source,
+                model_name,
+                f"{where}: column '{field}' holds {type(value).__name__} values, not text. "
+                "Set calibration_field to a column of strings.",
+            )
+        yield value
+
+
+def _records(
+    dataset: Any, source: CalibrationSource, model_name: str, where: str
+) -> Iterator[dict[str, Any]]:
+    from datasets.utils import tqdm
+
+    # datasets shows no progress of its own while streaming; this bar obeys its switches.
+    records = iter(tqdm(dataset, desc=f"Calibration documents of {source.source}", unit=" docs"))
+    count = 0
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as err:  # a lost connection or a damaged cache file, deep in datasets
+            raise _fail(
+                source.source,
+                model_name,
+                f"reading {where} failed after {count} records ({type(err).__name__}: "
+                f"{_brief(err)}). Run again; if it fails at the same place, delete the dataset "
+                "from the Hugging Face datasets cache and download it again.",
+            ) from err
+        count += 1
+        yield record
 
 
 def _brief(err: BaseException, limit: int = 300) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextlib.contextmanager
-def _hf_offline() -> Iterator[None]:
-    """Force ``datasets``/``huggingface_hub`` offline for the duration, then restore.
-
-    Both libraries read their offline switches into module constants at import time, so the
-    environment variables alone would not take effect in an already running process.
-    """
-    import datasets.config
-    import huggingface_hub.constants
-
-    saved_env = {key: os.environ.get(key) for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    targets = [
-        (datasets.config, "HF_HUB_OFFLINE"),
-        (datasets.config, "HF_DATASETS_OFFLINE"),
-        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
-    ]
-    # Older releases lack some of these switches; only the ones that exist can matter.
-    saved_attrs = [(mod, attr, getattr(mod, attr)) for mod, attr in targets if hasattr(mod, attr)]
-    try:
-        for key in saved_env:
-            os.environ[key] = "1"
-        for module, attr, _ in saved_attrs:
-            setattr(module, attr, True)
-        yield
-    finally:
-        for module, attr, value in saved_attrs:
-            setattr(module, attr, value)
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,9 +501,9 @@ def _hf_offline() -> Iterator[None]:
 
 
 def calibration_windows(
-    texts: Sequence[str],
+    texts: Iterable[str],
     tokenizer: PreTrainedTokenizerBase,
-    samples: int,
+    samples: int | None,
     seq_len: int,
     model_name: str,
     source_name: str,
@@ -443,18 +513,24 @@ def calibration_windows(
     All documents are tokenized into one stream (``eos`` between documents when the tokenizer has
     one). Tokenizing stops at ``STREAM_OVERSAMPLE`` times the needed tokens and the stream is cut
     there. Window ``k`` starts at ``k * (len(stream) // samples)``, so the windows are evenly
-    spread over the stream; nothing is random.
+    spread over the stream; nothing is random. ``samples`` None (not set by the user) means
+    ``DEFAULT_SAMPLES``, or as many whole windows as a shorter text gives (see
+    :func:`_default_sample_count`).
     """
     for option, value in (("calibration_samples", samples), ("calibration_seq_len", seq_len)):
+        if value is None and option == "calibration_samples":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _fail(
                 source_name,
                 model_name,
                 f"{option} must be a positive integer, got {value!r}. Set it to 1 or more.",
             )
-    needed = samples * seq_len
+    needed = (DEFAULT_SAMPLES if samples is None else samples) * seq_len
     stream = _token_stream(texts, tokenizer, limit=STREAM_OVERSAMPLE * needed)
-    if len(stream) < needed:
+    if samples is None:
+        samples = _default_sample_count(len(stream), seq_len, model_name, source_name)
+    elif len(stream) < needed:
         raise CalibrationError(
             f"calibration data '{source_name}' for model '{model_name}' gives only "
             f"{len(stream)} tokens with that model's tokenizer; calibration_samples x "
@@ -467,8 +543,38 @@ def calibration_windows(
     return stream[starts + offsets]
 
 
+def _default_sample_count(tokens: int, seq_len: int, model_name: str, source_name: str) -> int:
+    """Windows to take when the user set no ``calibration_samples``: the default, or every whole
+    window of a shorter text down to ``FEWEST_DEFAULT_SAMPLES``, below which the Hessians of a
+    large model would rest on too few tokens to trust without the user saying so."""
+    whole = tokens // seq_len
+    if whole >= DEFAULT_SAMPLES:
+        return DEFAULT_SAMPLES
+    if whole < FEWEST_DEFAULT_SAMPLES:
+        raise CalibrationError(
+            f"calibration data '{source_name}' for model '{model_name}' gives only {tokens} "
+            f"tokens with that model's tokenizer: {whole} whole windows of {seq_len} tokens, "
+            f"fewer than the {FEWEST_DEFAULT_SAMPLES} taken at least when calibration_samples "
+            "is not set. Add text, or set calibration_samples (and calibration_seq_len) to "
+            "what it can give."
+        )
+    LOG.warning(
+        "calibration data '%s' for model '%s' gives %d tokens: %d whole windows of %d tokens, "
+        "fewer than the default %d; calibrating on those %d. Add text or set "
+        "calibration_samples to silence this.",
+        source_name,
+        model_name,
+        tokens,
+        whole,
+        seq_len,
+        DEFAULT_SAMPLES,
+        whole,
+    )
+    return whole
+
+
 def _token_stream(
-    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, limit: int
+    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, limit: int
 ) -> torch.Tensor:
     eos_id = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []

@@ -107,8 +107,7 @@ def _calibrate_command() -> Any:
             "sparsegpt_regmean merge of CONFIG_FILE needs and store them in the statistics "
             "cache, without merging. "
             "A later merge of the same config reuses them. Started by torchrun, the "
-            "processes share each task's calibration windows (README: GPUs and several "
-            "processes)."
+            "processes share each task's calibration windows (docs/gpus-and-distributed.md)."
         ),
     )
     @click.argument("config_file")
@@ -125,9 +124,17 @@ def _calibrate_command() -> Any:
         merge_config = MergeConfiguration.model_validate(yaml.safe_load(config_source))
 
         from mergekit_sparsegpt.distributed import launched_ranks, process_group
+        from mergekit_sparsegpt.local_paths import spelled_as_local
         from mergekit_sparsegpt.prepass import prepare_statistics
 
         ranks = launched_ranks()
+
+        def say(message: str) -> None:
+            if ranks.main and not merge_options.quiet:
+                click.echo(message, err=True)
+
+        # Spelled as the merge will spell them: the cache entries are keyed by the model's name.
+        merge_config = spelled_as_local(merge_config, say)
         with process_group(ranks, ranks.device(merge_options.device)):
             context = prepare_statistics(merge_config, merge_options, ranks)
         if ranks.main and not merge_options.quiet:

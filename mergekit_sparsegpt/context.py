@@ -109,10 +109,16 @@ def activated(context: MergeContext) -> Iterator[MergeContext]:
 
 def active_context(method_name: str) -> MergeContext:
     if _active is None:
+        # Falling back to the stock rule here would make every tensor data-free without a word:
+        # a kernel cannot tell which tensors a pre-pass would have given a Hessian.
         raise RuntimeError(
-            f"{method_name} needs Hessian statistics, which are prepared by the pre-pass that "
-            "runs inside mergekit.merge.run_merge / mergekit-yaml. Call it through those (with "
-            "mergekit_sparsegpt installed) or mergekit_sparsegpt.registration.install() first."
+            f"{method_name} needs Hessian statistics from calibration text, which only the "
+            "pre-pass computes, and the pre-pass runs only inside a whole merge: mergekit-yaml "
+            "(or mergekit-sparsegpt-yaml) CONFIG OUT, or mergekit.merge.run_merge(config, "
+            "out_path, options) with a MergeConfiguration whose models have `calibration:`. "
+            "mergekit's in-memory API (merge_methods.api.merge_tensors / merge_state_dicts) and "
+            "direct kernel calls have no pre-pass; for an in-memory merge without data use the "
+            "stock method (ties, dare_linear, task_arithmetic)."
         )
     return _active
 

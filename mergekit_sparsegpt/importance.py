@@ -30,7 +30,7 @@ COLUMN_WEIGHTS: dict[str, ColumnWeight] = {
     "design_note": lambda stats: stats.inverse_diagonal.square().reciprocal(),
 }
 
-# Chosen by the measurement in README ("Choosing the default score"): with task vectors trimmed
+# Chosen by the measurement in docs/how-it-works.md: with task vectors trimmed
 # and *not* re-fitted, the no-update cost is the quantity a trim actually pays.
 DEFAULT_IMPORTANCE = "wanda"
 

@@ -40,12 +40,14 @@ from mergekit_sparsegpt.statistics import TensorStatistics
 # Parameters read by the pre-pass (calibration, Hessians, cache) rather than by the kernel.
 PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("calibration", str | None, ParameterScope.NON_BASE, default=None),
-    ParameterSpec("calibration_samples", int, ParameterScope.SHARED, default=128),
-    ParameterSpec("calibration_seq_len", int, ParameterScope.SHARED, default=512),
+    # None (not set): the pre-pass fits them to the text and the model, see
+    # calibration.DEFAULT_SAMPLES and prepass.DEFAULT_SEQ_LEN.
+    ParameterSpec("calibration_samples", int | None, ParameterScope.SHARED, default=None),
+    ParameterSpec("calibration_seq_len", int | None, ParameterScope.SHARED, default=None),
     ParameterSpec("calibration_field", str, ParameterScope.SHARED, default="text"),
     ParameterSpec("calibration_split", str, ParameterScope.SHARED, default="train"),
     ParameterSpec("calibration_batch_size", int, ParameterScope.SHARED, default=8),
-    # "base": measured better than "finetuned" in README (Defaults); the merged model's
+    # "base": measured better than "finetuned" in docs/quality-benchmark.md; the merged model's
     # activations are closer to the base's than to any one expert's.
     ParameterSpec("hessian_source", str, ParameterScope.SHARED, default="base"),
     ParameterSpec("dampening", float, ParameterScope.SHARED, default=0.01),
@@ -204,7 +206,7 @@ def trim_tensor_task_vector(
         for index, (matrix, stats) in enumerate(zip(matrices, statistics.matrices, strict=True))
     ]
     entries = [
-        trim_entry(matrix, vector, mask, stats, density)
+        trim_entry(matrix, vector, mask, stats, density, bool(parameters.get("rescale")))
         for matrix, (vector, mask), stats in zip(matrices, trims, statistics.matrices, strict=True)
     ]
     vector = layout.assemble([vector for vector, _ in trims])

@@ -48,13 +48,14 @@ def calibration_section(
     method: PluginMethod,
     shared: list[dict[str, Any]],
     per_model: dict[ModelReference, list[dict[str, Any]]],
-    calibration: dict[ModelReference, tuple[str, int]],
+    calibration: dict[ModelReference, tuple[str, int, int]],
     context: MergeContext,
 ) -> str:
     """Markdown for the card.
 
     ``shared``: each planned tensor's merge-wide values; ``per_model``: each merged model's
-    values per tensor; ``calibration``: per model, its calibration source and token count.
+    values per tensor; ``calibration``: per model, its calibration source, windows and tokens
+    per window (as resolved: the user may have set neither).
     """
     name = method.spec.name
     shared_specs = [
@@ -65,36 +66,42 @@ def calibration_section(
     model_specs = [
         spec.name for spec in method.spec.parameters if spec.scope != ParameterScope.SHARED
     ]
-    first = shared[0] if shared else {}
     lines = [
         SECTION_TITLE,
         "",
         f"Merged with `{name}` (mergekit-sparsegpt {__version__}). Every value below is the one "
         "the merge used, defaults included.",
         "",
-        f"Calibration: {first.get('calibration_samples', '?')} windows of "
-        f"{first.get('calibration_seq_len', '?')} tokens per model, each model's text "
+        f"Calibration: {_windows_line(calibration.values())}, each model's text "
         "tokenized with the tokenizer of the model it ran through.",
         "",
         "| setting | value |",
         "|---|---|",
         *(f"| {spec} | {describe_values(v.get(spec) for v in shared)} |" for spec in shared_specs),
         "",
-        "| model | calibration data | tokens | "
+        "| model | calibration data | tokens (windows x length) | "
         + " | ".join(spec for spec in model_specs if spec != "calibration")
         + " |",
         "|---|---|---|" + "---|" * sum(spec != "calibration" for spec in model_specs),
     ]
     for model, values in per_model.items():
-        source, tokens = calibration.get(model, ("–", 0))
+        source, windows, seq_len = calibration.get(model, ("–", 0, 0))
         cells = [
             describe_values(v.get(spec) for v in values)
             for spec in model_specs
             if spec != "calibration"
         ]
-        lines.append(f"| {model} | {source} | {tokens:,} | " + " | ".join(cells) + " |")
+        tokens = f"{windows * seq_len:,} ({windows} x {seq_len})"
+        lines.append(f"| {model} | {source} | {tokens} | " + " | ".join(cells) + " |")
     lines += ["", _usage_line(method, context), ""]
     return "\n".join(lines)
+
+
+def _windows_line(shapes: Iterable[tuple[str, int, int]]) -> str:
+    windows = {count for _, count, _ in shapes}
+    lengths = {length for _, _, length in shapes}
+    count = f"{windows.pop()} windows" if len(windows) == 1 else "windows (see the table)"
+    return f"{count} of {describe_values(lengths)} tokens per model"
 
 
 def _usage_line(method: PluginMethod, context: MergeContext) -> str:

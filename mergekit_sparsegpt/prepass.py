@@ -9,6 +9,7 @@ any weight is read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import json
 import logging
@@ -56,6 +57,7 @@ from mergekit_sparsegpt.distributed import (
 )
 from mergekit_sparsegpt.hessian import HessianError
 from mergekit_sparsegpt.importance import SELECTIONS, validate_importance
+from mergekit_sparsegpt.local_paths import spelled_as_local
 from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SIGN_SOURCES
 from mergekit_sparsegpt.merged_statistics import (
     MERGED,
@@ -68,6 +70,8 @@ from mergekit_sparsegpt.report import REPORT_FILE
 from mergekit_sparsegpt.statistics import TaskStatistics
 
 HESSIAN_SOURCES = ("finetuned", "base", MERGED)
+# Tokens per calibration window when calibration_seq_len is not set (and the models read as many).
+DEFAULT_SEQ_LEN = 512
 LOG = logging.getLogger(__name__)
 
 
@@ -87,8 +91,8 @@ class PlannedTensor:
 class PrepassSettings:
     """Settings that shape the Hessians; one value for the whole merge."""
 
-    calibration_samples: int
-    calibration_seq_len: int
+    calibration_samples: int | None  # None: as calibration.calibration_windows decides
+    calibration_seq_len: int | None  # None until resolve_seq_len
     calibration_field: str
     calibration_split: str
     calibration_batch_size: int
@@ -132,11 +136,12 @@ def prepare_statistics(
         LOG.warning(
             "compensate and rescale are both on: the re-fitted task vectors already make up for "
             "the dropped entries, and rescale scales them up again, on top of each weight. "
-            "Measured (README, 'Error-compensated trimming'): it wrecked a merge with weights 1 "
+            "Measured (docs/compensation.md): it wrecked a merge with weights 1 "
             "and helped one with weights 1/5. For predictable strength set rescale: false and "
             "choose the weights."
         )
     tasks, hessian_inputs = calibration_tasks(planned, settings)
+    settings = resolve_seq_len(settings, tasks, options, ranks)
     windows = {task.key: _calibration_windows(task, settings, options) for task in tasks}
     if settings.hessian_source == MERGED:
         if ranks.world_size > 1:
@@ -148,14 +153,14 @@ def prepare_statistics(
         statistics = merged_model_statistics(
             planned, method, tasks, windows, settings, options, readers
         )
-        facts = CardFacts(method, planned, _token_counts(windows))
+        facts = CardFacts(method, planned, _window_shapes(windows))
         return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics, card_facts=facts)
     computed = {
         task.key: task_statistics(task, windows[task.key], settings, options, ranks)
         for task in tqdm(tasks, desc="Calibrating tasks", disable=options.quiet or not ranks.main)
     }
     statistics = {key: value for key, value in computed.items() if value is not None}
-    facts = CardFacts(method, planned, _token_counts(windows))
+    facts = CardFacts(method, planned, _window_shapes(windows))
     return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics, card_facts=facts)
 
 
@@ -165,11 +170,11 @@ class CardFacts:
 
     method: PluginMethod
     planned: list[PlannedTensor]
-    tokens: dict[TaskKey, int]  # calibration tokens per task
+    windows: dict[TaskKey, tuple[int, int]]  # (windows, tokens each) per task
 
 
-def _token_counts(windows: dict[TaskKey, torch.Tensor]) -> dict[TaskKey, int]:
-    return {key: task_windows.numel() for key, task_windows in windows.items()}
+def _window_shapes(windows: dict[TaskKey, torch.Tensor]) -> dict[TaskKey, tuple[int, int]]:
+    return {key: (len(shaped), shaped.shape[1]) for key, shaped in windows.items()}
 
 
 def run_with_statistics(
@@ -187,6 +192,7 @@ def run_with_statistics(
             "CONFIG` to fill the statistics cache, then the merge without torchrun: it reads "
             "the cache."
         )
+    merge_config = spelled_as_local(merge_config, lambda message: _say(options, message))
     existed = os.path.exists(out_path)
     try:
         context = prepare_statistics(merge_config, options)
@@ -212,7 +218,7 @@ def card_section(context: MergeContext) -> str:
         for model, values in tensor.per_input.items():
             if model != tensor.base_model:
                 per_model.setdefault(model, []).append(values)
-    calibration = {model: (source, count) for (model, source), count in facts.tokens.items()}
+    calibration = {model: (source, *shape) for (model, source), shape in facts.windows.items()}
     return model_card.calibration_section(
         facts.method, [tensor.shared for tensor in facts.planned], per_model, calibration, context
     )
@@ -237,9 +243,10 @@ def usage_summary(method_name: str, context: MergeContext) -> str:
     if entries:
         ours = sum(e["relative_output_error"] for e in entries) / len(entries)
         magnitude = sum(e["magnitude_relative_output_error"] for e in entries) / len(entries)
+        alike = ", both L1-rescaled" if any(e["rescaled"] for e in entries) else ""
         lines.append(
             f"  relative output error of the trimmed task vectors (mean, Hessian estimate): "
-            f"{ours:.4f}, magnitude trimming at the same density: {magnitude:.4f}"
+            f"{ours:.4f}, magnitude trimming at the same density: {magnitude:.4f}{alike}"
         )
         lines.append(f"  per-tensor details: {REPORT_FILE} in the output directory")
     return "\n".join(lines)
@@ -283,6 +290,7 @@ _TYPE_NAMES: dict[Any, str] = {
     bool: "true or false",
     str: "a string",
     str | None: "a string",
+    int | None: "an integer",
 }
 
 
@@ -498,7 +506,7 @@ def _constant(planned: list[PlannedTensor], name: str) -> Any:
 
 def _check_settings(settings: PrepassSettings) -> None:
     for name in ("calibration_samples", "calibration_seq_len", "calibration_batch_size"):
-        if getattr(settings, name) < 1:
+        if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(settings, name)}")
     if settings.hessian_source not in HESSIAN_SOURCES:
         raise ValueError(
@@ -534,6 +542,38 @@ def calibration_tasks(
     return ordered, hessian_inputs
 
 
+def resolve_seq_len(
+    settings: PrepassSettings,
+    tasks: list[CalibrationTask],
+    options: MergeOptions,
+    ranks: Ranks = SINGLE_PROCESS,
+) -> PrepassSettings:
+    """``settings`` with calibration_seq_len set: the user's value, or ``DEFAULT_SEQ_LEN`` cut to
+    the shortest context of the models the text runs through (said once, on the main rank)."""
+    if settings.calibration_seq_len is not None:
+        return settings
+    contexts = {
+        str(task.forward_model): _context_length(
+            task.forward_model.config(options.trust_remote_code)
+        )
+        for task in tasks
+    }
+    known = {name: length for name, length in contexts.items() if length is not None}
+    shortest = min(known, key=known.__getitem__, default=None)
+    seq_len = DEFAULT_SEQ_LEN
+    why = ""
+    if shortest is not None and known[shortest] < DEFAULT_SEQ_LEN:
+        seq_len = known[shortest]
+        why = f": the default {DEFAULT_SEQ_LEN} cut to the {seq_len} positions of model {shortest}"
+    if ranks.main:
+        _say(options, f"calibration_seq_len not set: windows of {seq_len} tokens{why}")
+    return dataclasses.replace(settings, calibration_seq_len=seq_len)
+
+
+def _context_length(config: PretrainedConfig) -> int | None:
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
 def _calibration_windows(
     task: CalibrationTask, settings: PrepassSettings, options: MergeOptions
 ) -> torch.Tensor:
@@ -560,7 +600,8 @@ def _calibration_windows(
         tokenizer,
         settings.calibration_samples,
         settings.calibration_seq_len,
-        model_name=name,
+        # Whose data it is, and whose tokenizer: they differ unless hessian_source is finetuned.
+        model_name=name if model == task.forward_model else f"{model}, run through {name}",
         source_name=source,
     )
     check_tokens_fit(windows, task.forward_model.config(options.trust_remote_code), name)
@@ -579,7 +620,7 @@ def check_tokens_fit(windows: torch.Tensor, config: PretrainedConfig, model_name
             f"model's embedding has {rows} rows: that tokenizer is not the model's own. Save "
             "the tokenizer the model was trained with next to its weights."
         )
-    positions = getattr(text_config, "max_position_embeddings", None)
+    positions = _context_length(config)
     if positions is not None and windows.shape[1] > positions:
         raise ValueError(
             f"calibration_seq_len {windows.shape[1]} is longer than model {model_name} can "

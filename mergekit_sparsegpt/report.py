@@ -3,7 +3,8 @@
 For a linear layer, dropping part of tau changes the layer output on the calibration inputs by
 delta X with delta = tau - tau', and ||delta X||^2 = (n / 2) tr(delta H delta^T) for
 H = (2 / n) X X^T. The report gives that error relative to ||tau X||^2, for the trim that was used
-and for magnitude trimming at the same density, so users see what the Hessian bought them. With
+and for magnitude trimming at the same density (L1-rescaled too when the merge rescales, so like
+is compared with like), so users see what the Hessian bought them. With
 the whole Cholesky factor of H^-1 at hand (``compensate: true``) the trace is exact for the damped
 Hessian; otherwise only diag H is used (cross terms ignored).
 """
@@ -11,6 +12,7 @@ Hessian; otherwise only diag H is used (cross terms ignored).
 from __future__ import annotations
 
 import torch
+from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor
 
 from mergekit_sparsegpt.hessian import HessianStatistics
 from mergekit_sparsegpt.importance import top_density_mask
@@ -35,13 +37,19 @@ def trim_entry(
     mask: torch.Tensor,
     statistics: HessianStatistics,
     density: float,
-) -> dict[str, float | str]:
-    """Kept fraction and mass, overlap with magnitude's kept set, relative output errors."""
+    rescaled: bool = False,
+) -> dict[str, float | str | bool]:
+    """Kept fraction and mass, overlap with magnitude's kept set, relative output errors.
+
+    ``rescaled``: ``trimmed`` was L1-rescaled (DARE's ``rescale``); the magnitude trim it is
+    compared with is then rescaled the same way."""
     tau = task_vector.to(torch.float32)
     mass = tau.square()
     total = output_error(tau, statistics)
     magnitude_mask = top_density_mask(tau.abs(), density)
-    magnitude = tau * magnitude_mask
+    magnitude = rescaled_masked_tensor(
+        tau, magnitude_mask.to(tau.dtype), RescaleNorm.l1 if rescaled else None
+    )
     kept = int(mask.sum())
     return {
         "kept_fraction": float(mask.float().mean()),
@@ -51,6 +59,7 @@ def trim_entry(
         "relative_output_error": _ratio(output_error(tau - trimmed.float(), statistics), total),
         "magnitude_relative_output_error": _ratio(output_error(tau - magnitude, statistics), total),
         "error_estimate": "diagonal" if statistics.cholesky_factor is None else "full",
+        "rescaled": rescaled,
         # How much larger the kept vector is than the whole one: re-fitting can inflate it.
         "norm_ratio": _ratio(float(trimmed.float().norm()), float(tau.norm())),
         # Spread of per-column input energy, std / mean of diag H: near 0, every column weighs

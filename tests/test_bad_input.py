@@ -203,7 +203,8 @@ ROWS = [
     Row(
         "calibration text too short",
         lambda b: b.calibration("short.txt", "def f(): pass\n"),
-        r"^calibration data '{cal0}' for model '{base}' gives only \d+ tokens with that model's "
+        r"^calibration data '{cal0}' for model '{model0}, run through {base}' gives only \d+ "
+        r"tokens with that model's "
         r"tokenizer; calibration_samples x calibration_seq_len = 8 x 32 = 256 are needed\. Add "
         r"text or lower calibration_samples / calibration_seq_len\.$",
     ),
@@ -235,12 +236,15 @@ ROWS = [
         r"it to that record\.$",
     ),
     Row(
-        "calibration dataset name not in the local cache",
-        lambda b: b.source("someorg/not-a-cached-dataset"),
-        r"^calibration data '{cal0}' for model '{model0}': the path does not exist and it is "
-        r"not a dataset available offline in the Hugging Face cache \(.*\)\. Give an existing "
-        r"file or directory, or download the dataset once with network access \(datasets\."
-        r"load_dataset\('someorg/not-a-cached-dataset', split='train'\)\) so it is in the cache\.$",
+        "calibration dataset name not in the local cache, offline",
+        lambda b: _offline(b).source("someorg/not-a-cached-dataset"),
+        r"^calibration data '{cal0}' for model '{model0}': the path does not exist and it could "
+        r"not be loaded as a Hugging Face dataset \(.*\)\. Give an existing file or directory, "
+        r"or a dataset name \('name' or 'name:config'\)\. Offline mode is on "
+        r"\(HF_HUB_OFFLINE=1\), so only datasets already in the local Hugging Face cache load: "
+        r"unset HF_HUB_OFFLINE to read it from the Hub, or download it once with network access "
+        r"\(datasets\.load_dataset\('someorg/not-a-cached-dataset', split='train'\)\) so it is "
+        r"in the cache\.$",
     ),
     Row(
         "model without calibration",
@@ -467,6 +471,25 @@ ROWS = [
         cache.CacheWriteError,
     ),
 ]
+
+
+def _offline(bad: Bad) -> Bad:
+    """HF_HUB_OFFLINE=1 as a user sets it; both libraries read it when imported, hence the
+    flags. An empty datasets cache: nothing is in it."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    for variable in ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        bad.monkeypatch.delenv(variable, raising=False)
+    bad.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bad.monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", bad.tmp / "hf_datasets")
+    for module, flag in (
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+        (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+    ):
+        bad.monkeypatch.setattr(module, flag, True)
+    return bad
 
 
 def _without_calibration(config: dict) -> dict:

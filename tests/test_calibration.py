@@ -70,7 +70,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def read(path: Path | str, **kwargs) -> list[str]:
-    return read_calibration_texts(CalibrationSource(str(path), **kwargs), MODEL)
+    # A dataset name gives a lazy iterable; list() reads it all, as the assertions need.
+    return list(read_calibration_texts(CalibrationSource(str(path), **kwargs), MODEL))
 
 
 def error_of(path: Path | str, **kwargs) -> str:
@@ -178,20 +179,32 @@ def test_saved_dataset_missing_column(tmp_path: Path) -> None:
     assert "no column 'text'" in message and "'body'" in message and MODEL in message
 
 
-def _write_fake_cached_dataset(cache: Path, name: str, config: str, texts: list[str]) -> None:
-    """Lay out a dataset the way `datasets` stores a prepared dataset in HF_DATASETS_CACHE."""
-    folder = cache / name / config / "0.0.0" / "0123456789abcdef"
+# --------------------------------------------------------------------------------------------
+# Hugging Face dataset names (offline: the network path cannot run on the test machines)
+# --------------------------------------------------------------------------------------------
+
+
+def _write_fake_cached_dataset(
+    cache: Path, name: str, config: str, columns: dict[str, list]
+) -> Path:
+    """Lay out a dataset the way `datasets` stores a prepared Hub dataset in HF_DATASETS_CACHE
+    (``org/name`` lives in ``org___name``); returns the split's Arrow file."""
+    short = name.split("/")[-1]
+    folder = cache / name.replace("/", "___") / config / "0.0.0" / "0123456789abcdef"
     folder.mkdir(parents=True)
-    with ArrowWriter(path=str(folder / f"{name}-train.arrow")) as writer:
-        writer.write_table(pa.table({"text": texts}))
+    table = pa.table(columns)
+    arrow = folder / f"{short}-train.arrow"
+    with ArrowWriter(path=str(arrow)) as writer:
+        writer.write_table(table)
         rows, size = writer.finalize()
-    split = datasets.SplitInfo("train", num_bytes=size, num_examples=rows, dataset_name=name)
+    split = datasets.SplitInfo("train", num_bytes=size, num_examples=rows, dataset_name=short)
     datasets.DatasetInfo(
-        dataset_name=name,
+        dataset_name=short,
         config_name=config,
-        features=datasets.Features({"text": datasets.Value("string")}),
+        features=datasets.Features.from_arrow_schema(table.schema),
         splits=datasets.SplitDict({"train": split}),
     ).write_to_directory(str(folder))
+    return arrow
 
 
 def _offline_flags() -> tuple:
@@ -204,16 +217,169 @@ def _offline_flags() -> tuple:
     )
 
 
-def test_dataset_name_from_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
-    _write_fake_cached_dataset(tmp_path, "fake_calib", "small", ["cached one", "cached two"])
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty datasets cache, with HF_HUB_OFFLINE=1 as a user sets it before starting a merge.
+
+    Both libraries read the variable when imported, so their flags are set as well.
+    """
+    cache = tmp_path / "hf_datasets_cache"
+    cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    for variable in ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def _count_pulled_records(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the records every datasets.IterableDataset hands out; returns a one-item counter."""
+    pulled = [0]
+    original = datasets.IterableDataset.__iter__
+
+    def counting(self):
+        for record in original(self):
+            pulled[0] += 1
+            yield record
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counting)
+    return pulled
+
+
+def test_dataset_name_from_offline_cache(hub_cache: Path) -> None:
+    _write_fake_cached_dataset(hub_cache, "fake_calib", "small", {"text": ["cached one", "two"]})
     before = _offline_flags()
-    assert read("fake_calib") == ["cached one", "cached two"]
-    assert read("fake_calib:small") == ["cached one", "cached two"]
-    # The offline switches are only forced for the duration of the load.
+    texts = read_calibration_texts(CalibrationSource("fake_calib"), MODEL)
+    assert not isinstance(texts, list)  # streamed, not loaded whole
+    assert list(texts) == ["cached one", "two"]
+    assert read("fake_calib:small") == ["cached one", "two"]
+    # The user's offline switches are read, never changed.
     assert _offline_flags() == before
     message = error_of("fake_calib:large")
-    assert "not a dataset available offline" in message and "small" in message
+    assert "could not be loaded as a Hugging Face dataset" in message
+    assert "Available configs in the cache: ['small']" in message and MODEL in message
+
+
+def test_cached_dataset_gives_the_same_windows_as_the_same_jsonl(
+    hub_cache: Path, tmp_path: Path, tokenizer
+) -> None:
+    from mergekit_sparsegpt.cache import tokens_fingerprint
+
+    texts = ["a b c", None, "d e f g", "  ", "h a", "b c d e"]
+    _write_fake_cached_dataset(hub_cache, "someorg/corpus", "en", {"text": texts, "n": [1] * 6})
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    hub_texts = read_calibration_texts(CalibrationSource("someorg/corpus:en"), MODEL)
+    file_texts = read_calibration_texts(CalibrationSource(str(jsonl)), MODEL)
+    from_hub = windows(hub_texts, tokenizer, samples=3, seq_len=3)
+    from_file = windows(file_texts, tokenizer, samples=3, seq_len=3)
+    eos = VOCAB["<eos>"]
+    stream = ids("a b c") + [eos] + ids("d e f g") + [eos] + ids("h a") + [eos] + ids("b c d e")
+    stride = len(stream) // 3
+    expected = [stream[k * stride : k * stride + 3] for k in range(3)]
+    assert from_hub.tolist() == expected
+    assert torch.equal(from_hub, from_file)
+    # The statistics cache keys the token ids, so where the text came from cannot matter.
+    assert tokens_fingerprint(from_hub) == tokens_fingerprint(from_file)
+
+
+def test_cached_dataset_is_read_only_as_far_as_the_windows_need(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch, tokenizer
+) -> None:
+    documents = [f"w{i % 100}" for i in range(20_000)]
+    _write_fake_cached_dataset(hub_cache, "big_corpus", "default", {"text": documents})
+    pulled = _count_pulled_records(monkeypatch)
+    texts = read_calibration_texts(CalibrationSource("big_corpus"), MODEL)
+    assert pulled[0] == 1  # only the peek that proves the source holds text
+    spy = SpyTokenizer(tokenizer)
+    result = windows(texts, spy, samples=2, seq_len=2)
+    # Reference: the same documents as a plain list, through the same windows.
+    reference_spy = SpyTokenizer(tokenizer)
+    reference = windows(list(documents), reference_spy, samples=2, seq_len=2)
+    assert torch.equal(result, reference)
+    assert spy.pieces == reference_spy.pieces
+    # Exactly the documents tokenized were pulled (no read-ahead), a sliver of the 20,000.
+    assert pulled[0] == len(reference_spy.pieces) < 100
+
+
+def test_dataset_name_offline_and_not_cached_is_one_clear_error(hub_cache: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(CalibrationError) as info:
+        read("surely_not_a_dataset_xyz:cfg")
+    assert time.monotonic() - start < 5  # offline: no network retries
+    message = str(info.value)
+    assert message.startswith(
+        f"calibration data 'surely_not_a_dataset_xyz:cfg' for model '{MODEL}': the path does "
+        "not exist and it could not be loaded as a Hugging Face dataset ("
+    )
+    assert "Offline mode is on (HF_HUB_OFFLINE=1)" in message
+    assert "unset HF_HUB_OFFLINE to read it from the Hub" in message
+    assert "load_dataset('surely_not_a_dataset_xyz', 'cfg', split='train')" in message
+
+
+def test_offline_error_names_the_variable_the_user_set(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "true")
+    message = error_of("someorg/not_cached")
+    assert "Offline mode is on (HF_DATASETS_OFFLINE=true)" in message
+    assert "unset HF_DATASETS_OFFLINE" in message
+
+
+def test_online_error_does_not_blame_offline_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def not_on_the_hub(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise datasets.exceptions.DatasetNotFoundError("Dataset 'someorg/nope' doesn't exist")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets, "load_dataset", not_on_the_hub)
+    message = error_of("someorg/nope:cfg")
+    assert calls == [(("someorg/nope", "cfg"), {"streaming": True})]
+    assert "DatasetNotFoundError: Dataset 'someorg/nope' doesn't exist" in message
+    assert "Check the dataset name and config on the Hugging Face Hub" in message
+    assert "Offline mode" not in message and MODEL in message
+
+
+def test_cached_dataset_without_the_text_column_names_the_columns(hub_cache: Path) -> None:
+    _write_fake_cached_dataset(hub_cache, "fake_calib", "small", {"body": ["x"], "id": [1]})
+    message = error_of("fake_calib")
+    assert message == (
+        f"calibration data 'fake_calib' for model '{MODEL}': dataset split 'train' has no column "
+        "'text' (available columns: 'body', 'id'). Set calibration_field to the column that "
+        "holds the text."
+    )
+    assert read("fake_calib", text_field="body") == ["x"]
+
+
+def test_cached_dataset_wrong_split_names_the_splits(hub_cache: Path) -> None:
+    _write_fake_cached_dataset(hub_cache, "fake_calib", "small", {"text": ["x"]})
+    message = error_of("fake_calib", split="validation")
+    assert "dataset 'fake_calib' has no split 'validation' (available splits: 'train')" in message
+
+
+def test_cached_dataset_column_of_numbers_is_not_text(hub_cache: Path) -> None:
+    _write_fake_cached_dataset(hub_cache, "fake_calib", "small", {"text": [1, 2]})
+    assert "column 'text' holds int values, not text" in error_of("fake_calib")
+
+
+def test_cached_dataset_without_text(hub_cache: Path) -> None:
+    _write_fake_cached_dataset(hub_cache, "fake_calib", "small", {"text": [None, " ", ""]})
+    message = error_of("fake_calib")
+    assert "contains no text" in message and MODEL in message and "'fake_calib'" in message
+
+
+def test_damaged_cached_dataset_is_a_calibration_error(hub_cache: Path) -> None:
+    arrow = _write_fake_cached_dataset(hub_cache, "fake_calib", "small", {"text": ["x", "y"]})
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    message = error_of("fake_calib")
+    assert "reading dataset split 'train' failed after 0 records (ArrowInvalid" in message
+    assert "delete the dataset from the Hugging Face datasets cache" in message
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,19 +399,6 @@ def test_missing_path_says_file_not_found_without_dataset_lookup(
     monkeypatch.setattr(datasets, "load_dataset", no_lookup)
     message = error_of(name)
     assert "file not found" in message and MODEL in message and name in message
-
-
-def test_unknown_dataset_name_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path("/nonexistent-cache-dir"))
-    before = _offline_flags()
-    start = time.monotonic()
-    message = error_of("surely_not_a_dataset_xyz:cfg")
-    assert time.monotonic() - start < 5
-    assert "path does not exist" in message
-    assert "not a dataset available offline in the Hugging Face cache" in message
-    assert "load_dataset('surely_not_a_dataset_xyz', 'cfg', split='train')" in message
-    assert MODEL in message
-    assert _offline_flags() == before
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_sparsegpt.demo import corpus
+from mergekit_sparsegpt.demo import build, corpus
 from mergekit_sparsegpt.demo.build import EXPERTS, domain_windows
+from mergekit_sparsegpt.demo.evaluate import format_scores, normalized_score
 from mergekit_sparsegpt.demo.merges import merge_configs, run_mergekit, write_config
 from mergekit_sparsegpt.demo.tiny import (
     greedy_complete,
@@ -226,13 +227,43 @@ def test_fixture_experts_beat_base_on_own_domain(tiny_models) -> None:
 
 def test_merge_configs_share_densities_and_add_calibration(tiny_models) -> None:
     configs = dict(merge_configs(tiny_models, 8, 32))
-    ties, sparse = configs["ties"], configs["sparsegpt_ties"]
-    assert ties["merge_method"] == "ties" and sparse["merge_method"] == "sparsegpt_ties"
-    assert sparse["parameters"] == {"calibration_samples": 8, "calibration_seq_len": 32}
-    for plain, calibrated in zip(ties["models"], sparse["models"], strict=True):
-        extra = dict(calibrated["parameters"])
-        assert Path(extra.pop("calibration")).is_file()
-        assert extra == plain["parameters"]
+    assert list(configs) == ["ties", "sparsegpt_ties", "regmean", "sparsegpt_regmean"]
+    ties = configs["ties"]
+    assert "parameters" not in ties
+    for method, config in configs.items():
+        assert config["merge_method"] == method
+        assert config["base_model"] == str(tiny_models.base)
+        if method == "ties":
+            continue
+        assert config["parameters"] == {"calibration_samples": 8, "calibration_seq_len": 32}
+        for plain, calibrated in zip(ties["models"], config["models"], strict=True):
+            assert plain["model"] == calibrated["model"]
+            extra = dict(calibrated["parameters"])
+            assert Path(extra.pop("calibration")).is_file()
+            expected = dict(plain["parameters"])
+            if method == "regmean":  # no trim: every entry of every task vector
+                del expected["density"]
+            assert extra == expected
+
+
+def test_normalized_score_against_hand_computed_values() -> None:
+    rows = {
+        "base": {"code": 5.0, "arithmetic": 4.0, "prose": 3.0},
+        "expert:code": {"code": 3.0, "arithmetic": 9.0, "prose": 9.0},
+        "expert:arithmetic": {"code": 9.0, "arithmetic": 2.0, "prose": 9.0},
+        "merge:ties": {"code": 4.0, "arithmetic": 3.0, "prose": 9.0},
+        "merge:regmean": {"code": 3.5, "arithmetic": 2.5, "prose": 9.0},
+    }
+    domains = {"expert:code": "code", "expert:arithmetic": "arithmetic"}
+    # ties: code (5-4)/(5-3) = 0.5, arithmetic (4-3)/(4-2) = 0.5; regmean 0.75 and 0.75.
+    assert normalized_score(rows, "merge:ties", domains) == pytest.approx(0.5)
+    assert normalized_score(rows, "merge:regmean", domains) == pytest.approx(0.75)
+    assert normalized_score(rows, "expert:code", domains) == pytest.approx((1 + (4 - 9) / 2) / 2)
+    table = format_scores(rows, domains, reference="merge:ties").splitlines()
+    assert [line.split() for line in table[2:]] == [
+        ["merge:ties", "0.500", "1.00x"],
+        ["merge:regmean", "0.750", "1.50x"],
+    ]
 
 
 def test_stock_ties_merge_runs_through_mergekit_cli(tiny_models, tmp_path: Path) -> None:
@@ -243,14 +274,30 @@ def test_stock_ties_merge_runs_through_mergekit_cli(tiny_models, tmp_path: Path)
     assert AutoTokenizer.from_pretrained(out)("add 1+2=3")["input_ids"]
 
 
+def _readme_main_job() -> list[str]:
+    """The demo command of README's first bash block, as the arguments after ``python``."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    command = block.split("&&")[-1].split()
+    assert command[:3] == ["python", "-m", "mergekit_sparsegpt.demo"], block
+    return command[1:]
+
+
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+def test_readme_main_job_from_another_directory(tmp_path: Path) -> None:
+    """README's main job, as written (a relative --out), run from a directory of its own."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
     }
-    cmd = [sys.executable, "-m", "mergekit_sparsegpt.demo", "--quick", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert "merge:ties" in proc.stdout, proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "merge:sparsegpt_ties" in proc.stdout
+    cmd = [sys.executable, *_readme_main_job()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "FAILED" not in output
+    out = tmp_path / cmd[cmd.index("--out") + 1]
+    for method, _ in merge_configs(build.Family(out, out, {}, {}, out), 1, 1):
+        assert re.search(rf"^merge:{method} +\d", proc.stdout, re.M), method
+        assert re.search(rf"^merge:{method} +-?\d+\.\d{{3}} +\d+\.\d\dx$", proc.stdout, re.M)
+        assert (out / f"merge_{method}" / "model.safetensors").is_file()

@@ -46,6 +46,10 @@ def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, met
     assert "Hessians of" in first.stderr
     assert "Hessian importance: 14 tensors" in first.stderr
     assert f"stock {'ties' if method == 'sparsegpt_ties' else 'dare_linear'}" in first.stderr
+    # sparsegpt_dare rescales its trimmed vectors: the magnitude trim it is compared with too.
+    alike = "magnitude trimming at the same density: 0."
+    assert alike in first.stderr
+    assert (", both L1-rescaled" in first.stderr) == (method == "sparsegpt_dare")
     _assert_loads_with_finite_logits(tmp_path / "out1")
     assert len(list(cache.glob("*.safetensors"))) == 2
 

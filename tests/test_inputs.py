@@ -181,6 +181,87 @@ def test_windows_longer_than_the_positions_are_refused(tiny_models, tmp_path):
         _prepare(config)
 
 
+# ------------------------------------------------------------- defaults fitted to the model
+
+
+def _unset(config: dict, *names: str) -> dict:
+    for name in names:
+        del config["parameters"][name]
+    return config
+
+
+def test_unset_seq_len_is_the_default_cut_to_the_models_context(tiny_models, tmp_path, capsys):
+    positions = AutoModelForCausalLM.from_pretrained(
+        tiny_models.base
+    ).config.max_position_embeddings
+    assert positions < prepass.DEFAULT_SEQ_LEN  # the case a user's short-context model hits
+    config = _unset(sparsegpt_config(tiny_models, cache_dir=str(tmp_path)), "calibration_seq_len")
+    config["parameters"]["calibration_samples"] = 2
+    context = prepass.prepare_statistics(
+        MergeConfiguration.model_validate(config), MergeOptions(quiet=False)
+    )
+    said = capsys.readouterr().err
+    assert f"calibration_seq_len not set: windows of {positions} tokens" in said
+    assert f"the default {prepass.DEFAULT_SEQ_LEN} cut to the {positions} positions" in said
+    assert {shape for shape in context.card_facts.windows.values()} == {(2, positions)}
+
+
+def test_unset_seq_len_keeps_the_default_on_a_longer_context(tiny_models, tmp_path, capsys):
+    model = tmp_path / "long_base"
+    shutil.copytree(tiny_models.base, model)
+    loaded = AutoModelForCausalLM.from_pretrained(model)
+    loaded.config.max_position_embeddings = 4 * prepass.DEFAULT_SEQ_LEN
+    loaded.config.save_pretrained(model)
+    config = _unset(sparsegpt_config(tiny_models, cache_dir=str(tmp_path)), "calibration_seq_len")
+    config["base_model"] = str(model)
+    config["parameters"]["calibration_samples"] = 1
+    context = prepass.prepare_statistics(
+        MergeConfiguration.model_validate(config), MergeOptions(quiet=False)
+    )
+    said = capsys.readouterr().err
+    assert f"calibration_seq_len not set: windows of {prepass.DEFAULT_SEQ_LEN} tokens\n" in said
+    assert {shape for shape in context.card_facts.windows.values()} == {
+        (1, prepass.DEFAULT_SEQ_LEN)
+    }
+
+
+def test_unset_samples_on_short_text_take_every_whole_window(tiny_models, tmp_path, caplog):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.base)
+    text = tiny_models.calibration["code"].read_text(encoding="utf-8")
+    short = tmp_path / "short.txt"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    short.write_text(tokenizer.decode(ids[: 20 * 32 + 5]), encoding="utf-8")
+    config = _unset(sparsegpt_config(tiny_models, cache_dir=str(tmp_path)), "calibration_samples")
+    config["models"][1]["parameters"]["calibration"] = str(short)
+    with caplog.at_level("WARNING"):
+        context = _prepare(config)
+    windows = {str(model): shape for (model, _), shape in context.card_facts.windows.items()}
+    expected = len(tokenizer(short.read_text(), add_special_tokens=False)["input_ids"]) // 32
+    assert 16 <= expected < 128
+    assert windows[str(tiny_models.experts["code"])] == (expected, 32)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    (warning,) = [w for w in warnings if "short.txt" in w]
+    assert str(tiny_models.experts["code"]) in warning and f" {expected} whole windows" in warning
+
+
+def test_unset_samples_below_the_floor_name_the_text_not_the_setting(tiny_models, tmp_path):
+    short = tmp_path / "tiny.txt"
+    short.write_text("def f(x):\n    return x\n" * 10, encoding="utf-8")
+    config = _unset(sparsegpt_config(tiny_models, cache_dir=str(tmp_path)), "calibration_samples")
+    config["models"][0]["parameters"]["calibration"] = str(short)
+    with pytest.raises(ValueError, match="tiny.txt") as caught:
+        _prepare(config)
+    message = str(caught.value)
+    assert "fewer than the 16 taken at least when calibration_samples is not set" in message
+    assert "calibration_samples x calibration_seq_len" not in message
+
+
+def test_samples_the_user_wrote_keep_the_strict_error(tiny_models, tmp_path):
+    config = sparsegpt_config(tiny_models, cache_dir=str(tmp_path), calibration_samples=100000)
+    with pytest.raises(ValueError, match=r"calibration_samples x calibration_seq_len = 100000"):
+        _prepare(config)
+
+
 # ------------------------------------------------------------------------------ model card
 
 
@@ -213,7 +294,7 @@ def test_model_card_names_method_densities_score_and_calibration(tiny_models, tm
     for domain in ("arithmetic", "code"):
         row = dict(zip(header, _table_row(section, str(tiny_models.experts[domain])), strict=True))
         assert row["calibration data"] == str(tiny_models.calibration[domain])
-        assert row["tokens"] == f"{8 * 32:,}"
+        assert row["tokens (windows x length)"] == f"{8 * 32:,} (8 x 32)"
         assert row["weight"] == "1.0"
     arithmetic = dict(
         zip(header, _table_row(section, str(tiny_models.experts["arithmetic"])), strict=True)

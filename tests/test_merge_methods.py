@@ -282,3 +282,26 @@ def test_sign_from_is_offered_only_with_sign_election():
 def test_compensate_without_factor_is_a_clear_error(context):
     with pytest.raises(ValueError, match="compensate needs the Cholesky factor"):
         merge_methods.get("sparsegpt_ties")([_group()], parameters=_parameters(compensate=True))
+
+
+@pytest.mark.parametrize(
+    "method", ["sparsegpt_ties", "sparsegpt_dare", "regmean", "sparsegpt_regmean"]
+)
+def test_in_memory_api_says_what_runs_the_method(method):
+    """mergekit's in-memory API has no pre-pass: one error that names what does work."""
+    from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(4, COLUMNS, generator=generator)
+    tuned = [base + 0.1 * torch.randn(4, COLUMNS, generator=generator) for _ in range(2)]
+    parameters = {"weight": 1.0, "calibration": "a.txt"}
+    if method != "regmean":
+        parameters["density"] = 0.5
+    expected = r"only the pre-pass computes.*mergekit-yaml.*run_merge.*in-memory API"
+    with pytest.raises(RuntimeError, match=expected) as caught:
+        merge_tensors([base, *tuned], method, base_index=0, name=LINEAR, parameters=parameters)
+    assert "install()" not in str(caught.value)
+    inputs = zip("bxy", [base, *tuned], strict=True)
+    states = {name: {"model.norm.weight": tensor[0]} for name, tensor in inputs}
+    with pytest.raises(RuntimeError, match=expected):
+        merge_state_dicts(states, method, base="b", parameters=parameters)

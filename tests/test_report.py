@@ -64,3 +64,28 @@ def test_norm_ratio_shows_a_refit_that_grows_the_vector():
     stats = hessian_statistics(hessian.float())
     mask = torch.ones_like(tau, dtype=torch.bool)
     assert trim_entry(tau, 3 * tau, mask, stats, density=1.0)["norm_ratio"] == pytest.approx(3)
+
+
+def test_rescaled_trim_is_compared_with_a_rescaled_magnitude_trim():
+    hessian, tau = _problem(4)
+    tau = tau.float()
+    stats = hessian_statistics(hessian.float())
+    mask = torch.zeros_like(tau, dtype=torch.bool)
+    mask[:, ::2] = True
+    ours = tau * mask * (tau.abs().sum() / (tau * mask).abs().sum())  # DARE's L1 rescale
+    entry = trim_entry(tau, ours, mask, stats, density=0.5, rescaled=True)
+    assert entry["rescaled"] is True
+    diag = stats.hessian_diagonal
+    total = (tau**2 * diag).sum()
+    assert entry["relative_output_error"] == pytest.approx(
+        (((tau - ours) ** 2 * diag).sum() / total).item(), rel=1e-5
+    )
+    keep = torch.argsort(tau.abs().flatten(), descending=True)[:12]
+    magnitude = torch.zeros(tau.numel())
+    magnitude[keep] = tau.flatten()[keep]
+    magnitude = magnitude.reshape(tau.shape) * (tau.abs().sum() / magnitude.abs().sum())
+    expected = ((tau - magnitude) ** 2 * diag).sum() / total
+    assert entry["magnitude_relative_output_error"] == pytest.approx(expected.item(), rel=1e-5)
+    unrescaled = trim_entry(tau, ours, mask, stats, density=0.5)
+    assert unrescaled["rescaled"] is False
+    assert unrescaled["magnitude_relative_output_error"] != pytest.approx(expected.item())

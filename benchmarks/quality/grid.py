@@ -88,7 +88,7 @@ VARIANTS: dict[str, Variant] = {
     "sparsegpt_ties[sparsegpt,compensate,row]": Variant(
         "sparsegpt_ties", {"importance": "sparsegpt", "compensate": True, "selection": "row"}
     ),
-    # Why compensation loses from density 0.1 up (README, "Compensation"): these rows are in
+    # Why compensation loses from density 0.1 up (docs/compensation.md): these rows are in
     # the tables but not in the plot.
     "sparsegpt_ties[wanda,compensate,sign=compensated]": Variant(
         "sparsegpt_ties",

@@ -1,8 +1,9 @@
-"""Main job on a built-in default: stock TIES vs SparseGPT-TIES on a tiny Llama family.
+"""Main job on a built-in default: stock TIES against the plugin's methods on a tiny Llama family.
 
 ``python -m mergekit_sparsegpt.demo [--out DIR] [--quick]`` trains a prose base and two
 experts (stdlib code, arithmetic) on CPU, merges them with every method in
-:func:`merges.merge_configs` through the stock ``mergekit-yaml`` CLI, and prints one table.
+:func:`merges.merge_configs` through the stock ``mergekit-yaml`` CLI (side by side, one process
+per merge), and prints the held-out losses and each merge's normalized score against ``ties``.
 Exit status: 0 when every merge ran and every expert beats the base on its own domain.
 """
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,7 +22,13 @@ from transformers.utils import logging as hf_logging
 
 from mergekit_sparsegpt.demo.build import EXPERTS, Family, Sizes, build_family
 from mergekit_sparsegpt.demo.corpus import sources
-from mergekit_sparsegpt.demo.evaluate import EvalSet, evaluate, format_table, make_eval_set
+from mergekit_sparsegpt.demo.evaluate import (
+    EvalSet,
+    evaluate,
+    format_scores,
+    format_table,
+    make_eval_set,
+)
 from mergekit_sparsegpt.demo.merges import MergeFailed, merge_configs, run_mergekit, write_config
 
 FULL = Sizes()
@@ -38,15 +46,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_merges(family: Family, out: Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """Run every configured merge; returns (name -> output dir, name -> error)."""
+    """Run every configured merge; returns (name -> output dir, name -> error).
+
+    The merges run side by side: each is mostly a mergekit start-up on one core.
+    """
+    configs = merge_configs(family, CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN)
+    start = time.perf_counter()
+
+    def merge(name: str, config: dict) -> Path:
+        cfg_path = write_config(config, out / f"{name}.yaml")
+        merged = run_mergekit(cfg_path, out / f"merge_{name}", threads=1)
+        print(f"merged {name} in {time.perf_counter() - start:.1f}s", flush=True)
+        return merged
+
+    with ThreadPoolExecutor(max_workers=len(configs)) as pool:
+        futures = {name: pool.submit(merge, name, config) for name, config in configs}
     done: dict[str, Path] = {}
     failed: dict[str, str] = {}
-    for name, config in merge_configs(family, CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN):
-        cfg_path = write_config(config, out / f"{name}.yaml")
-        start = time.perf_counter()
+    for name, future in futures.items():
         try:
-            done[name] = run_mergekit(cfg_path, out / f"merge_{name}")
-            print(f"merged {name} in {time.perf_counter() - start:.1f}s", flush=True)
+            done[name] = future.result()
         except MergeFailed as err:
             failed[name] = str(err)
             print(f"merge {name} FAILED", flush=True)
@@ -81,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)  # for scoring too; see tiny.torch_threads for why
     start = time.perf_counter()
-    out = args.out or Path(tempfile.mkdtemp(prefix="sparsegpt-demo-"))
+    # Absolute, so the configs name local directories whatever the working directory.
+    out = (args.out or Path(tempfile.mkdtemp(prefix="sparsegpt-demo-"))).resolve()
     sizes = QUICK if args.quick else FULL
     print(f"work dir: {out}", flush=True)
     family = build_family(out, sizes)
@@ -93,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = score_all(family, merged, evalset)
     print()
     print(format_table(rows))
+    print()
+    expert_domains = {f"expert:{name}": domain for name, (domain, _) in EXPERTS.items()}
+    print(format_scores(rows, expert_domains, reference="merge:ties"))
     print()
     experts_ok = expert_checks(rows)
     for name, error in failed.items():

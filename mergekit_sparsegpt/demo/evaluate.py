@@ -64,3 +64,32 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
         losses = "".join(f"{s[d]:>17.3f}" for d in DOMAINS)
         lines.append(f"{name:<24}{losses}{s[ACCURACY]:>16.1%}")
     return "\n".join(lines)
+
+
+def normalized_score(
+    rows: dict[str, dict[str, float]], name: str, expert_domains: dict[str, str]
+) -> float:
+    """Mean over experts of (base loss - loss) / (base loss - expert loss) on the expert's domain.
+
+    1 means the model is as good as every expert on its own domain, 0 no better than the base.
+    ``expert_domains`` maps each expert row (``expert:<name>``) to its domain.
+    """
+    base = rows["base"]
+    gains = [
+        (base[domain] - rows[name][domain]) / (base[domain] - rows[expert][domain])
+        for expert, domain in expert_domains.items()
+    ]
+    return sum(gains) / len(gains)
+
+
+def format_scores(
+    rows: dict[str, dict[str, float]], expert_domains: dict[str, str], reference: str
+) -> str:
+    """One line per merge row: its normalized score and the ratio to ``reference``'s score."""
+    merges = [name for name in rows if name.startswith("merge:")]
+    scores = {name: normalized_score(rows, name, expert_domains) for name in merges}
+    lines = [f"{'merge':<24}{'normalized score':>17}{'vs ' + reference:>17}", "-" * 58]
+    for name, score in scores.items():
+        ratio = score / scores[reference] if reference in scores else float("nan")
+        lines.append(f"{name:<24}{score:>17.3f}{ratio:>16.2f}x")
+    return "\n".join(lines)

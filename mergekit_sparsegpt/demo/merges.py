@@ -23,21 +23,31 @@ class MergeFailed(RuntimeError):
 def merge_configs(
     family: Family, calibration_samples: int, calibration_seq_len: int
 ) -> list[tuple[str, dict[str, Any]]]:
-    """(name, config) of every merge, stock ones first; add a method by appending here."""
-    ties = _ties_config("ties", family, calibration=False)
-    sparsegpt = _ties_config("sparsegpt_ties", family, calibration=True)
-    # Global parameters: one calibration budget for every model in the merge.
-    sparsegpt["parameters"] = {
+    """(name, config) of every merge, the stock reference first; add a method by appending here.
+
+    Each method keeps its own defaults; every data-aware merge gets one calibration budget.
+    """
+    budget = {
         "calibration_samples": calibration_samples,
         "calibration_seq_len": calibration_seq_len,
     }
-    return [("ties", ties), ("sparsegpt_ties", sparsegpt)]
+    configs = [("ties", _config("ties", family, density=True, calibration=False))]
+    for method, density in (
+        ("sparsegpt_ties", True),
+        ("regmean", False),
+        ("sparsegpt_regmean", True),
+    ):
+        config = _config(method, family, density=density, calibration=True)
+        config["parameters"] = dict(budget)
+        configs.append((method, config))
+    return configs
 
 
-def _ties_config(method: str, family: Family, calibration: bool) -> dict[str, Any]:
+def _config(method: str, family: Family, density: bool, calibration: bool) -> dict[str, Any]:
     models = []
     for name, path in family.experts.items():
-        params: dict[str, Any] = {"density": DENSITY, "weight": WEIGHT}
+        params: dict[str, Any] = {"density": DENSITY} if density else {}
+        params["weight"] = WEIGHT
         if calibration:
             params["calibration"] = str(family.calibration[name])
         models.append({"model": str(path), "parameters": params})
@@ -55,10 +65,17 @@ def write_config(config: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_mergekit(config_path: Path, out_path: Path, timeout_s: float = 600) -> Path:
-    """Run the stock ``mergekit-yaml`` CLI in a subprocess, offline; return ``out_path``."""
+def run_mergekit(
+    config_path: Path, out_path: Path, timeout_s: float = 600, threads: int | None = None
+) -> Path:
+    """Run the stock ``mergekit-yaml`` CLI in a subprocess, offline; return ``out_path``.
+
+    ``threads`` caps torch's threads in it, for merges run side by side.
+    """
     cmd = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(config_path), str(out_path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
