@@ -20,6 +20,7 @@ that wants it waits, then reads the committed entry.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -45,6 +46,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import PretrainedConfig
 
 from mergekit_sparsegpt.hessian import OPTIONAL_MATRICES
+from mergekit_sparsegpt.special_files import special_file_kind
 from mergekit_sparsegpt.statistics import (
     StoredMatricesError,
     TaskStatistics,
@@ -56,6 +58,10 @@ try:
     import fcntl
 except ImportError:  # not POSIX: entries are still written atomically, but not locked
     fcntl = None  # type: ignore[assignment]
+try:
+    import resource
+except ImportError:  # not POSIX: no per-process file-size limit to name
+    resource = None  # type: ignore[assignment]
 
 LOG = logging.getLogger(__name__)
 
@@ -98,9 +104,20 @@ _READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
 def default_cache_dir() -> Path:
     configured = os.environ.get("MERGEKIT_SPARSEGPT_CACHE")
     if configured:
-        return Path(configured)
+        return resolved_cache_dir(configured)
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(xdg) / "mergekit_sparsegpt"
+    return resolved_cache_dir(Path(xdg) / "mergekit_sparsegpt")
+
+
+def resolved_cache_dir(cache_dir: str | os.PathLike[str]) -> Path:
+    """``cache_dir`` as an absolute path: ``~`` expanded, a relative path taken against the
+    current directory (mergekit's ``run_merge`` is not told where the config file lies).
+
+    Every name of an entry (lock, checkpoint, messages) derives from this one path, so a
+    ``calibrate`` and a merge started in different directories name different entries in
+    what they print, instead of silently using two caches under one relative name.
+    """
+    return Path(cache_dir).expanduser().absolute()
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -179,7 +196,7 @@ def cache_key(payload: dict[str, Any]) -> str:
 
 
 def cache_path(cache_dir: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    return Path(cache_dir) / f"{cache_key(payload)}.safetensors"
+    return resolved_cache_dir(cache_dir) / f"{cache_key(payload)}.safetensors"
 
 
 def checkpoint_dir(path: Path) -> Path:
@@ -200,6 +217,10 @@ class CacheWriteError(OSError):
     """A cache entry could not be written (disk full, read-only directory...)."""
 
 
+class CacheFileError(ValueError):
+    """Something other than a regular file where the cache keeps an entry."""
+
+
 @contextlib.contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """Turn an OSError into one message that names the entry and the fix."""
@@ -207,10 +228,49 @@ def _writing(path: Path) -> Iterator[None]:
         yield
     except OSError as error:
         raise CacheWriteError(
-            f"Could not write the statistics cache entry {path} "
-            f"({error.strerror or error}). Free space there, make {path.parent} writable, or set "
-            "cache_dir (or MERGEKIT_SPARSEGPT_CACHE) to a writable directory with room for it."
+            f"Could not write the statistics cache entry {path} ({error.strerror or error})"
+            f"{_write_fix(error, path.parent)}"
         ) from None
+
+
+def _write_fix(error: OSError, directory: Path) -> str:
+    """The end of a failed write's message: what to change, which depends on why it failed."""
+    if error.errno != errno.EFBIG:
+        return (
+            f". Free space there, make {directory} writable, or set cache_dir (or "
+            "MERGEKIT_SPARSEGPT_CACHE) to a writable directory with room for it."
+        )
+    limit = file_size_limit()
+    if limit is not None:
+        return (
+            f": this process may write files of at most {limit} bytes (ulimit -f). Raise that "
+            "limit (ulimit -f unlimited) and rerun."
+        )
+    return (
+        f": the file system of {directory} does not take files this large. Set cache_dir (or "
+        "MERGEKIT_SPARSEGPT_CACHE) to a directory on another file system."
+    )
+
+
+def file_size_limit() -> int | None:
+    """The largest file this process may write (``ulimit -f``, in bytes); None if unlimited.
+
+    Python ignores SIGXFSZ, so a write past the limit fails with EFBIG instead of killing the
+    process, and the limit can be named.
+    """
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _require_regular(path: Path) -> None:
+    """Raise a ``ValueError`` naming what is at ``path`` unless it is a regular file (links
+    followed) or nothing. Opening a FIFO blocks until another process writes to it, and reading
+    a device may never end, so nothing but a regular file is opened."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise ValueError(f"{path} is {kind}, not a regular file")
 
 
 @contextlib.contextmanager
@@ -396,7 +456,7 @@ class EntryWriter:
         LOG.warning(
             "Pre-pass stopped (%s); checkpoint %s keeps the statistics of blocks 0-%d: run the "
             "same command again to resume after them, or delete it.",
-            kind.__name__,
+            str(error) or kind.__name__,  # Terminated says which signal
             self.checkpoint,
             self._checkpointed - 1,
         )
@@ -449,7 +509,7 @@ class EntryWriter:
             state = self.checkpoint / _STATE_FILE
             _replace_atomically(
                 state,
-                state.with_name(state.name + ".partial"),
+                _fresh(state.with_name(state.name + ".partial")),
                 lambda handle: _write_tensors(handle, header, tensors.values()),
             )
         self._checkpointed = next_block
@@ -477,7 +537,7 @@ class EntryWriter:
 
     def _temporary_entry(self) -> Path:
         if self.checkpoint is not None:  # the lock's holder is the only writer: a fixed name
-            return self.checkpoint / _ENTRY_PARTIAL
+            return _fresh(self.checkpoint / _ENTRY_PARTIAL)
         handle, temporary = tempfile.mkstemp(
             dir=self.path.parent, prefix=self.path.stem, suffix=".partial"
         )
@@ -488,6 +548,11 @@ class EntryWriter:
         """The checkpoint's side file, after its last checkpointed byte (a fresh one if there
         is nothing to resume)."""
         assert self.checkpoint is not None
+        if self.checkpoint.exists() and not self.checkpoint.is_dir():
+            raise CacheFileError(
+                f"{self.checkpoint} is not a directory, so it is not used as the pre-pass "
+                f"checkpoint of {self.path}. Remove it and rerun."
+            )
         self.resume_point = self._read_checkpoint()
         if self.resume_point is None:
             shutil.rmtree(self.checkpoint, ignore_errors=True)
@@ -503,12 +568,15 @@ class EntryWriter:
     def _read_checkpoint(self) -> ResumePoint | None:
         assert self.checkpoint is not None
         state = self.checkpoint / _STATE_FILE
-        if not state.is_file():  # no checkpoint, or stopped before its first block finished
-            return None
+        matrices = self.checkpoint / _MATRICES_FILE
         try:
+            _require_regular(state)
+            if not state.exists():  # no checkpoint, or stopped before its first block finished
+                return None
             point, added = read_checkpoint(state, self.payload)
             needed = _byte_count(added)
-            available = (self.checkpoint / _MATRICES_FILE).stat().st_size
+            _require_regular(matrices)
+            available = matrices.stat().st_size
             if available < needed:
                 raise ValueError(f"its matrices file holds {available} of {needed} bytes")
         except _READ_ERRORS as error:
@@ -552,6 +620,13 @@ def read_checkpoint(
         raise ValueError(f"its activations have shape {list(activations.shape)}")
     statistics = TaskStatistics.from_tensors(vectors, metadata)
     return ResumePoint(next_block, statistics, activations), added
+
+
+def _fresh(temporary: Path) -> Path:
+    """A fixed temporary name of the checkpoint directory with nothing left there: opening a
+    FIFO left at it would block the write, and whatever is there is this writer's scratch."""
+    temporary.unlink(missing_ok=True)
+    return temporary
 
 
 def _byte_count(tensors: dict[str, torch.Tensor]) -> int:
@@ -646,7 +721,16 @@ def _check_identity(metadata: dict[str, str], key: str) -> None:
 
 
 def load_statistics(path: Path, payload: dict[str, Any]) -> TaskStatistics | None:
-    """The cached statistics, or None (with a warning) when absent, stale or corrupt."""
+    """The cached statistics, or None (with a warning) when absent, stale or corrupt.
+
+    Raises ``CacheFileError`` when something other than a regular file is at ``path``.
+    """
+    try:
+        _require_regular(path)
+    except ValueError as error:
+        raise CacheFileError(
+            f"{error}, so it is not read as a statistics cache entry. Remove it and rerun."
+        ) from None
     if not path.exists():
         return None
     try:
@@ -692,6 +776,7 @@ class CachedMatrices:
     def _load(self, group: str) -> dict[str, torch.Tensor]:
         shapes = self._shapes.get(group, {})
         try:
+            _require_regular(self.path)  # a missing file fails in safe_open, saying so
             with safe_open(self.path, framework="pt") as handle:
                 if (handle.metadata() or {}).get("key") != self._key:
                     raise ValueError("it now holds statistics of other inputs")

@@ -5,7 +5,9 @@ or a directory written by ``datasets``' ``save_to_disk``) or the name of a Huggi
 (``name`` or ``name:config``). A dataset name is loaded the way ``datasets`` loads it, like mergekit
 loads a model by name: from the Hub, or from the local cache when ``HF_HUB_OFFLINE`` /
 ``HF_DATASETS_OFFLINE`` is set or the Hub is out of reach. It is streamed, so only the documents
-the windows need are fetched from a large corpus.
+the windows need are fetched from a large corpus. Files are streamed too (a ``.json`` file, one
+JSON value, is parsed whole: use ``.jsonl`` for large corpora); see
+:mod:`mergekit_sparsegpt.calibration_files`.
 
 Every failure is a :class:`CalibrationError` whose message names the model, the source and the
 fix, because these errors surface in the middle of a long merge run.
@@ -14,15 +16,31 @@ fix, because these errors surface in the middle of a long merge run.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from mergekit_sparsegpt.calibration_files import (
+    SUPPORTED_EXTENSIONS,
+    SUPPORTED_FORMS,
+    CalibrationError,
+    CalibrationSource,
+    Document,
+    TextFile,
+    brief,
+    document_pieces,
+    fail,
+    is_blank,
+    missing_column,
+    pick_split,
+    read_path,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -30,6 +48,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CalibrationError",
     "CalibrationSource",
+    "Document",
+    "TextFile",
     "calibration_windows",
     "read_calibration_texts",
 ]
@@ -49,7 +69,35 @@ LOG = logging.getLogger(__name__)
 DEFAULT_SAMPLES = 128
 FEWEST_DEFAULT_SAMPLES = 16
 
-SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
+# Text is refused when more than this share of its characters (spaces, tabs and line breaks not
+# counted) are control or invisible format characters. Real text has a few (a zero-width joiner
+# in an emoji sequence, a soft hyphen, a form feed in source code); a preallocated or crashed
+# download (NUL bytes) or a zero-width-only file is made of nothing else.
+INVISIBLE_SHARE_LIMIT = 0.5
+
+# Text is refused when one token id is more than this share of its tokens. The most common token
+# of prose is a few percent, of source code under half even where every space of the indentation
+# is a token of its own, and the end-of-text separators between one-token documents are half;
+# one word or character repeated, or a stream of unknown tokens, comes close to all of them.
+TOKEN_SHARE_LIMIT = 0.75
+
+# Streams shorter than this are not judged by their most common token: a few tokens of real text
+# can repeat one word by chance.
+TOKEN_SHARE_MIN_TOKENS = 64
+
+# Control characters other than tab and line breaks (C0, DEL, C1) and the invisible format
+# characters: soft hyphen, zero-width space / (non-)joiners, direction marks and embeddings,
+# word joiner and invisible operators, isolates, and the byte-order mark inside a text.
+_INVISIBLE_RUN = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff]+"
+)
+
+_NOT_TEXT_FIX = (
+    "This does not look like text: check that the file is a finished download (a crashed or "
+    "preallocated download is full of NUL bytes) and that calibration_field names the field "
+    "that holds the text."
+)
 
 # Suffixes that make a string look like a file path, so a missing file is reported as such
 # instead of being looked up as a dataset name.
@@ -65,56 +113,29 @@ _PATH_LIKE_SUFFIXES = SUPPORTED_EXTENSIONS + (
     ".zip",
 )
 
-_SUPPORTED_FORMS = (
-    "Supported calibration sources: a .txt file (plain text), a .jsonl file (one JSON object per "
-    "line), a .json file (a list of objects or strings, or an object holding one such list), a "
-    ".parquet file, a directory written by datasets' save_to_disk, or a Hugging Face dataset "
-    "name ('name' or 'name:config'), read from the Hub or, offline, from the local cache."
-)
-
-
-class CalibrationError(ValueError):
-    """A calibration source cannot give the token windows a model needs."""
-
-
-@dataclass(frozen=True)
-class CalibrationSource:
-    """Where calibration text comes from.
-
-    ``source`` is a path or a Hugging Face dataset name (``name`` or ``name:config``).
-    ``text_field`` names the JSON field / column holding the text; ``split`` picks the split of
-    a dataset (ignored for plain files).
-    """
-
-    source: str
-    text_field: str = "text"
-    split: str = "train"
-
-
-def _fail(source: str, model_name: str, problem: str) -> CalibrationError:
-    return CalibrationError(f"calibration data '{source}' for model '{model_name}': {problem}")
-
-
 # --------------------------------------------------------------------------------------------
 # Reading sources
 # --------------------------------------------------------------------------------------------
 
 
-def read_calibration_texts(source: CalibrationSource, model_name: str) -> Iterable[str]:
-    """Return the documents of ``source`` in their stored order.
+def read_calibration_texts(source: CalibrationSource, model_name: str) -> Iterable[Document]:
+    """Return the documents of ``source`` in their stored order, as an iterable to read once.
 
-    A ``.txt`` file is one document; every other form gives one document per record. Blank
-    documents and null values are dropped. Raises :class:`CalibrationError` when nothing is left.
-    Files give a list; a dataset name gives a lazy, single-pass iterable that fetches documents
-    only as they are consumed.
+    A ``.txt`` file is one document, a :class:`TextFile` read from disk as it is tokenized; every
+    other form gives one string per record. Blank documents and null values are dropped. Only the
+    first non-blank document is read now (a ``.json`` file is parsed whole), to raise
+    :class:`CalibrationError` when there is none; the rest, and any error in it, is read only as
+    far as the consumer goes, so the part of a large file after what the windows need is never
+    read. A path that is neither a regular file nor a directory (a FIFO, a device, a symlink to
+    one) is refused before anything is opened.
     """
     if not source.source.strip():
-        raise _fail(source.source, model_name, "no calibration source given. " + _SUPPORTED_FORMS)
+        raise fail(source.source, model_name, "no calibration source given. " + SUPPORTED_FORMS)
     path = Path(source.source).expanduser()
     if path.exists():
-        texts = _read_path(path, source, model_name)
+        texts = read_path(path, source, model_name)
     elif _looks_like_path(source.source):
-        raise _fail(
+        raise fail(
             source.source,
             model_name,
             f"file not found: {path.absolute()}. Fix the path (a relative path is resolved "
@@ -125,12 +146,12 @@ def read_calibration_texts(source: CalibrationSource, model_name: str) -> Iterab
     return _non_blank(texts, source.source, model_name)
 
 
-def _non_blank(texts: Iterable[str], source_name: str, model_name: str) -> Iterable[str]:
-    documents = (text for text in texts if text.strip())
+def _non_blank(texts: Iterable[Document], source_name: str, model_name: str) -> Iterable[Document]:
+    documents = (text for text in texts if not is_blank(text))
     # Peeking reports an empty source now, before any model loads, without reading a stream whole.
     first = next(documents, None)
     if first is None:
-        raise _fail(
+        raise fail(
             source_name,
             model_name,
             "contains no text. Point the calibration source at data with non-blank text.",
@@ -147,241 +168,9 @@ def _looks_like_path(name: str) -> bool:
     return name.lower().endswith(_PATH_LIKE_SUFFIXES)
 
 
-def _read_path(path: Path, source: CalibrationSource, model_name: str) -> list[str]:
-    if path.is_dir():
-        return _read_saved_dataset(path, source, model_name)
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return [_read_utf8(path, source.source, model_name)]
-    if suffix == ".jsonl":
-        return _read_jsonl(path, source, model_name)
-    if suffix == ".json":
-        return _read_json(path, source, model_name)
-    if suffix == ".parquet":
-        return _read_parquet(path, source, model_name)
-    raise _fail(
-        source.source,
-        model_name,
-        f"unsupported file type '{suffix or path.name}'. {_SUPPORTED_FORMS}",
-    )
-
-
-def _read_utf8(path: Path, source_name: str, model_name: str) -> str:
-    try:
-        # utf-8-sig drops a leading byte-order mark, which editors on Windows like to add.
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise _fail(
-            source_name,
-            model_name,
-            f"{path} is not valid UTF-8 ({err}). Re-save the file as UTF-8.",
-        ) from err
-
-
-def _read_jsonl(path: Path, source: CalibrationSource, model_name: str) -> list[str]:
-    texts: list[str] = []
-    content = _read_utf8(path, source.source, model_name)
-    # Split on "\n" only: str.splitlines also breaks on U+2028, which JSON allows inside strings.
-    for line_number, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise _fail(
-                source.source,
-                model_name,
-                f"{where} is not valid JSON ({err.msg} at column {err.colno}). "
-                "Fix or remove that line: a .jsonl file holds one JSON object per line.",
-            ) from err
-        _append_record_text(texts, record, where, source, model_name, allow_plain_string=False)
-    return texts
-
-
-def _read_json(path: Path, source: CalibrationSource, model_name: str) -> list[str]:
-    content = _read_utf8(path, source.source, model_name)
-    try:
-        data = json.loads(content) if content.strip() else []
-    except json.JSONDecodeError as err:
-        raise _fail(
-            source.source,
-            model_name,
-            f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}). "
-            "Fix the file, or use .jsonl for one JSON object per line.",
-        ) from err
-    records = _json_records(data, path, source, model_name)
-    texts: list[str] = []
-    for index, record in enumerate(records):
-        where = f"{path} item {index}"
-        _append_record_text(texts, record, where, source, model_name, allow_plain_string=True)
-    return texts
-
-
-def _json_records(data: Any, path: Path, source: CalibrationSource, model_name: str) -> list[Any]:
-    if isinstance(data, list):
-        return data
-    # Many exports wrap the records as {"data": [...]}; accept exactly one such list.
-    if isinstance(data, dict):
-        lists = [value for value in data.values() if isinstance(value, list)]
-        if len(data) == 1 and len(lists) == 1:
-            return lists[0]
-    raise _fail(
-        source.source,
-        model_name,
-        f"{path} must hold a list of objects with field '{source.text_field}', a list of "
-        'strings, or an object with a single list value such as {"data": [...]}; '
-        f"found {_describe_json(data)}. Reshape the file into one of these forms.",
-    )
-
-
-def _describe_json(data: Any) -> str:
-    if isinstance(data, dict):
-        keys = ", ".join(repr(key) for key in list(data)[:10])
-        return f"an object with keys {keys}" if keys else "an empty object"
-    return f"a JSON {type(data).__name__}"
-
-
-def _append_record_text(
-    texts: list[str],
-    record: Any,
-    where: str,
-    source: CalibrationSource,
-    model_name: str,
-    *,
-    allow_plain_string: bool,
-) -> None:
-    field = source.text_field
-    if allow_plain_string and isinstance(record, str):
-        texts.append(record)
-        return
-    if not isinstance(record, dict):
-        raise _fail(
-            source.source,
-            model_name,
-            f"{where} is a JSON {type(record).__name__}, not an object with field '{field}'. "
-            "Make every record an object holding the text.",
-        )
-    if field not in record:
-        fields = ", ".join(repr(key) for key in record) or "none"
-        raise _fail(
-            source.source,
-            model_name,
-            f"{where} has no field '{field}' (fields: {fields}). Set calibration_field "
-            "to the field that holds the text, or add it to that record.",
-        )
-    value = record[field]
-    if value is None:
-        return
-    if not isinstance(value, str):
-        raise _fail(
-            source.source,
-            model_name,
-            f"{where}: field '{field}' is a JSON {type(value).__name__}, not a string. "
-            "Set calibration_field to a field holding text.",
-        )
-    texts.append(value)
-
-
-def _read_parquet(path: Path, source: CalibrationSource, model_name: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        schema = pq.read_schema(path)
-        if source.text_field not in schema.names:
-            raise _missing_column(source, model_name, str(path), schema.names)
-        column = pq.read_table(path, columns=[source.text_field]).column(source.text_field)
-    except CalibrationError:
-        raise
-    except Exception as err:  # pyarrow raises several unrelated types for unreadable files
-        raise _fail(
-            source.source,
-            model_name,
-            f"{path} could not be read as Parquet ({type(err).__name__}: {_brief(err)}). "
-            "Check that the file is a complete Parquet file.",
-        ) from err
-    return _string_column(column, source, model_name, str(path))
-
-
-def _missing_column(
-    source: CalibrationSource, model_name: str, where: str, columns: Sequence[str]
-) -> CalibrationError:
-    available = ", ".join(repr(name) for name in columns) or "none"
-    return _fail(
-        source.source,
-        model_name,
-        f"{where} has no column '{source.text_field}' (available columns: {available}). "
-        "Set calibration_field to the column that holds the text.",
-    )
-
-
-def _string_column(column: Any, source: CalibrationSource, model_name: str, where: str) -> list:
-    import pyarrow as pa
-
-    kind = column.type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_string_view(kind)):
-        raise _fail(
-            source.source,
-            model_name,
-            f"{where}: column '{source.text_field}' holds {kind}, not text. "
-            "Set calibration_field to a column of strings.",
-        )
-    return [text for text in column.to_pylist() if text is not None]
-
-
-def _is_string_view(kind: Any) -> bool:
-    import pyarrow as pa
-
-    # pa.types.is_string_view only exists in newer pyarrow releases.
-    check = getattr(pa.types, "is_string_view", None)
-    return bool(check and check(kind))
-
-
-def _read_saved_dataset(path: Path, source: CalibrationSource, model_name: str) -> list[str]:
-    dataset = _load_saved_dataset(path, source, model_name)
-    return _dataset_texts(dataset, source, model_name, str(path))
-
-
-def _load_saved_dataset(path: Path, source: CalibrationSource, model_name: str) -> Any:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as err:  # not a save_to_disk directory, or a damaged one
-        raise _fail(
-            source.source,
-            model_name,
-            f"{path} is a directory but not one written by datasets' save_to_disk "
-            f"({type(err).__name__}: {_brief(err)}). {_SUPPORTED_FORMS}",
-        ) from err
-    if isinstance(loaded, datasets.DatasetDict):
-        return _pick_split(loaded, source, model_name, str(path))
-    return loaded
-
-
-def _pick_split(splits: Any, source: CalibrationSource, model_name: str, where: str) -> Any:
-    if source.split not in splits:
-        available = ", ".join(repr(name) for name in splits) or "none"
-        raise _fail(
-            source.source,
-            model_name,
-            f"{where} has no split '{source.split}' (available splits: {available}). "
-            "Set calibration_split to one of these.",
-        )
-    return splits[source.split]
-
-
-def _dataset_texts(dataset: Any, source: CalibrationSource, model_name: str, where: str) -> list:
-    if source.text_field not in dataset.column_names:
-        raise _missing_column(source, model_name, where, dataset.column_names)
-    # The arrow view honours any indices mapping and avoids per-row Python formatting.
-    column = dataset.with_format("arrow")[source.text_field]
-    return _string_column(column, source, model_name, where)
-
-
 def _stream_hub_dataset(source: CalibrationSource, model_name: str) -> Iterator[str]:
     splits = _load_hub_dataset(source, model_name)
-    dataset = _pick_split(splits, source, model_name, f"dataset '{source.source}'")
+    dataset = pick_split(splits, source, model_name, f"dataset '{source.source}'")
     return _record_texts(dataset, source, model_name)
 
 
@@ -420,11 +209,11 @@ def _hub_failure(source: CalibrationSource, model_name: str, err: Exception) -> 
             "Check the dataset name and config on the Hugging Face Hub (a gated or private "
             "dataset needs `hf auth login`)."
         )
-    return _fail(
+    return fail(
         source.source,
         model_name,
         f"the path does not exist and it could not be loaded as a Hugging Face dataset "
-        f"({type(err).__name__}: {_brief(err)}). Give an existing file or directory, or a "
+        f"({type(err).__name__}: {brief(err)}). Give an existing file or directory, or a "
         f"dataset name ('name' or 'name:config'). {fix}",
     )
 
@@ -451,12 +240,12 @@ def _record_texts(dataset: Any, source: CalibrationSource, model_name: str) -> I
     field = source.text_field
     for record in _records(dataset, source, model_name, where):
         if field not in record:
-            raise _missing_column(source, model_name, where, list(record))
+            raise missing_column(source, model_name, where, list(record))
         value = record[field]
         if value is None:
             continue
         if not isinstance(value, str):
-            raise _fail(
+            raise fail(
                 source.source,
                 model_name,
                 f"{where}: column '{field}' holds {type(value).__name__} values, not text. "
@@ -479,20 +268,15 @@ def _records(
         except StopIteration:
             return
         except Exception as err:  # a lost connection or a damaged cache file, deep in datasets
-            raise _fail(
+            raise fail(
                 source.source,
                 model_name,
                 f"reading {where} failed after {count} records ({type(err).__name__}: "
-                f"{_brief(err)}). Run again; if it fails at the same place, delete the dataset "
+                f"{brief(err)}). Run again; if it fails at the same place, delete the dataset "
                 "from the Hugging Face datasets cache and download it again.",
             ) from err
         count += 1
         yield record
-
-
-def _brief(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,7 +285,7 @@ def _brief(err: BaseException, limit: int = 300) -> str:
 
 
 def calibration_windows(
-    texts: Iterable[str],
+    texts: Iterable[Document],
     tokenizer: PreTrainedTokenizerBase,
     samples: int | None,
     seq_len: int,
@@ -515,19 +299,21 @@ def calibration_windows(
     there. Window ``k`` starts at ``k * (len(stream) // samples)``, so the windows are evenly
     spread over the stream; nothing is random. ``samples`` None (not set by the user) means
     ``DEFAULT_SAMPLES``, or as many whole windows as a shorter text gives (see
-    :func:`_default_sample_count`).
+    :func:`_default_sample_count`). A stream that is not text (see :func:`_refuse_non_text`) is
+    refused before its length is judged.
     """
     for option, value in (("calibration_samples", samples), ("calibration_seq_len", seq_len)):
         if value is None and option == "calibration_samples":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _fail(
+            raise fail(
                 source_name,
                 model_name,
                 f"{option} must be a positive integer, got {value!r}. Set it to 1 or more.",
             )
     needed = (DEFAULT_SAMPLES if samples is None else samples) * seq_len
-    stream = _token_stream(texts, tokenizer, limit=STREAM_OVERSAMPLE * needed)
+    stream, characters = _token_stream(texts, tokenizer, limit=STREAM_OVERSAMPLE * needed)
+    _refuse_non_text(stream, characters, tokenizer, model_name, source_name)
     if samples is None:
         samples = _default_sample_count(len(stream), seq_len, model_name, source_name)
     elif len(stream) < needed:
@@ -573,14 +359,34 @@ def _default_sample_count(tokens: int, seq_len: int, model_name: str, source_nam
     return whole
 
 
+@dataclass
+class _CharacterCount:
+    """What the text tokenized is made of, counted piece by piece as it is tokenized."""
+
+    counted: int = 0  # characters other than spaces, tabs and line breaks
+    invisible: int = 0  # of those, control and invisible format characters
+    first_invisible: str | None = None
+
+    def add(self, piece: str) -> None:
+        # str.count scans in C; spaces and line breaks are left out so that the share of a
+        # document is about its visible text, however it is laid out.
+        self.counted += len(piece) - sum(piece.count(blank) for blank in " \t\n\r")
+        for run in _INVISIBLE_RUN.finditer(piece):
+            self.invisible += run.end() - run.start()
+            if self.first_invisible is None:
+                self.first_invisible = piece[run.start()]
+
+
 def _token_stream(
-    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, limit: int
-) -> torch.Tensor:
+    texts: Iterable[Document], tokenizer: PreTrainedTokenizerBase, limit: int
+) -> tuple[torch.Tensor, _CharacterCount]:
     eos_id = getattr(tokenizer, "eos_token_id", None)
     stream: list[int] = []
+    characters = _CharacterCount()
     for text in texts:
         at_document_start = True
-        for piece in _line_chunks(text, CHUNK_CHARS):
+        for piece in document_pieces(text, CHUNK_CHARS):
+            characters.add(piece)
             # verbose=False: pieces may exceed model_max_length, which is harmless here.
             ids = tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
             if not ids:
@@ -590,30 +396,43 @@ def _token_stream(
             at_document_start = False
             stream.extend(ids)
             if len(stream) >= limit:
-                return torch.tensor(stream[:limit], dtype=torch.long)
-    return torch.tensor(stream, dtype=torch.long)
+                return torch.tensor(stream[:limit], dtype=torch.long), characters
+    return torch.tensor(stream, dtype=torch.long), characters
 
 
-def _line_chunks(text: str, size: int) -> Iterator[str]:
-    """Yield consecutive pieces of ``text`` of at most about ``size`` characters.
+def _refuse_non_text(
+    stream: torch.Tensor,
+    characters: _CharacterCount,
+    tokenizer: PreTrainedTokenizerBase,
+    model_name: str,
+    source_name: str,
+) -> None:
+    """Refuse text made of control or invisible characters, or of one token repeated: Hessians
+    built from it would calibrate the model on garbage, with no sign of it in the merge."""
+    if characters.invisible > INVISIBLE_SHARE_LIMIT * characters.counted:
+        share = characters.invisible / characters.counted
+        first = ord(characters.first_invisible or "\0")
+        raise fail(
+            source_name,
+            model_name,
+            f"{share:.0%} of its characters are control or invisible format characters "
+            f"({characters.invisible:,} of the {characters.counted:,} read, not counting "
+            f"spaces and line breaks; the first is U+{first:04X}). {_NOT_TEXT_FIX}",
+        )
+    if len(stream) < TOKEN_SHARE_MIN_TOKENS:
+        return
+    counts = torch.bincount(stream)
+    top = int(counts.argmax())
+    share = int(counts[top]) / len(stream)
+    if share > TOKEN_SHARE_LIMIT:
+        raise fail(
+            source_name,
+            model_name,
+            f"token id {top}{_token_name(tokenizer, top)} is {share:.0%} of the "
+            f"{len(stream):,} tokens read with that model's tokenizer. {_NOT_TEXT_FIX}",
+        )
 
-    Cuts follow a newline where possible, else whitespace, so token boundaries barely move;
-    only a run of ``size`` characters without either is cut mid-word.
-    """
-    start = 0
-    while len(text) - start > size:
-        end = text.rfind("\n", start, start + size) + 1
-        if end <= start:
-            end = _last_space(text, start, start + size)
-        yield text[start:end]
-        start = end
-    if start < len(text):
-        yield text[start:]
 
-
-def _last_space(text: str, start: int, stop: int) -> int:
-    # Cut before the space so the next piece starts with " word", as the word tokenizes mid-text.
-    for index in range(stop - 1, start, -1):
-        if text[index].isspace():
-            return index
-    return stop
+def _token_name(tokenizer: Any, token_id: int) -> str:
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    return f" ({convert(token_id)!r})" if convert is not None else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,11 @@ from dataclasses import dataclass
 import torch
 from mergekit.architecture.conversion import convert_checkpoint_tensors
 from mergekit.common import ModelReference
+from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from mergekit.io.tasks import LoaderCache
+from safetensors import SafetensorError
+
+from mergekit_sparsegpt.special_files import special_file_kind
 
 # safetensors' dtype names (https://github.com/huggingface/safetensors, format spec).
 SAFETENSORS_DTYPES = {
@@ -37,6 +42,8 @@ SAFETENSORS_DTYPES = {
 }
 # A header larger than this is not a safetensors header (the format caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
+# The fix for every damaged checkpoint file.
+REFETCH = "Re-download or re-save the model."
 
 
 class CheckpointError(ValueError):
@@ -56,12 +63,13 @@ class StoredTensor:
 
 def safetensors_header(path: str) -> dict[str, StoredTensor]:
     """Every tensor of a safetensors file, from its JSON header (no tensor data is read)."""
+    size = _regular_size(path)
     try:
         with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length}")
+            length = _header_length(path, handle.read(8), size)
             header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         data_start = 8 + length
         return {
             name: StoredTensor(
@@ -74,11 +82,61 @@ def safetensors_header(path: str) -> dict[str, StoredTensor]:
             for name, entry in header.items()
             if name != "__metadata__"
         }
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as error:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({type(error).__name__}: {error}). "
-            "Re-download or re-save the model."
+            f"{REFETCH}"
         ) from None
+
+
+def check_safetensors_file(path: str) -> None:
+    """Raise a ``CheckpointError`` unless ``path`` is a whole safetensors file: a readable
+    header, and every tensor's bytes within the file (a cut download fails here, not in the
+    middle of the pre-pass)."""
+    tensors = safetensors_header(path)
+    size = os.stat(path).st_size
+    end = max((tensor.end for tensor in tensors.values()), default=0)
+    if end > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header describes {end} bytes, the file has {size}. {REFETCH}"
+        )
+
+
+def _regular_size(path: str) -> int:
+    """The size of the regular file at ``path``; anything else is refused before it is opened
+    (opening a FIFO blocks until something writes to it)."""
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read ({error.strerror}). {REFETCH}") from None
+    if not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"{path} is {special_file_kind(path)}, not a regular file. {REFETCH}")
+    return status.st_size
+
+
+def _header_length(path: str, start: bytes, size: int) -> int:
+    """The header length the file's first 8 bytes give, checked against the file's size."""
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes). {REFETCH}")
+    if len(start) < 8:
+        raise CheckpointError(
+            f"{path} is truncated: {size} bytes, fewer than the 8 that give a safetensors "
+            f"file's header length. {REFETCH}"
+        )
+    (length,) = struct.unpack("<Q", start)
+    if length > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path} is not a safetensors file: its first 8 bytes give a header of {length} "
+            f"bytes, more than the format's {MAX_HEADER_BYTES}. {REFETCH}"
+        )
+    if 8 + length > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header needs {8 + length} bytes, the file has {size}. "
+            f"{REFETCH}"
+        )
+    return length
 
 
 def read_stored(tensor: StoredTensor, name: str) -> torch.Tensor:
@@ -88,8 +146,7 @@ def read_stored(tensor: StoredTensor, name: str) -> torch.Tensor:
     if tensor.end - tensor.start != expected:
         raise CheckpointError(
             f"{tensor.path}: tensor {name!r} spans {tensor.end - tensor.start} bytes, but shape "
-            f"{list(tensor.shape)} of {tensor.dtype} needs {expected}. Re-download or re-save "
-            "the model."
+            f"{list(tensor.shape)} of {tensor.dtype} needs {expected}. {REFETCH}"
         )
     raw = torch.empty(expected, dtype=torch.uint8)
     view = memoryview(raw.numpy())
@@ -100,8 +157,7 @@ def read_stored(tensor: StoredTensor, name: str) -> torch.Tensor:
             count = handle.readinto(view[filled:])
             if not count:
                 raise CheckpointError(
-                    f"{tensor.path} ends inside tensor {name!r} (the file is truncated). "
-                    "Re-download or re-save the model."
+                    f"{tensor.path} ends inside tensor {name!r} (the file is truncated). {REFETCH}"
                 )
             filled += count
     return raw.view(tensor.dtype).reshape(tensor.shape)
@@ -112,6 +168,50 @@ def _numel(shape: tuple[int, ...]) -> int:
     for size in shape:
         count *= size
     return count
+
+
+def checked_weight_index(model: ModelReference) -> ShardedTensorIndex:
+    """mergekit's index of ``model``'s weight files, each safetensors file checked whole.
+
+    mergekit opens a single-file checkpoint to list its tensors and lets safetensors' own
+    error out, naming no file; the shards of a sharded one it does not open at all, so a cut
+    download would fail only when the pre-pass reaches it.
+    """
+    _refuse_special_weight_files(model.model.path)
+    try:
+        index = LoaderCache().get(model).index
+    except SafetensorError as error:
+        raise _single_file_error(model, error) from None
+    for shard in sorted(set(index.tensor_paths.values())):
+        if shard.lower().endswith(".safetensors"):
+            check_safetensors_file(os.path.join(index.base_path, shard))
+    return index
+
+
+def _refuse_special_weight_files(directory: str) -> None:
+    """mergekit opens a single weight file to list its tensors: a FIFO there would hang it."""
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if name.endswith((".safetensors", ".bin")):
+            path = os.path.join(directory, name)
+            kind = special_file_kind(path)
+            if kind is not None:
+                raise CheckpointError(f"{path} is {kind}, not a regular file. {REFETCH}")
+
+
+def _single_file_error(model: ModelReference, error: SafetensorError) -> CheckpointError:
+    """What is wrong with the one safetensors file mergekit could not open."""
+    if model.lora is not None:  # the file may be the adapter's or the base's
+        return CheckpointError(
+            f"its weights are not a readable safetensors checkpoint ({error}). {REFETCH}"
+        )
+    path = os.path.join(model.local_path(LoaderCache().hf_cache_dir), "model.safetensors")
+    try:
+        check_safetensors_file(path)
+    except CheckpointError as diagnosed:
+        return diagnosed
+    return CheckpointError(f"{path} is not a readable safetensors file ({error}). {REFETCH}")
 
 
 class CheckpointReader:

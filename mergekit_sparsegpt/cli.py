@@ -9,9 +9,10 @@
 * ``mergekit-sparsegpt calibrate CONFIG [flags]`` only fills the statistics cache (the
   Hessian pre-pass), taking mergekit's merge flags.
 
-Expected user errors (``ValueError``, which includes pydantic's ``ValidationError``, and
-``FileNotFoundError``) print one ``Error: ...`` message without a traceback and exit with
-status 2; with ``-vv`` the traceback is logged as well.
+Expected user errors (``ValueError``, which includes pydantic's ``ValidationError``,
+``FileNotFoundError``, a statistics cache entry that cannot be written, and a merged model that
+does not fit: a full disk or the file-size limit) print one ``Error: ...`` message without a
+traceback and exit with status 2; with ``-vv`` the traceback is logged as well.
 
 Importing this module is cheap: mergekit, torch and click are imported only when a command
 needs them, so ``mergekit-sparsegpt --help`` is instant.
@@ -69,10 +70,10 @@ def _report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except (*USER_ERRORS, CacheWriteError) as exc:
-            LOG.debug("Traceback of the error below", exc_info=True)
             message = str(exc) or type(exc).__name__
-            click.echo(f"Error: {message}", err=True)
-            sys.exit(USER_ERROR_EXIT_CODE)
+        LOG.debug("Traceback of the error below", exc_info=True)
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapper
 

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from mergekit_sparsegpt.capture import (
     decoder_layers,
     empty_model,
 )
-from mergekit_sparsegpt.checkpoint import CheckpointReader
+from mergekit_sparsegpt.checkpoint import CheckpointError, CheckpointReader, checked_weight_index
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.distributed import (
     SINGLE_PROCESS,
@@ -65,9 +64,12 @@ from mergekit_sparsegpt.merged_statistics import (
     merged_model_statistics,
 )
 from mergekit_sparsegpt.methods import PluginMethod, plugin_method
+from mergekit_sparsegpt.model_identity import check_distinct_models
 from mergekit_sparsegpt.regmean import SOLVE_PATHS
 from mergekit_sparsegpt.report import REPORT_FILE
+from mergekit_sparsegpt.staged_output import staged_output
 from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.termination import sigterm_as_interrupt
 
 HESSIAN_SOURCES = ("finetuned", "base", MERGED)
 # Tokens per calibration window when calibration_seq_len is not set (and the models read as many).
@@ -116,11 +118,20 @@ def prepare_statistics(
 
     With several ``ranks`` (``torchrun``), every rank takes its share of each task's windows;
     the statistics are cached and returned by the main rank only (the others get no tasks).
+    SIGTERM stops it as Ctrl-C does, keeping the resume checkpoint.
     """
+    with sigterm_as_interrupt():
+        return _prepare_statistics(merge_config, options, ranks)
+
+
+def _prepare_statistics(
+    merge_config: MergeConfiguration, options: MergeOptions, ranks: Ranks
+) -> MergeContext:
     method = plugin_method(merge_config.merge_method)
     check_parameter_names(merge_config, method.spec.parameters)
     check_base_model(merge_config)
     check_models(merge_config, options)
+    check_distinct_models(merge_config)
     for model in sorted(merge_config.referenced_models(), key=str):
         check_supported(
             model.config(options.trust_remote_code), str(model), options.trust_remote_code
@@ -132,6 +143,8 @@ def prepare_statistics(
         for model in {m for tensor in planned for m in tensor.inputs}
     }
     check_shapes(planned, readers)
+    check_configs_match_weights(readers, options)
+    check_tokenizers_fit(merge_config, options)
     if any(t.shared.get("compensate") and t.shared.get("rescale") for t in planned):
         LOG.warning(
             "compensate and rescale are both on: the re-fitted task vectors already make up for "
@@ -185,29 +198,37 @@ def run_with_statistics(
     *args: Any,
     **kwargs: Any,
 ) -> Any:
-    """``run_merge`` with the pre-pass in front; a failed run leaves no new output directory."""
+    """``run_merge`` with the pre-pass in front, written through a private directory that becomes
+    ``out_path`` only when the merge is whole (see ``staged_output``)."""
     if launched_ranks().world_size > 1:
         raise ValueError(
             "A merge runs in one process. Under torchrun, run `mergekit-sparsegpt calibrate "
             "CONFIG` to fill the statistics cache, then the merge without torchrun: it reads "
             "the cache."
         )
-    merge_config = spelled_as_local(merge_config, lambda message: _say(options, message))
-    existed = os.path.exists(out_path)
-    try:
+
+    def say(message: str) -> None:
+        _say(options, message)
+
+    merge_config = spelled_as_local(merge_config, say)
+    with sigterm_as_interrupt(), staged_output(out_path, local_inputs(merge_config), say) as out:
         context = prepare_statistics(merge_config, options)
         with activated(context):
-            result = run_merge(merge_config, out_path, options, *args, **kwargs)
-    except BaseException:
-        if not existed and os.path.exists(out_path):
-            shutil.rmtree(out_path, ignore_errors=True)
-        raise
-    if os.path.isdir(out_path):
-        write_report(context, os.path.join(out_path, REPORT_FILE))
-        if options.write_model_card:
-            model_card.append_to_card(out_path, card_section(context))
+            result = run_merge(merge_config, str(out.path), options, *args, **kwargs)
+        if out.path.is_dir():
+            write_report(context, str(out.path / REPORT_FILE))
+            if options.write_model_card:
+                model_card.append_to_card(str(out.path), card_section(context))
     _say(options, usage_summary(merge_config.merge_method, context))
     return result
+
+
+def local_inputs(merge_config: MergeConfiguration) -> list[str]:
+    """The directories on disk the merge reads: models and LoRA adapters."""
+    paths = []
+    for model in merge_config.referenced_models():
+        paths += [model.model.path] + ([model.lora.path] if model.lora is not None else [])
+    return [path for path in paths if os.path.isdir(path)]
 
 
 def card_section(context: MergeContext) -> str:
@@ -273,15 +294,7 @@ def check_parameter_names(merge_config: MergeConfiguration, specs: Iterable[Para
                     f"{name!r} in {where} is a merge-wide setting, which mergekit ignores when it "
                     "is given per model; move it to the top-level `parameters:`."
                 )
-            for value in _setting_values(parameters[name]):
-                try:
-                    by_name[name].validate(value)
-                except ValidationError:
-                    kind = by_name[name].value_type
-                    expected = _TYPE_NAMES.get(kind, f"of type {kind}")
-                    raise ValueError(
-                        f"{name!r} in {where} must be {expected}, got {value!r}"
-                    ) from None
+            _check_setting(parameters[name], by_name[name], f"{name!r} in {where}")
 
 
 _TYPE_NAMES: dict[Any, str] = {
@@ -294,15 +307,55 @@ _TYPE_NAMES: dict[Any, str] = {
 }
 
 
-def _setting_values(setting: Any) -> Iterable[Any]:
-    """The scalar values of a mergekit parameter setting (a scalar, gradient or filter list)."""
+def _check_setting(setting: Any, spec: ParameterSpec, where: str) -> None:
+    """One parameter's setting: a value, a per-layer gradient (a list of numbers), or filters."""
     if isinstance(setting, ConditionalParameter):
-        yield from _setting_values(setting.value)
-    elif isinstance(setting, list):
+        _check_setting(setting.value, spec, where)
+    elif (
+        isinstance(setting, list)
+        and setting
+        and all(isinstance(item, ConditionalParameter) for item in setting)
+    ):
         for item in setting:
-            yield from _setting_values(item)
+            _check_setting(item.value, spec, where)
+    elif isinstance(setting, list):
+        if not setting:
+            # mergekit reads an empty gradient as no value at all and falls back to a default.
+            raise ValueError(f"{where} is an empty list: give it a value{_GRADIENT_HINT}")
+        if spec.value_type not in _NUMBER_TYPES:
+            raise ValueError(
+                f"{where} is a list, {setting!r}: mergekit reads a list as a per-layer gradient, "
+                f"so each layer would get one of its items. {_one_value_fix(spec.name)}"
+            )
+        for item in setting:
+            _check_value(item, spec, where)
     else:
-        yield setting
+        _check_value(setting, spec, where)
+
+
+_GRADIENT_HINT = " (or, for a number, a non-empty list of numbers as a per-layer gradient)."
+_NUMBER_TYPES = (int, float, int | None, float | None)
+
+
+def _one_value_fix(name: str) -> str:
+    if name == "calibration":
+        return (
+            "Give one source: put the texts in one file (for instance a .jsonl with one record "
+            "per document) or one dataset."
+        )
+    return "Give one value."
+
+
+def _check_value(value: Any, spec: ParameterSpec, where: str) -> None:
+    expected = _TYPE_NAMES.get(spec.value_type, f"of type {spec.value_type}")
+    # pydantic's lax mode reads true as 1, which no one means by a density or a sample count.
+    wrong = isinstance(value, bool) and spec.value_type in _NUMBER_TYPES
+    try:
+        spec.validate(value)
+    except ValidationError:
+        wrong = True
+    if wrong:
+        raise ValueError(f"{where} must be {expected}, got {value!r}")
 
 
 def _parameter_blocks(config: MergeConfiguration) -> Iterable[tuple[str, dict | None, bool]]:
@@ -336,7 +389,8 @@ def check_base_model(merge_config: MergeConfiguration) -> None:
 
 def check_models(merge_config: MergeConfiguration, options: MergeOptions) -> None:
     """A reference that is not a model fails deep inside transformers or mergekit, with a message
-    that may not name the model (or say that its directory is missing)."""
+    that may not name the model (or say that its directory is missing), or that a weight file is
+    damaged."""
     LoaderCache().setup(options=options)
     for model in sorted(merge_config.referenced_models(), key=str):
         path = model.model.path
@@ -350,7 +404,9 @@ def check_models(merge_config: MergeConfiguration, options: MergeOptions) -> Non
             if (os.path.isabs(path) or path.startswith(".")) and not os.path.isdir(path):
                 raise OSError(f"there is no directory {path}")
             model.config(options.trust_remote_code)
-            LoaderCache().get(model)  # indexes its weight files
+            checked_weight_index(model)  # mergekit's index, each safetensors file checked whole
+        except CheckpointError as error:  # a damaged download: its own fix, not another path
+            raise CheckpointError(f"Model {model}: {error}") from None
         except (OSError, ValueError, RuntimeError) as error:
             raise ValueError(
                 f"Model {model} cannot be loaded ({error}). Give the directory of a Hugging Face "
@@ -412,6 +468,48 @@ def check_shapes(
                 f"Tensor {tensor.output_name} has different shapes in the models merged: "
                 f"{listing}. Only models of one architecture and size can be merged; check that "
                 "every model is a fine-tune of the base model."
+            )
+
+
+def check_configs_match_weights(
+    readers: dict[ModelReference, CheckpointReader], options: MergeOptions
+) -> None:
+    """A config.json that disagrees with its weights: mergekit merges tensor by tensor and never
+    notices, and the merged model (or the calibration forward) fails later without naming it."""
+    for model, reader in sorted(readers.items(), key=lambda item: str(item[0])):
+        skeleton = empty_model(model.config(options.trust_remote_code), options.trust_remote_code)
+        for name, parameter in skeleton.named_parameters():
+            stored = reader.stored(name)
+            if stored is not None and tuple(stored.shape) != tuple(parameter.shape):
+                raise ValueError(
+                    f"Model {model}: its config.json does not match its weights: {name} is "
+                    f"{tuple(stored.shape)} in {os.path.basename(stored.path)}, but the config "
+                    f"gives {tuple(parameter.shape)}. Save the config.json that belongs to these "
+                    "weights (or download the model again)."
+                )
+
+
+def check_tokenizers_fit(merge_config: MergeConfiguration, options: MergeOptions) -> None:
+    """With tokenizer_source (or a tokenizer section), mergekit maps every model's tokenizer onto
+    its embedding rows and fails with a bare KeyError on a token id beyond them."""
+    if merge_config.tokenizer_source is None and merge_config.tokenizer is None:
+        return
+    for model in sorted(merge_config.referenced_models(), key=str):
+        rows = getattr(model.config(options.trust_remote_code).get_text_config(), "vocab_size", 0)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                model.model.path,
+                revision=model.model.revision,
+                trust_remote_code=options.trust_remote_code,
+            )
+        except (OSError, ValueError):
+            continue  # mergekit reports a model without a tokenizer itself
+        if rows and len(tokenizer) > rows:
+            raise ValueError(
+                f"The tokenizer saved with model {model} has {len(tokenizer)} tokens, but the "
+                f"model's embedding has {rows} rows, so mergekit cannot map it for "
+                "tokenizer_source: that tokenizer is not the model's own. Save the tokenizer "
+                "the model was trained with next to its weights."
             )
 
 
@@ -686,6 +784,7 @@ def task_statistics(
     if not ranks.main:
         return None
     _report_fallbacks(task, statistics, settings, options)
+    _say(options, f"Hessian statistics for {task.key[0]} written to cache {path}")
     # Served from the entry just written, as a cache hit is: the whole matrices stay on disk.
     return cache.read_statistics(path, payload)
 

@@ -7,6 +7,7 @@ fallback) have tests of their own at the end.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
@@ -44,6 +45,11 @@ class Bad:
     tmp: Path
     monkeypatch: pytest.MonkeyPatch
     names: dict[str, Path | str] = field(default_factory=dict)
+    out_name: str = "out"  # a row may point the output somewhere it must not go
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / self.out_name
 
     @property
     def cache(self) -> Path:
@@ -177,6 +183,74 @@ def _no_base_model(bad: Bad) -> dict:
     return config
 
 
+def _config_disagrees(bad: Bad) -> dict:
+    path = bad.model("wrong_config")
+    settings = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**settings, "intermediate_size": 48}))
+    return bad.with_model(path)
+
+
+def _embedding_smaller_than_tokenizer(bad: Bad) -> dict:
+    """An expert cut to 250 embedding rows (config.json too) that kept the 300-token tokenizer."""
+
+    def cut(weights: dict[str, torch.Tensor]) -> None:
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            weights[name] = weights[name][:250].contiguous()
+
+    path = bad.model("smaller_vocabulary", cut)
+    settings = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**settings, "vocab_size": 250}))
+    config = bad.with_model(path)
+    config["tokenizer_source"] = "union"
+    return config
+
+
+def _spelled_twice(bad: Bad, spelling: str) -> dict:
+    """models[0] listed a second time under another spelling of the same directory."""
+    config = bad.config()
+    entry = copy.deepcopy(config["models"][0])
+    path = Path(entry["model"])
+    if spelling == "trailing slash":
+        entry["model"] = f"{path}/"
+    elif spelling == "symlink":
+        (bad.tmp / "link").symlink_to(path)
+        entry["model"] = str(bad.tmp / "link")
+    else:
+        bad.monkeypatch.chdir(path.parent)
+        entry["model"] = f"./{path.name}"
+    config["models"].append(entry)
+    bad.names["other"] = entry["model"]
+    return config
+
+
+def _listed_twice(bad: Bad) -> dict:
+    config = bad.config()
+    config["models"].append(copy.deepcopy(config["models"][0]))
+    return config
+
+
+def _copied_expert(bad: Bad) -> dict:
+    config = bad.config()
+    entry = copy.deepcopy(config["models"][0])
+    entry["model"] = str(bad.model("copy"))
+    config["models"].append(entry)
+    bad.names["other"] = entry["model"]
+    return config
+
+
+def _out_at(bad: Bad, where: str) -> dict:
+    config = bad.config()
+    if where == "the base model":
+        bad.out_name = config["base_model"]
+    elif where == "a file":
+        bad.out.write_text("my notes")
+    else:
+        bad.out.mkdir()
+        (bad.out / "thesis.tex").write_text("mine")
+    bad.names["out"] = bad.out
+    return config
+
+
 @dataclass(frozen=True)
 class Row:
     id: str
@@ -207,6 +281,20 @@ ROWS = [
         r"tokens with that model's "
         r"tokenizer; calibration_samples x calibration_seq_len = 8 x 32 = 256 are needed\. Add "
         r"text or lower calibration_samples / calibration_seq_len\.$",
+    ),
+    Row(
+        "calibration file of NUL bytes",
+        lambda b: b.calibration("download.txt", bytes(65536)),
+        r"^calibration data '{cal0}' for model '{model0}, run through {base}': 100% of its "
+        r"characters are control or invisible format characters \(65,536 of the 65,536 read, "
+        r"not counting spaces and line breaks; the first is U\+0000\)\. This does not look like "
+        r"text: check that the file is a finished download",
+    ),
+    Row(
+        "calibration text of zero-width characters",
+        lambda b: b.calibration("invisible.txt", "\u200b" * 5000 + "\n"),
+        r"^calibration data '{cal0}' for model '{model0}, run through {base}': 100% of its "
+        r"characters are control or invisible format characters .*the first is U\+200B\)\.",
     ),
     Row(
         "calibration file not UTF-8",
@@ -254,6 +342,30 @@ ROWS = [
         r"top-level `parameters:`\)\.$",
     ),
     # --- parameters ---
+    Row(
+        "density an empty list",
+        lambda b: b.first(b.config(), density=[]),
+        r"^'density' in models\[0\] \({model0}\) is an empty list: give it a value \(or, for a "
+        r"number, a non-empty list of numbers as a per-layer gradient\)\.$",
+    ),
+    Row(
+        "calibration_seq_len true",
+        lambda b: b.config(calibration_seq_len=True),
+        r"^'calibration_seq_len' in parameters must be an integer, got True$",
+    ),
+    Row(
+        "calibration_samples a fraction",
+        lambda b: b.config(calibration_samples=8.5),
+        r"^'calibration_samples' in parameters must be an integer, got 8\.5$",
+    ),
+    Row(
+        "calibration a list of sources",
+        lambda b: b.first(b.config(), calibration=[str(p) for p in b.models.calibration.values()]),
+        r"^'calibration' in models\[0\] \({model0}\) is a list, \[.*\]: mergekit reads a list as "
+        r"a per-layer gradient, so each layer would get one of its items\. Give one source: put "
+        r"the texts in one file \(for instance a \.jsonl with one record per document\) or one "
+        r"dataset\.$",
+    ),
     Row(
         "unknown importance",
         lambda b: b.config(importance="magnitude"),
@@ -372,6 +484,47 @@ ROWS = [
         r"^lambda must be finite, got inf$",
     ),
     # --- models ---
+    *(
+        Row(
+            f"one model spelled two ways ({spelling})",
+            lambda b, spelling=spelling: _spelled_twice(b, spelling),
+            r"^Models (?:{model0} and {other}|{other} and {model0}) are the same model \(\S+\) "
+            r"spelled two ways: mergekit would treat them as two models and count its task "
+            r"vector twice\. Write it one way everywhere in the config\.$",
+        )
+        for spelling in ("trailing slash", "symlink", "relative")
+    ),
+    Row(
+        "one model listed twice",
+        _listed_twice,
+        r"^Model {model0} is listed twice in models \(entries 0 and 2\): mergekit keeps only one "
+        r"entry's parameters\. List it once\.$",
+    ),
+    Row(
+        "a copy of an expert listed as another model",
+        _copied_expert,
+        r"^Models (?:{model0} and {other}|{other} and {model0}) have the same weights \(a copy of "
+        r"one directory\): the merge would count that model twice\. List it once\.$",
+    ),
+    Row(
+        "output directory is the base model",
+        lambda b: _out_at(b, "the base model"),
+        r"^Output directory {base} is the input model {base}: the merge would overwrite it\. "
+        r"Write the merge to a new directory\.$",
+    ),
+    Row(
+        "output path is an existing file",
+        lambda b: _out_at(b, "a file"),
+        r"^Output path {out} is an existing file, not a directory: choose a new directory for "
+        r"the merge \(or move the file away\)\.$",
+    ),
+    Row(
+        "output directory holds other data",
+        lambda b: _out_at(b, "other data"),
+        r"^Output directory {out} holds thesis\.tex, which no merge writes: only an empty "
+        r"directory or a previous merge's output is replaced\. Write the merge to a new "
+        r"directory, or empty this one\.$",
+    ),
     Row(
         "misspelt merge method",
         _misspelt_method,
@@ -419,6 +572,21 @@ ROWS = [
         r"^Tensor model\.layers\.0\.mlp\.\w+_proj\.weight has different shapes in the models "
         r"merged: .*\((?:48, \d+|\d+, 48)\) in {model0}.*\. Only models of one architecture and "
         r"size can be merged; check that every model is a fine-tune of the base model\.$",
+    ),
+    Row(
+        "config.json that disagrees with the weights",
+        _config_disagrees,
+        r"^Model {model0}: its config\.json does not match its weights: model\.layers\.0\.mlp\."
+        r"\w+_proj\.weight is \(\d+, \d+\) in model\.safetensors, but the config gives \(\d+, "
+        r"\d+\)\. Save the config\.json that belongs to these weights \(or download the model "
+        r"again\)\.$",
+    ),
+    Row(
+        "tokenizer larger than the embedding, with tokenizer_source",
+        _embedding_smaller_than_tokenizer,
+        r"^The tokenizer saved with model {model0} has 300 tokens, but the model's embedding has "
+        r"250 rows, so mergekit cannot map it for tokenizer_source: that tokenizer is not the "
+        r"model's own\. Save the tokenizer the model was trained with next to its weights\.$",
     ),
     Row(
         "checkpoint missing a tensor (hessian_source: finetuned)",
@@ -509,6 +677,15 @@ def _merge(config: dict, out: Path, quiet: bool = True) -> None:
     )
 
 
+def _snapshot(path: Path) -> dict[str, bytes] | bytes | None:
+    """Everything at ``path``: a failed run must leave it byte for byte as it was."""
+    if path.is_file():
+        return path.read_bytes()
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
 def _pattern(template: str, names: dict[str, Path | str]) -> str:
     return template.format(**{key: re.escape(str(value)) for key, value in names.items()})
 
@@ -517,12 +694,13 @@ def _pattern(template: str, names: dict[str, Path | str]) -> str:
 def test_bad_input_is_one_clear_error_and_leaves_nothing(tiny_models, tmp_path, monkeypatch, row):
     bad = Bad(tiny_models, tmp_path, monkeypatch)
     config = row.damage(bad)
-    out = tmp_path / "out"
+    before = _snapshot(bad.out)
     with pytest.raises(row.error) as raised:
-        _merge(config, out)
+        _merge(config, bad.out)
     message = str(raised.value)
     assert re.search(_pattern(row.message, bad.names), message, re.DOTALL), message
-    assert not out.exists()
+    assert _snapshot(bad.out) == before
+    assert not [p for p in bad.out.parent.iterdir() if ".partial-" in p.name]
     entries = list(bad.cache.iterdir()) if bad.cache.exists() else []
     assert not [entry for entry in entries if entry.suffix == ".partial"]
 

@@ -18,10 +18,11 @@ from datasets.arrow_writer import ArrowWriter
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from mergekit_sparsegpt import calibration
+from mergekit_sparsegpt import calibration, calibration_files
 from mergekit_sparsegpt.calibration import (
     CalibrationError,
     CalibrationSource,
+    Document,
     calibration_windows,
     read_calibration_texts,
 )
@@ -70,8 +71,14 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 def read(path: Path | str, **kwargs) -> list[str]:
-    # A dataset name gives a lazy iterable; list() reads it all, as the assertions need.
-    return list(read_calibration_texts(CalibrationSource(str(path), **kwargs), MODEL))
+    # The documents are lazy (a .txt file is a TextFile read from disk); this reads them all,
+    # as the assertions need.
+    texts = read_calibration_texts(CalibrationSource(str(path), **kwargs), MODEL)
+    return [whole(document) for document in texts]
+
+
+def whole(document: Document) -> str:
+    return document if isinstance(document, str) else "".join(document.pieces(1 << 16))
 
 
 def error_of(path: Path | str, **kwargs) -> str:
@@ -513,9 +520,9 @@ def test_long_document_is_tokenized_in_line_pieces_without_separators(
 
 
 def test_line_chunks_cut_words_only_without_whitespace() -> None:
-    assert list(calibration._line_chunks("abcdefghij", 4)) == ["abcd", "efgh", "ij"]
-    assert list(calibration._line_chunks("ab cd ef", 4)) == ["ab", " cd", " ef"]
-    assert list(calibration._line_chunks("", 4)) == []
+    assert list(calibration_files.line_chunks("abcdefghij", 4)) == ["abcd", "efgh", "ij"]
+    assert list(calibration_files.line_chunks("ab cd ef", 4)) == ["ab", " cd", " ef"]
+    assert list(calibration_files.line_chunks("", 4)) == []
 
 
 def test_tokenizing_stops_at_eight_times_the_need(tokenizer) -> None:
@@ -555,3 +562,365 @@ def test_end_to_end_from_jsonl(tmp_path: Path, tokenizer) -> None:
     result = calibration_windows(texts, tokenizer, 2, 3, MODEL, str(path))
     # stream: a b <eos> c d e -> stride 3
     assert result.tolist() == [[VOCAB["a"], VOCAB["b"], VOCAB["<eos>"]], ids("c d e")]
+
+
+# --------------------------------------------------------------------------------------------
+# Files read as streams
+# --------------------------------------------------------------------------------------------
+
+BOM = "\ufeff"
+
+
+def _awkward_text() -> str:
+    """Text that lands every kind of cut on block edges: CRLF and lone CR line ends, lines longer
+    than a piece with and without spaces, multi-byte characters, blank lines, no final newline."""
+    words = " ".join(f"w{i}" for i in range(100))
+    return (
+        f"a b c\r\nd e f\rg h\n\n{words}\r\n"
+        + "x" * 50
+        + "\nsemi\u00e9 caf\u00e9 \u6f22\u5b57 \U0001f600 w1\r\n"
+        + "\r\n".join(f"w{i} " * (i % 7) + "w9" * (i % 5) for i in range(60))
+        + "\n\r\n"
+        + words
+    )
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 37, 1000])
+def test_txt_stream_gives_the_windows_of_the_whole_text(
+    tmp_path: Path, tokenizer, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(calibration, "CHUNK_CHARS", chunk)
+    monkeypatch.setattr(calibration_files, "READ_BYTES", chunk)
+    path = tmp_path / "corpus.txt"
+    path.write_bytes((BOM + _awkward_text()).encode("utf-8"))
+    # The reference: the old reader, the whole file as one string (BOM dropped, newlines "\n").
+    whole_text = path.read_text(encoding="utf-8-sig")
+    length = len(calibration._token_stream([whole_text], tokenizer, limit=10**9)[0])
+    reference_spy, spy = SpyTokenizer(tokenizer), SpyTokenizer(tokenizer)
+    reference = calibration_windows([whole_text], reference_spy, 1, length, MODEL, "c.txt")
+    texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+    assert not any(isinstance(document, str) for document in texts)  # read from disk lazily
+    result = calibration_windows(texts, spy, 1, length, MODEL, "c.txt")
+    assert torch.equal(result, reference)
+    assert spy.pieces == reference_spy.pieces
+    assert len(spy.pieces) > 1 or chunk == 1000
+
+
+@pytest.mark.parametrize("block", range(1, 12))
+def test_decoded_blocks_read_as_read_text_does(tmp_path: Path, block: int) -> None:
+    path = tmp_path / "t.txt"
+    for content in (
+        (BOM + _awkward_text()).encode(),
+        b"\r\r\n\r" + "\u00e9\u6f22\r\n".encode() * 5,
+        codecs_bom_prefix := b"\xef\xbb",
+        b"\xef\xbb\xbf",
+        b"",
+    ):
+        path.write_bytes(content)
+        blocks = list(calibration_files._decoded_blocks(path, block, "s", MODEL))
+        assert "".join(blocks) == path.read_text(encoding="utf-8-sig"), content
+        assert all(blocks)
+    assert codecs_bom_prefix  # a file that is part of a byte-order mark reads as empty
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"caf\xe9 latin-1",
+        b"\xef\xbb\xbf" + b"w1 " * 40 + b"\xe9 tail",
+        b"w1 " * 40 + b"\xe2\x82",  # cut short at the end: "bytes in position a-b"
+        b"\xef\xbb\xbf" + "\u6f22".encode() * 30 + b"\xe6\xbc\x41",
+        b"w1\n" * 30 + b"\xf0\x9f\x98",
+    ],
+)
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 64])
+def test_invalid_utf8_is_reported_where_the_whole_file_read_reports_it(
+    tmp_path: Path, content: bytes, block: int
+) -> None:
+    path = tmp_path / "t.txt"
+    path.write_bytes(content)
+    with pytest.raises(UnicodeDecodeError) as whole_read:
+        path.read_text(encoding="utf-8-sig")
+    with pytest.raises(CalibrationError) as info:
+        list(calibration_files._decoded_blocks(path, block, "t.txt", MODEL))
+    assert str(info.value) == (
+        f"calibration data 't.txt' for model '{MODEL}': {path} is not valid UTF-8 "
+        f"({whole_read.value}). Re-save the file as UTF-8."
+    )
+
+
+def test_txt_is_read_only_as_far_as_the_windows_need(
+    tmp_path: Path, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(calibration_files, "READ_BYTES", 64)
+    path = tmp_path / "corpus.txt"
+    # Invalid UTF-8 far past what the windows need is never read, so never reported.
+    path.write_bytes(b"w1 w2 w3 w4\n" * 20_000 + b"caf\xe9\n" + b"w5\n" * 100)
+    texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+    assert windows(texts, tokenizer, samples=2, seq_len=4).tolist() == [ids("w1 w2 w3 w4")] * 2
+    # Windows that need the whole file reach it, and report it as the whole-file read did.
+    texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+    with pytest.raises(CalibrationError, match=r"position 240003: invalid continuation byte"):
+        windows(texts, tokenizer, samples=1, seq_len=90_000)
+
+
+def test_jsonl_is_read_only_as_far_as_the_windows_need(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "corpus.jsonl"
+    good = '{"text": "a b"}\n'
+    path.write_text(good * 9_999 + "{oops\n" + good * 10, encoding="utf-8")
+    texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+    result = windows(texts, tokenizer, samples=2, seq_len=2)
+    assert torch.equal(result, windows(["a b"] * 20, tokenizer, samples=2, seq_len=2))
+    texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+    with pytest.raises(CalibrationError) as info:
+        windows(texts, tokenizer, samples=1, seq_len=40_000)
+    assert str(info.value) == (
+        f"calibration data '{path}' for model '{MODEL}': {path} line 10000 is not valid JSON "
+        "(Expecting property name enclosed in double quotes at column 2). Fix or remove that "
+        "line: a .jsonl file holds one JSON object per line."
+    )
+
+
+def _big_file(path: Path, size: int) -> int:
+    """A .txt or .jsonl file of about ``size`` bytes of vocabulary words; returns its size."""
+    words = " ".join(f"w{i}" for i in range(100))
+    line = json.dumps({"text": words}) + "\n" if path.suffix == ".jsonl" else words + "\n"
+    path.write_text(line * (size // len(line)), encoding="utf-8")
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize("name", ["big.txt", "big.jsonl"])
+def test_memory_is_bounded_by_the_tokens_needed_not_the_file(
+    tmp_path: Path, tokenizer, name: str
+) -> None:
+    import tracemalloc
+
+    path = tmp_path / name
+    size = _big_file(path, 32 * 1024 * 1024)
+    small = tmp_path / f"small{path.suffix}"
+    _big_file(small, 64 * 1024)
+    # Warm up: imports and first-call caches are not the reader's memory.
+    windows(read_calibration_texts(CalibrationSource(str(small)), MODEL), tokenizer, 4, 64)
+    tracemalloc.start()
+    try:
+        texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+        result = windows(texts, tokenizer, samples=4, seq_len=64)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.shape == (4, 64)
+    # The whole-file reader held the file's text (and its bytes) at once: peak > size.
+    assert peak < size / 4, f"peak {peak:,} bytes for a {size:,}-byte file"
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[int]:
+    """Count the items the generator method ``owner.name`` hands out; a one-item counter."""
+    pulled = [0]
+    original = getattr(owner, name)
+
+    def counting(self, *args, **kwargs):
+        for item in original(self, *args, **kwargs):
+            pulled[0] += 1
+            yield item
+
+    monkeypatch.setattr(owner, name, counting)
+    return pulled
+
+
+def test_parquet_is_read_in_batches_as_far_as_the_windows_need(
+    tmp_path: Path, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "corpus.parquet"
+    documents = [None if i % 3 == 0 else f"w{i % 100} w{(i + 1) % 100}" for i in range(3000)]
+    pq.write_table(pa.table({"text": documents}), path, row_group_size=500)
+    assert read(path) == [text for text in documents if text is not None]
+    monkeypatch.setattr(calibration_files, "BATCH_ROWS", 10)
+    batches = _count_calls(monkeypatch, pq.ParquetFile, "iter_batches")
+    texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+    result = windows(texts, tokenizer, samples=2, seq_len=4)
+    # 64 tokens kept: 22 documents, in the first 4 batches of 10 rows out of 300.
+    assert batches[0] == 4
+    assert torch.equal(result, windows(read(path), tokenizer, samples=2, seq_len=4))
+
+
+def test_saved_dataset_is_read_in_batches_as_far_as_the_windows_need(
+    tmp_path: Path, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    documents = [f"w{i % 100}" for i in range(3000)]
+    datasets.Dataset.from_dict({"text": documents}).save_to_disk(tmp_path / "ds")
+    monkeypatch.setattr(calibration_files, "BATCH_ROWS", 5)
+    batches = _count_calls(monkeypatch, datasets.Dataset, "iter")
+    texts = read_calibration_texts(CalibrationSource(str(tmp_path / "ds")), MODEL)
+    result = windows(texts, tokenizer, samples=2, seq_len=2)
+    assert torch.equal(result, windows(documents, tokenizer, samples=2, seq_len=2))
+    assert batches[0] == 4  # 17 documents of 3,000, in batches of 5
+
+
+@pytest.mark.parametrize("name", ["corpus.parquet", "ds"])
+def test_column_of_numbers_is_not_text(tmp_path: Path, name: str) -> None:
+    table = {"text": [1, 2]}
+    if name == "ds":
+        datasets.Dataset.from_dict(table).save_to_disk(tmp_path / name)
+    else:
+        pq.write_table(pa.table(table), tmp_path / name)
+    assert f"{tmp_path / name}: column 'text' holds int64, not text" in error_of(tmp_path / name)
+
+
+def test_truncated_parquet_is_a_calibration_error(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"text": ["x"] * 100}), path)
+    path.write_bytes(path.read_bytes()[:-20])
+    message = error_of(path)
+    assert f"{path} could not be read as Parquet (ArrowInvalid: " in message
+    assert "Check that the file is a complete Parquet file." in message
+
+
+# --------------------------------------------------------------------------------------------
+# Paths that are not regular files
+# --------------------------------------------------------------------------------------------
+
+
+def _special_file_message(path: Path, what: str) -> str:
+    return (
+        f"calibration data '{path}' for model '{MODEL}': {path} is {what}, not a regular file: "
+        "reading it could block or never end. Save the calibration text to a regular file and "
+        "give that file's path."
+    )
+
+
+def test_fifo_is_refused_without_opening_it(tmp_path: Path) -> None:
+    import threading
+
+    fifo = tmp_path / "data.txt"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            read(fifo)
+        except BaseException as err:  # handed to the test thread
+            outcome.append(err)
+        else:
+            outcome.append(None)
+
+    reader = threading.Thread(target=attempt, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():
+        # Opening the FIFO blocked: give it a writer and close it, so the reader sees the end.
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+        pytest.fail("reading a FIFO calibration file blocked in open()")
+    assert isinstance(outcome[0], CalibrationError)
+    assert str(outcome[0]) == _special_file_message(fifo, "a FIFO (named pipe)")
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_symlink_to_a_device_is_refused(tmp_path: Path, device: str) -> None:
+    link = tmp_path / "data.txt"
+    link.symlink_to(device)
+    assert error_of(link) == _special_file_message(
+        link, f"a symbolic link to {device}, a character device"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Text that is not text
+# --------------------------------------------------------------------------------------------
+
+ENGLISH = (Path(__file__).parents[1] / "docs" / "how-it-works.md").read_text(encoding="utf-8")
+PYTHON = Path(calibration_files.__file__).read_text(encoding="utf-8")
+
+
+def make_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer like GPT-2's, trained on the texts below (nothing to download).
+    At 256 it has no merges: every byte is a token, so every space of an indentation too."""
+    from tokenizers import decoders, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<eos>"],
+        show_progress=False,
+    )
+    backend.train_from_iterator([ENGLISH, PYTHON], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module", params=[257, 2000], ids=["bytes", "bpe"])
+def bpe_tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
+    return make_bpe_tokenizer(request.param)
+
+
+EMOJI_TEXT = "Family time \U0001f468\u200d\U0001f469\u200d\U0001f467 and a soft\u00adhyphen. " * 50
+
+
+@pytest.mark.parametrize("domain", ["prose", "code", "arithmetic", "emoji", "form-feeds"])
+def test_real_text_and_code_are_not_refused(bpe_tokenizer, domain: str) -> None:
+    from mergekit_sparsegpt.demo.corpus import domain_texts
+
+    # The demo corpora: Python's own documentation, standard-library sources, and sums.
+    texts = {"emoji": [EMOJI_TEXT], "form-feeds": ["\f\n".join([PYTHON] * 2)]}.get(domain)
+    texts = texts or domain_texts(domain, "calibration")
+    result = calibration_windows(texts, bpe_tokenizer, 8, 64, MODEL, "corpus.txt")
+    assert result.shape == (8, 64)
+
+
+NOT_TEXT_FIX = (
+    "This does not look like text: check that the file is a finished download (a crashed or "
+    "preallocated download is full of NUL bytes) and that calibration_field names the field "
+    "that holds the text."
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("\0" * 20_000, r"100% of its characters are control or invisible format characters "),
+        ("\u200b\u200c\u200d\ufeff" * 5_000, r"100% of its characters are control or invis"),
+        (ENGLISH[:4000] + "\0" * 6000, r"\d\d% of its characters are control or invisible "),
+        ("the " * 5_000, r"token id \d+ \('Ġthe'\) is 100% of the 512 tokens read with that "),
+        ("a" * 20_000, r"token id \d+ \('a+'\) is 100% of the 512 tokens read with that model"),
+    ],
+    ids=["nul", "zero-width", "mostly-nul", "one-word", "one-letter"],
+)
+def test_text_that_is_not_text_is_refused(bpe_tokenizer, text: str, found: str) -> None:
+    if "Ġthe" in found and len(bpe_tokenizer) < 300:
+        pytest.skip("a tokenizer without merges splits a word into its letters")
+    with pytest.raises(CalibrationError, match=found) as info:
+        calibration_windows([text], bpe_tokenizer, 2, 32, MODEL, "corpus.txt")
+    assert str(info.value).startswith(f"calibration data 'corpus.txt' for model '{MODEL}': ")
+    assert str(info.value).endswith(NOT_TEXT_FIX)
+
+
+def test_file_of_nul_bytes_is_refused_before_its_length_is_judged(
+    tmp_path: Path, tokenizer
+) -> None:
+    # A word-level tokenizer makes each 64 KiB piece of NULs one unknown token: 16 tokens, fewer
+    # than needed, yet the message must say what is wrong rather than ask for more text.
+    path = tmp_path / "download.txt"
+    path.write_bytes(b"\0" * (1024 * 1024))
+    texts = read_calibration_texts(CalibrationSource(str(path)), MODEL)
+    with pytest.raises(CalibrationError) as info:
+        calibration_windows(texts, tokenizer, 8, 32, MODEL, str(path))
+    assert str(info.value) == (
+        f"calibration data '{path}' for model '{MODEL}': 100% of its characters are control or "
+        "invisible format characters (1,048,576 of the 1,048,576 read, not counting spaces and "
+        f"line breaks; the first is U+0000). {NOT_TEXT_FIX}"
+    )
+
+
+def test_one_token_repeated_is_refused_with_its_share(tokenizer) -> None:
+    texts = ["a " * 140 + "b c d e f g h " * 5]
+    with pytest.raises(CalibrationError) as info:
+        windows(texts, tokenizer, samples=4, seq_len=8)
+    assert str(info.value) == (
+        f"calibration data 'corpus.jsonl' for model '{MODEL}': token id 3 ('a') is 80% of the "
+        f"175 tokens read with that model's tokenizer. {NOT_TEXT_FIX}"
+    )
+    # Three quarters is still text; and a short stream is not judged at all.
+    assert windows(["a " * 75 + "b c d e f " * 5], tokenizer, 2, 8).shape == (2, 8)
+    assert windows(["a " * 60], tokenizer, 2, 8).shape == (2, 8)

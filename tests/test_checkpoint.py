@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from mergekit_sparsegpt.checkpoint import (
     CheckpointError,
     CheckpointReader,
+    check_safetensors_file,
     read_stored,
     safetensors_header,
 )
@@ -77,15 +78,35 @@ def test_truncated_file_names_file_and_tensor(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "content",
-    [b"", b"\x05\x00", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 4) + b"{no"],
-    ids=["empty", "short", "huge-header", "bad-json"],
+    ("content", "message"),
+    [
+        (b"", r"is empty \(0 bytes\)"),
+        (b"\x05\x00", r"is truncated: 2 bytes, fewer than the 8 that give a safetensors file's"),
+        (struct.pack("<Q", 10**12) + b"{}", r"is not a safetensors file: its first 8 bytes give"),
+        (struct.pack("<Q", 4) + b"{no", r"is truncated: its header needs 12 bytes, the file has"),
+        (struct.pack("<Q", 3) + b"{no", r"is not a readable safetensors file \(JSONDecodeError"),
+        (struct.pack("<Q", 2) + b"[]", r"is not a readable safetensors file \(ValueError: the"),
+    ],
+    ids=["empty", "short", "huge-header", "header past the end", "bad-json", "not an object"],
 )
-def test_corrupt_header_names_the_file(tmp_path: Path, content: bytes) -> None:
+def test_corrupt_header_names_the_file(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "model-00001-of-00002.safetensors"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors is not a"):
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors " + message):
         safetensors_header(str(path))
+    with pytest.raises(CheckpointError, match=r"\. Re-download or re-save the model\.$"):
+        safetensors_header(str(path))
+
+
+def test_a_file_cut_inside_its_tensors_is_found_before_reading_them(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(8), "b": torch.ones(1000)}, path)
+    check_safetensors_file(str(path))  # whole: nothing to say
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-100])
+    pattern = rf"is truncated: its header describes {size} bytes, the file has {size - 100}\."
+    with pytest.raises(CheckpointError, match=pattern):
+        check_safetensors_file(str(path))
 
 
 def test_header_with_wrong_byte_span_is_refused(tmp_path: Path) -> None:

@@ -260,9 +260,10 @@ def test_model_without_tokenizer_is_a_clear_error(tiny_models, tmp_path):
     bare = tmp_path / "no_tokenizer"
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(Path(tiny_models.experts["code"]) / name, bare / name)
+        shutil.copy(Path(tiny_models.experts["arithmetic"]) / name, bare / name)
     config = _config(tiny_models, tmp_path / "cache", hessian_source="finetuned")
-    config["models"][0]["model"] = str(bare)
+    assert config["models"][0]["model"] == str(tiny_models.experts["arithmetic"])
+    config["models"][0]["model"] = str(bare)  # in place of the model it copies
     with pytest.raises(ValueError, match=f"Could not load the tokenizer of model {bare}"):
         _merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()

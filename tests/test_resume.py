@@ -269,7 +269,9 @@ def _task_order(models: Family) -> list[str]:
     return sorted(path.name for path in models.experts.values())
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGINT], ids=["kill", "int"])
+@pytest.mark.parametrize(
+    "signal_number", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill", "int", "term"]
+)
 def test_an_interrupted_prepass_resumes_after_its_last_finished_block(
     deep_models, reference, tmp_path, signal_number
 ):
@@ -292,8 +294,9 @@ def test_an_interrupted_prepass_resumes_after_its_last_finished_block(
     interrupted.process.send_signal(signal_number)
     returncode = interrupted.finish()
     assert returncode == (-signal.SIGKILL if signal_number == signal.SIGKILL else 1)
-    if signal_number == signal.SIGINT:
-        stopped = f"Pre-pass stopped (KeyboardInterrupt); checkpoint {checkpoint} keeps the"
+    if signal_number != signal.SIGKILL:  # SIGTERM (timeout, SLURM) is handled as Ctrl-C
+        how = "KeyboardInterrupt" if signal_number == signal.SIGINT else "SIGTERM"
+        stopped = f"Pre-pass stopped ({how}); checkpoint {checkpoint} keeps the"
         assert f"{stopped} statistics of blocks 0-1: run the same command" in interrupted.stderr
         assert not cache.lock_path(checkpoint).exists()  # released on the way out
     assert interrupted.blocks_run() == {first: [0, 1, 2]}
