@@ -158,8 +158,11 @@ def model_weights_fingerprint(model: ModelReference) -> str:
 
 
 def config_fingerprint(config: PretrainedConfig) -> str:
-    """The model's architecture settings (activation, norm epsilon, RoPE...) shape its Hessians."""
-    return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()
+    """The model's architecture settings (activation, norm epsilon, RoPE...) shape its Hessians.
+    Where the config was read from does not: another spelling of the model's path shares its
+    entries."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def tokens_fingerprint(windows: torch.Tensor) -> str:

@@ -134,7 +134,7 @@ def _calibrate_command() -> Any:
             if ranks.main and not merge_options.quiet:
                 click.echo(message, err=True)
 
-        # Spelled as the merge will spell them: the cache entries are keyed by the model's name.
+        # Spelled as the merge will spell them, so that the messages name the same paths.
         merge_config = spelled_as_local(merge_config, say)
         with process_group(ranks, ranks.device(merge_options.device)):
             context = prepare_statistics(merge_config, merge_options, ranks)

@@ -43,6 +43,7 @@ from mergekit_sparsegpt.capture import (
 from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.hessian import HessianError
 from mergekit_sparsegpt.methods import PluginMethod
+from mergekit_sparsegpt.model_identity import identity
 from mergekit_sparsegpt.statistics import TaskStatistics
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def merge_fingerprint(method_name: str, planned: list[PlannedTensor]) -> str:
         [
             t.output_name,
             sorted(t.shared.items()),
-            sorted((str(m), sorted(v.items())) for m, v in t.per_input.items()),
+            sorted((identity(m), sorted(v.items())) for m, v in t.per_input.items()),
         ]
         for t in planned
     ]
@@ -141,9 +142,11 @@ def merged_model_statistics(
         "format": cache.FORMAT_VERSION,
         "hessian_source": MERGED,
         "merge": merge_fingerprint(method.spec.name, planned),
-        "weights": {str(model): cache.model_weights_fingerprint(model) for model in models},
+        "weights": {identity(model): cache.model_weights_fingerprint(model) for model in models},
         "config": cache.config_fingerprint(config),
-        "tokens": {_task_name(k): cache.tokens_fingerprint(w) for k, w in windows.items()},
+        "tokens": {
+            f"{identity(k[0])} on {k[1]}": cache.tokens_fingerprint(w) for k, w in windows.items()
+        },
         "token_shape": list(next(iter(windows.values())).shape),
         "dampening": settings.dampening,
         "factors": settings.keep_factors,

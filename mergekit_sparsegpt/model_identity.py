@@ -68,6 +68,13 @@ def _model_lists(config: MergeConfiguration) -> Iterator[tuple[str, list[ModelRe
         yield f"{prefix}[{index}].sources", [source.model for source in output_slice.sources]
 
 
+def identity(model: ModelReference) -> str:
+    """The model as one string that does not depend on how it is spelled: what names it in
+    cache keys, so ``./expert`` and its absolute path share their statistics."""
+    path, lora = _identity(model)
+    return path if lora is None else f"{path}+{lora}"
+
+
 def _identity(model: ModelReference) -> tuple[str, str | None]:
     """The resolved directory (or hub id and revision) of the model and of its LoRA adapter."""
     return _where(model.model.path, model.model.revision), (

@@ -64,7 +64,7 @@ from mergekit_sparsegpt.merged_statistics import (
     merged_model_statistics,
 )
 from mergekit_sparsegpt.methods import PluginMethod, plugin_method
-from mergekit_sparsegpt.model_identity import check_distinct_models
+from mergekit_sparsegpt.model_identity import check_distinct_models, identity
 from mergekit_sparsegpt.regmean import SOLVE_PATHS
 from mergekit_sparsegpt.report import REPORT_FILE
 from mergekit_sparsegpt.staged_output import staged_output
@@ -741,7 +741,7 @@ def task_statistics(
     config = task.forward_model.config(options.trust_remote_code)
     payload = {
         "format": cache.FORMAT_VERSION,
-        "model": str(task.forward_model),
+        "model": identity(task.forward_model),
         "weights": cache.model_weights_fingerprint(task.forward_model),
         "config": cache.config_fingerprint(config),
         "tokens": cache.tokens_fingerprint(windows),

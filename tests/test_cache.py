@@ -323,6 +323,8 @@ def test_config_fingerprint_changes_with_architecture_settings():
         LlamaConfig(hidden_size=32, rms_norm_eps=1e-6)
     )
     assert cache.config_fingerprint(one) != cache.config_fingerprint(two)
+    elsewhere = LlamaConfig(hidden_size=32, rms_norm_eps=1e-6, name_or_path="/other/spelling")
+    assert cache.config_fingerprint(one) == cache.config_fingerprint(elsewhere)
 
 
 # --- resume checkpoints: what an interrupted pre-pass leaves, and how a rerun uses it ---

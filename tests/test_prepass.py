@@ -98,6 +98,31 @@ def test_second_merge_reuses_cache_without_forward_pass(tiny_models, tmp_path, m
     assert (tmp_path / "second" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("spelling", ["relative", "symlink"])
+def test_another_spelling_of_a_model_reuses_its_cache_entries(
+    tiny_models, tmp_path, monkeypatch, spelling
+):
+    """Entries are keyed by where the model is, not by how the config writes it."""
+    config = _config(tiny_models, tmp_path / "cache", hessian_source="finetuned")
+    prepass.prepare_statistics(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
+    written = sorted((tmp_path / "cache").glob("*.safetensors"))
+    for entry in config["models"]:
+        path = Path(entry["model"])
+        if spelling == "symlink":
+            (tmp_path / f"link_{path.name}").symlink_to(path)
+            entry["model"] = str(tmp_path / f"link_{path.name}")
+        else:
+            monkeypatch.chdir(path.parent)
+            entry["model"] = f"./{path.name}"
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the pre-pass ran again")
+
+    monkeypatch.setattr(prepass, "compute_statistics", no_forward)
+    prepass.prepare_statistics(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
+    assert sorted((tmp_path / "cache").glob("*.safetensors")) == written
+
+
 def test_corrupt_cache_is_recomputed(tiny_models, tmp_path, caplog):
     config = _config(tiny_models, tmp_path / "cache")
     _merge(config, tmp_path / "first")
