@@ -147,12 +147,16 @@ class SparseGPTMerge(GeneralizedTaskArithmeticMerge):
         group: TensorGroup,
         parameters: dict[str, Any],
     ) -> torch.Tensor:
-        """The parent's sign election and disjoint mean, with signs elected by ``electors``."""
+        """The parent's sign election and disjoint mean, with signs elected by ``electors``: its
+        weights on the tensors' device, its ``int8_mask`` for the election's signs."""
         deltas = torch.stack(trimmed)
         weights = torch.tensor(
-            [parameters["weight"][entry.id] for entry in group.non_base], dtype=deltas.dtype
+            [parameters["weight"][entry.id] for entry in group.non_base],
+            dtype=deltas.dtype,
+            device=deltas.device,
         ).reshape(-1, *([1] * (deltas.dim() - 1)))
-        agree = get_mask(torch.stack(electors) * weights, self.consensus_method, deltas.dtype)
+        mask_dtype = torch.int8 if parameters.get("int8_mask") else deltas.dtype
+        agree = get_mask(torch.stack(electors) * weights, self.consensus_method, mask_dtype)
         mixed = (deltas * weights * agree).sum(dim=0)
         if parameters["normalize"]:
             divisor = (weights * agree).sum(dim=0)

@@ -305,3 +305,38 @@ def test_in_memory_api_says_what_runs_the_method(method):
     states = {name: {"model.norm.weight": tensor[0]} for name, tensor in inputs}
     with pytest.raises(RuntimeError, match=expected):
         merge_state_dicts(states, method, base="b", parameters=parameters)
+
+
+def _sign_election_inputs(
+    device: str,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], TensorGroup]:
+    group = _group()
+    base = group.base.tensor
+    trimmed = [(entry.tensor - base).to(device) for entry in group.non_base]
+    electors = [vector.sign() * (1 + vector.abs()) for vector in trimmed]
+    on_device = TensorGroup.from_tensors(
+        [base.to(device), *(entry.tensor.to(device) for entry in group.non_base)],
+        ids=["base", "a", "b"],
+        base_index=0,
+        name=LINEAR,
+    )
+    return electors, trimmed, on_device
+
+
+def _combine(device: str, **overrides) -> torch.Tensor:
+    method = merge_methods.get("sparsegpt_ties")
+    electors, trimmed, group = _sign_election_inputs(device)
+    parameters = {"weight": {"a": 1.0, "b": 0.5}, "normalize": True, "lambda": 1.0, **overrides}
+    return method._combine_with_signs_of(electors, trimmed, group, parameters)
+
+
+def test_sign_election_creates_every_tensor_on_the_inputs_device():
+    """On meta inputs a tensor made without device= is a CPU tensor, and torch refuses the mix:
+    the CPU stand-in for a --cuda merge with compensate: true."""
+    merged = _combine("meta")
+    assert merged.device.type == "meta"
+    assert merged.shape == (5, COLUMNS)
+
+
+def test_sign_election_with_int8_mask_is_the_same_merge():
+    assert torch.equal(_combine("cpu", int8_mask=True), _combine("cpu", int8_mask=False))
