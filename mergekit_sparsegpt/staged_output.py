@@ -170,6 +170,14 @@ def publish(staged: StagedOutput, say: Callable[[str], None]) -> None:
             f"it is left as it is, and this merge is in {staged.path}: move it where you want it."
         )
     if staged.previous is not None:
+        # Checked again: files may have come since the start (a cache_dir inside OUT, say).
+        foreign = _not_merge_output(staged.final)
+        if foreign:
+            raise OutputError(
+                f"Output directory {staged.final} now holds {foreign}, which no merge writes, "
+                f"so it is not replaced: it is left as it is, and this merge is in "
+                f"{staged.path}: move it where you want it."
+            )
         replaced = staged.root / ".replaced"
         os.rename(staged.final, replaced)
         if any(replaced.iterdir()):

@@ -72,6 +72,24 @@ def test_a_previous_merge_is_replaced_whole_only_at_the_end(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("start", ["empty", "a previous merge"])
+def test_files_that_came_into_out_during_the_run_are_never_replaced(tmp_path, start):
+    """Say cache_dir is OUT: the run writes its cache entries there, and a replacement of OUT
+    would delete them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    if start == "a previous merge":
+        _merge_files(out, "old")
+    run = _stage(out)
+    (out / "0123abcd.safetensors").write_text("a cache entry")
+    (out / "0123abcd.lock").write_text("")
+    _merge_files(run.path, "new")
+    with pytest.raises(OutputError, match=r"now holds 0123abcd\.lock, which no merge writes"):
+        publish(run, print)
+    assert (out / "0123abcd.safetensors").read_text() == "a cache entry"
+    assert (run.path / "config.json").read_text() == "new"
+
+
 def test_a_failed_run_removes_only_what_it_made(tmp_path):
     out = tmp_path / "new" / "deeper" / "out"
     run = _stage(out)
