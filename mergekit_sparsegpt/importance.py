@@ -82,7 +82,7 @@ def top_density_mask(
     k = max(1, int(density * rows.shape[1]))
     kept, keep = torch.topk(rows, k, dim=1, sorted=False)
     threshold = kept.min(dim=1, keepdim=True).values
-    # topk (5x faster than a sort) picks the same set unless entries equal to the k-th largest
+    # topk (much faster than a sort) picks the same set unless entries equal to the k-th largest
     # straddle the cut; then only a sort breaks the tie as mergekit's magnitude does.
     if ((rows == threshold).sum(dim=1) != (kept == threshold).sum(dim=1)).any():
         keep = torch.argsort(rows, dim=1, descending=True)[:, :k]

@@ -56,12 +56,12 @@ from mergekit_sparsegpt.statistics import TensorStatistics
 
 REGMEAN_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0),
-    # 1 (the exact least-squares merge) beat RegMean's published 0.9 and 0.5 in every model
-    # family of the quality benchmark (docs/quality-benchmark.md).
+    # The exact least-squares merge beat RegMean's published values in every model family of
+    # the quality benchmark (docs/quality-benchmark.md).
     ParameterSpec("alpha", float, ParameterScope.SHARED, default=1.0),
     ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
-    # Measured (docs/quality-benchmark.md): 0.1 lower in every model family, 0.4 mixed and
-    # costlier in retention; with 5 models at weight 1, 0.2 is their average.
+    # Lower and higher values as measured are in docs/quality-benchmark.md ("Defaults from
+    # data"); with 5 models at weight 1 it is their average.
     ParameterSpec("nongram_scale", float, ParameterScope.SHARED, default=0.2),
 )
 DENSITY_PARAMETER = ParameterSpec("density", float, ParameterScope.NON_BASE, default=1.0)
@@ -79,8 +79,8 @@ def _with_default(
 # by default.
 SPARSE_REGMEAN_TRIM_PARAMETERS = _with_default(TRIM_PARAMETERS, "compensate", True)
 # RegMean++ (each task's inputs taken in the model merged so far, merged_statistics.py) beat
-# each fine-tuned model's own inputs in every model family of the quality benchmark: regmean
-# 0.665 / 0.541 / 0.522 against 0.624 / 0.516 / 0.441 (docs/quality-benchmark.md).
+# each fine-tuned model's own inputs in every model family of the quality benchmark
+# (docs/quality-benchmark.md).
 REGMEAN_PREPASS_PARAMETERS = _with_default(PREPASS_PARAMETERS, "hessian_source", "merged")
 
 # The Gram matrices are stored in float32, so directions whose curvature is within rounding of
