@@ -495,22 +495,34 @@ def check_tokenizers_fit(merge_config: MergeConfiguration, options: MergeOptions
     if merge_config.tokenizer_source is None and merge_config.tokenizer is None:
         return
     for model in sorted(merge_config.referenced_models(), key=str):
-        rows = getattr(model.config(options.trust_remote_code).get_text_config(), "vocab_size", 0)
+        rows = _embedding_rows(model.config(options.trust_remote_code))
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                model.model.path,
-                revision=model.model.revision,
-                trust_remote_code=options.trust_remote_code,
-            )
+            tokenizer = _saved_tokenizer(model, options)
         except (OSError, ValueError):
             continue  # mergekit reports a model without a tokenizer itself
-        if rows and len(tokenizer) > rows:
+        if rows is not None and len(tokenizer) > rows:
             raise ValueError(
                 f"The tokenizer saved with model {model} has {len(tokenizer)} tokens, but the "
                 f"model's embedding has {rows} rows, so mergekit cannot map it for "
-                "tokenizer_source: that tokenizer is not the model's own. Save the tokenizer "
-                "the model was trained with next to its weights."
+                f"tokenizer_source: {_NOT_ITS_TOKENIZER}"
             )
+
+
+def _saved_tokenizer(model: ModelReference, options: MergeOptions) -> Any:
+    """The tokenizer saved next to ``model``'s weights (OSError / ValueError when there is none)."""
+    return AutoTokenizer.from_pretrained(
+        model.model.path, revision=model.model.revision, trust_remote_code=options.trust_remote_code
+    )
+
+
+def _embedding_rows(config: PretrainedConfig) -> int | None:
+    return getattr(config.get_text_config(), "vocab_size", None)
+
+
+_NOT_ITS_TOKENIZER = (
+    "that tokenizer is not the model's own. Save the tokenizer the model was trained with next "
+    "to its weights."
+)
 
 
 def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> PrepassSettings:
@@ -682,11 +694,7 @@ def _calibration_windows(
         model_name=str(model),
     )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            task.forward_model.model.path,
-            revision=task.forward_model.model.revision,
-            trust_remote_code=options.trust_remote_code,
-        )
+        tokenizer = _saved_tokenizer(task.forward_model, options)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"Could not load the tokenizer of model {name} ({error}). Calibration text is "
@@ -709,14 +717,12 @@ def _calibration_windows(
 def check_tokens_fit(windows: torch.Tensor, config: PretrainedConfig, model_name: str) -> None:
     """Token ids beyond the embedding, or windows beyond the positions, fail deep in the forward
     pass (an index error, or silently wrong rotary tables) without naming the model."""
-    text_config = config.get_text_config()
-    rows = getattr(text_config, "vocab_size", None)
+    rows = _embedding_rows(config)
     largest = int(windows.max())
     if rows is not None and largest >= rows:
         raise ValueError(
             f"The tokenizer saved with model {model_name} gives token id {largest}, but the "
-            f"model's embedding has {rows} rows: that tokenizer is not the model's own. Save "
-            "the tokenizer the model was trained with next to its weights."
+            f"model's embedding has {rows} rows: {_NOT_ITS_TOKENIZER}"
         )
     positions = _context_length(config)
     if positions is not None and windows.shape[1] > positions:
