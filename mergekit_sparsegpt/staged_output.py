@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergekit_sparsegpt.cache import file_size_limit
+
 # A previous merge is a flat directory of the files mergekit writes (config, weights, tokenizer,
 # card, custom model code); anything else in OUT is data of the user's a replacement would delete.
 _MERGE_SUFFIXES = (
@@ -125,9 +127,15 @@ def begin(final: Path, say: Callable[[str], None]) -> StagedOutput:
             f"Cannot write the output directory {final}: {error.strerror or error} in {parent}. "
             "Choose a directory you can write, with room for the merged model."
         ) from None
-    previous = final.stat() if final.is_dir() else None
-    identity = (previous.st_dev, previous.st_ino) if previous else None
-    return StagedOutput(final, root, identity, missing[-1] if missing else None)
+    return StagedOutput(final, root, _identity(final), missing[-1] if missing else None)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what is at ``path``: tells the OUT seen at the start from a new one."""
+    if not path.exists():
+        return None
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 def _partial_prefix(final: Path) -> str:
@@ -150,8 +158,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, under another user
+        pass
     return True
 
 
@@ -162,9 +170,7 @@ def publish(staged: StagedOutput, say: Callable[[str], None]) -> None:
     if not staged.path.is_dir():  # mergekit moved its output elsewhere (post-fill architectures)
         shutil.rmtree(staged.root, ignore_errors=True)
         return
-    current = staged.final.stat() if staged.final.exists() else None
-    seen = (current.st_dev, current.st_ino) if current else None
-    if seen != staged.previous:
+    if _identity(staged.final) != staged.previous:
         raise OutputError(
             f"Output directory {staged.final} was written by another run while this merge ran; "
             f"it is left as it is, and this merge is in {staged.path}: move it where you want it."
@@ -232,8 +238,6 @@ def write_failure(error: BaseException, final: Path) -> OutputError | None:
         return OutputError(
             f"{start}. Free space there, or give an output directory with room for the model."
         )
-    from mergekit_sparsegpt.cache import file_size_limit
-
     limit = file_size_limit()
     if limit is not None:
         return OutputError(
