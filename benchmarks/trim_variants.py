@@ -25,7 +25,7 @@ from mergekit_sparsegpt.demo.__main__ import ARITH_PROBLEMS, FULL, HELDOUT_WINDO
 from mergekit_sparsegpt.demo.build import EXPERTS, build_family
 from mergekit_sparsegpt.demo.evaluate import evaluate, make_eval_set
 from mergekit_sparsegpt.demo.merges import merge_configs, run_mergekit, write_config
-from mergekit_sparsegpt.importance import COLUMN_WEIGHTS
+from mergekit_sparsegpt.trim.importance import COLUMN_WEIGHTS
 
 DENSITIES = (0.1, 0.2, 0.3, 0.5)
 # (label, merge method, extra top-level parameters)

@@ -6,9 +6,9 @@ The ``mergekit_sparsegpt.pth`` file that ships with this package calls
 ``sys.meta_path`` which does nothing until mergekit itself is imported; then, right after
 
 * ``mergekit.merge_methods`` has finished executing, it calls
-  :func:`mergekit_sparsegpt.registration.register_methods`, and
+  :func:`mergekit_sparsegpt.integration.registration.register_methods`, and
 * ``mergekit.merge`` has finished executing, it calls
-  :func:`mergekit_sparsegpt.registration.wrap_run_merge` on the module, so the wrapped
+  :func:`mergekit_sparsegpt.integration.registration.wrap_run_merge` on the module, so the wrapped
   ``run_merge`` is what ``from mergekit.merge import run_merge`` binds in
   ``mergekit/scripts/run_yaml.py``.
 
@@ -76,7 +76,7 @@ def _warn_failure(what: str, exc: BaseException) -> None:
 
 
 def _on_merge_methods(module: ModuleType) -> None:
-    from mergekit_sparsegpt import registration
+    from mergekit_sparsegpt.integration import registration
 
     try:
         registration.register_methods()
@@ -101,7 +101,7 @@ def retry_deferred_registration() -> None:
     """Register now if the hook had to wait for one of our half-imported method modules."""
     if not _deferred_registration or _retrying:
         return
-    from mergekit_sparsegpt import registration
+    from mergekit_sparsegpt.integration import registration
 
     _retrying.append(True)
     try:
@@ -124,7 +124,7 @@ def _own_module_initializing() -> bool:
 
 
 def _on_merge(module: ModuleType) -> None:
-    from mergekit_sparsegpt import registration
+    from mergekit_sparsegpt.integration import registration
 
     if _deferred_registration:
         _deferred_registration.clear()

@@ -34,25 +34,25 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from mergekit_sparsegpt import prepass
-from mergekit_sparsegpt.calibration import (
+from mergekit_sparsegpt.calibration.windows import (
     CalibrationSource,
     calibration_windows,
     read_calibration_texts,
 )
-from mergekit_sparsegpt.capture import (
+from mergekit_sparsegpt.capture.blocks import (
     ActivationError,
     capture_layer_hessians,
     check_supported,
     empty_model,
 )
-from mergekit_sparsegpt.checkpoint import CheckpointReader
-from mergekit_sparsegpt.context import MergeContext, activated
+from mergekit_sparsegpt.capture.weights import CheckpointReader
 from mergekit_sparsegpt.demo.tiny import train_tokenizer
-from mergekit_sparsegpt.hessian import TensorLayout, hessian_statistics
-from mergekit_sparsegpt.registration import install
-from mergekit_sparsegpt.report import REPORT_FILE
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.methods.context import MergeContext, activated
+from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.statistics.hessian import TensorLayout, hessian_statistics
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 
 install()
 

@@ -494,7 +494,7 @@ print(json.dumps({
 
 
 def test_methods_registered_without_explicit_import(stock_session: dict) -> None:
-    # Needs mergekit_sparsegpt.methods.PLUGIN_METHODS.
+    # Needs mergekit_sparsegpt.methods.registry.PLUGIN_METHODS.
     assert stock_session["warnings"] == []
     assert (stock_session["ties"], stock_session["dare"]) == ("sparsegpt_ties", "sparsegpt_dare")
     assert stock_session["name_counts"] == [1, 1, 1, 1]
@@ -536,7 +536,7 @@ print(json.dumps({
 
 
 BREAK_CALLBACKS = """
-from mergekit_sparsegpt import registration
+from mergekit_sparsegpt.integration import registration
 def broken_register():
     raise RuntimeError("simulated register failure")
 def broken_wrap(module):
@@ -590,7 +590,8 @@ def test_installing_twice_registers_once(installed: Path, workdir: Path) -> None
         run_python(
             PRELUDE
             + """
-from mergekit_sparsegpt import _autoload, registration
+from mergekit_sparsegpt import _autoload
+from mergekit_sparsegpt.integration import registration
 calls = []
 registration.register_methods = lambda: calls.append("register")
 registration.wrap_run_merge = lambda module: calls.append("wrap")
@@ -622,7 +623,8 @@ def test_install_after_mergekit_imported_fires_at_once(installed: Path, workdir:
 import os
 import mergekit.merge
 import mergekit.merge_methods
-from mergekit_sparsegpt import _autoload, registration
+from mergekit_sparsegpt import _autoload
+from mergekit_sparsegpt.integration import registration
 calls = []
 registration.register_methods = lambda: calls.append("register")
 os.environ.pop({DISABLE!r})
@@ -645,7 +647,7 @@ def test_registration_retried_when_mergekit_merge_was_mid_import(
         run_python(
             PRELUDE
             + """
-from mergekit_sparsegpt import registration
+from mergekit_sparsegpt.integration import registration
 attempts = []
 def register_needing_merge():
     merge = sys.modules.get("mergekit.merge")
@@ -664,7 +666,14 @@ print(json.dumps({"attempts": attempts, "warnings": our_warnings()}))
 
 
 @pytest.mark.parametrize(
-    "first", ["merge_methods", "regmean", "methods", "prepass", "registration"]
+    "first",
+    [
+        "methods.sparsegpt",
+        "methods.regmean",
+        "methods.registry",
+        "prepass.run",
+        "integration.registration",
+    ],
 )
 def test_methods_registered_when_our_module_is_imported_first(
     installed: Path, workdir: Path, first: str

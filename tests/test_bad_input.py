@@ -27,8 +27,9 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
 
-from mergekit_sparsegpt import cache, prepass
-from mergekit_sparsegpt.registration import install
+from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.statistics import cache
 
 install()
 

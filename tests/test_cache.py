@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mergekit_sparsegpt import cache
-from mergekit_sparsegpt.capture import LayerHessians
-from mergekit_sparsegpt.hessian import hessian_statistics
-from mergekit_sparsegpt.statistics import StoredMatricesError, TaskStatistics
+from mergekit_sparsegpt.capture.blocks import LayerHessians
+from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics.hessian import hessian_statistics
+from mergekit_sparsegpt.statistics.task_statistics import StoredMatricesError, TaskStatistics
 
 PAYLOAD = {"format": cache.FORMAT_VERSION, "model": "./m", "tokens": "abc", "dampening": 0.01}
 

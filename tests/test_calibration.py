@@ -18,8 +18,9 @@ from datasets.arrow_writer import ArrowWriter
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from mergekit_sparsegpt import calibration, calibration_files
-from mergekit_sparsegpt.calibration import (
+from mergekit_sparsegpt.calibration import files as calibration_files
+from mergekit_sparsegpt.calibration import windows as calibration
+from mergekit_sparsegpt.calibration.windows import (
     CalibrationError,
     CalibrationSource,
     Document,
@@ -273,7 +274,7 @@ def test_dataset_name_from_offline_cache(hub_cache: Path) -> None:
 def test_cached_dataset_gives_the_same_windows_as_the_same_jsonl(
     hub_cache: Path, tmp_path: Path, tokenizer
 ) -> None:
-    from mergekit_sparsegpt.cache import tokens_fingerprint
+    from mergekit_sparsegpt.statistics.cache import tokens_fingerprint
 
     texts = ["a b c", None, "d e f g", "  ", "h a", "b c d e"]
     _write_fake_cached_dataset(hub_cache, "someorg/corpus", "en", {"text": texts, "n": [1] * 6})

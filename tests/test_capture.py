@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
-from mergekit_sparsegpt.capture import capture_layer_hessians, decoder_layers, empty_model
+from mergekit_sparsegpt.capture.blocks import capture_layer_hessians, decoder_layers, empty_model
 
 
 def _config(layers: int = 3, **extra) -> LlamaConfig:

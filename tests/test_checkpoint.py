@@ -12,7 +12,7 @@ from mergekit.common import ModelReference
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergekit_sparsegpt.checkpoint import (
+from mergekit_sparsegpt.capture.weights import (
     CheckpointError,
     CheckpointReader,
     check_safetensors_file,

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mergekit_sparsegpt import _autoload, cli, registration
+from mergekit_sparsegpt import _autoload
+from mergekit_sparsegpt.integration import cli, registration
 
 REPO = Path(__file__).resolve().parents[1]
 DISABLE = _autoload.DISABLE_ENV_VAR
@@ -174,7 +175,7 @@ def test_group_help_lists_commands_without_importing_torch(
         [
             sys.executable,
             "-c",
-            "import sys\nfrom mergekit_sparsegpt import cli\n"
+            "import sys\nfrom mergekit_sparsegpt.integration import cli\n"
             "try:\n    cli.main(['--help'])\nexcept SystemExit as exc:\n    code = exc.code\n"
             "print('RESULT', code, [m for m in ('torch', 'mergekit') if m in sys.modules])",
         ],
@@ -194,7 +195,8 @@ def test_yaml_script_wraps_run_merge_when_autoload_is_off(workdir: Path) -> None
     code = textwrap.dedent(
         """
         import json, sys
-        from mergekit_sparsegpt import cli, registration
+        from mergekit_sparsegpt.integration import cli
+        from mergekit_sparsegpt.integration import registration
         calls = []
         registration.register_methods = lambda: calls.append("register")
         hook_at_start = any(getattr(f, "__mergekit_sparsegpt_import_hook__", False)
@@ -254,9 +256,9 @@ def recorders(monkeypatch: pytest.MonkeyPatch) -> dict:
             raise behaviour["raise"]
         return types.SimpleNamespace(tasks={"task-a": None, "task-b": None})
 
-    fake_prepass = types.ModuleType("mergekit_sparsegpt.prepass")
+    fake_prepass = types.ModuleType("mergekit_sparsegpt.prepass.run")
     fake_prepass.prepare_statistics = prepare_statistics
-    monkeypatch.setitem(sys.modules, "mergekit_sparsegpt.prepass", fake_prepass)
+    monkeypatch.setitem(sys.modules, "mergekit_sparsegpt.prepass.run", fake_prepass)
     monkeypatch.setattr(registration, "install", install)
     monkeypatch.setattr(MergeOptions, "apply_global_options", apply_global_options)
     return {"events": events, "behaviour": behaviour}
@@ -310,7 +312,7 @@ def test_calibrate_user_error_is_one_line_exit_2(tmp_path: Path, recorders: dict
 
 
 def test_calibrate_cache_write_error_is_one_line_exit_2(tmp_path: Path, recorders: dict) -> None:
-    from mergekit_sparsegpt.cache import CacheWriteError
+    from mergekit_sparsegpt.statistics.cache import CacheWriteError
 
     config = tmp_path / "merge.yml"
     config.write_text(CONFIG_YAML, encoding="utf-8")
@@ -393,7 +395,7 @@ def test_yaml_script_runs_a_stock_merge(
 ) -> None:
     """A non-sparsegpt method passes through the wrapped run_merge unchanged.
 
-    Needs mergekit_sparsegpt.methods.is_sparsegpt_method (called by the wrapper).
+    Needs mergekit_sparsegpt.methods.registry.is_sparsegpt_method (called by the wrapper).
     """
     from safetensors.torch import load_file
 

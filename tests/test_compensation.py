@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from mergekit_sparsegpt.compensation import compensated_trim
-from mergekit_sparsegpt.hessian import hessian_statistics
-from mergekit_sparsegpt.importance import importance_scores, top_density_mask
+from mergekit_sparsegpt.statistics.hessian import hessian_statistics
+from mergekit_sparsegpt.trim.compensation import compensated_trim
+from mergekit_sparsegpt.trim.importance import importance_scores, top_density_mask
 
 
 def _problem(rows=5, columns=9, seed=0):

@@ -16,8 +16,9 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from mergekit_sparsegpt import merged_statistics, prepass
-from mergekit_sparsegpt.registration import install
+from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.prepass import merged_source as merged_statistics
+from mergekit_sparsegpt.prepass import run as prepass
 
 install()
 

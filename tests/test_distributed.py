@@ -14,8 +14,8 @@ import yaml
 from merge_configs import regmean_config, sparsegpt_config
 from safetensors import safe_open
 
-from mergekit_sparsegpt.capture import LayerHessians
-from mergekit_sparsegpt.distributed import (
+from mergekit_sparsegpt.capture.blocks import LayerHessians
+from mergekit_sparsegpt.capture.distributed import (
     Ranks,
     _all_reduced,
     launched_ranks,
@@ -40,7 +40,7 @@ def _calibrate(config: dict, workdir: Path, processes: int) -> subprocess.Comple
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(name, None)
     return subprocess.run(
-        [*launcher, "mergekit_sparsegpt.cli", "calibrate", str(config_path)],
+        [*launcher, "mergekit_sparsegpt.integration.cli", "calibrate", str(config_path)],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -90,7 +90,7 @@ def test_merge_under_torchrun_is_refused(tiny_models, tmp_path, monkeypatch):
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_sparsegpt.prepass import run_with_statistics
+    from mergekit_sparsegpt.prepass.run import run_with_statistics
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

@@ -2,8 +2,8 @@ import pytest
 import torch
 from mergekit.sparsify import magnitude
 
-from mergekit_sparsegpt.hessian import HessianStatistics, hessian_statistics
-from mergekit_sparsegpt.importance import COLUMN_WEIGHTS, importance_scores, top_density_mask
+from mergekit_sparsegpt.statistics.hessian import HessianStatistics, hessian_statistics
+from mergekit_sparsegpt.trim.importance import COLUMN_WEIGHTS, importance_scores, top_density_mask
 
 
 def _statistics(columns: int, seed: int = 0) -> HessianStatistics:

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergekit_sparsegpt.hessian import hessian_statistics
-from mergekit_sparsegpt.importance import COLUMN_WEIGHTS, importance_scores, top_density_mask
+from mergekit_sparsegpt.statistics.hessian import hessian_statistics
+from mergekit_sparsegpt.trim.importance import COLUMN_WEIGHTS, importance_scores, top_density_mask
 
 SCORES = sorted(COLUMN_WEIGHTS)
 shapes = st.tuples(st.integers(1, 6), st.integers(1, 6))

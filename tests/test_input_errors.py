@@ -32,11 +32,18 @@ from mergekit.options import MergeOptions
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mergekit_sparsegpt import cache, cli, prepass, staged_output
-from mergekit_sparsegpt.checkpoint import CheckpointError, checked_weight_index, safetensors_header
-from mergekit_sparsegpt.hessian import hessian_statistics
-from mergekit_sparsegpt.registration import install
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.capture.weights import (
+    CheckpointError,
+    checked_weight_index,
+    safetensors_header,
+)
+from mergekit_sparsegpt.integration import cli
+from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.prepass import staged_output
+from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics.hessian import hessian_statistics
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 
 install()
 
@@ -443,7 +450,7 @@ def test_writes_past_the_file_size_limit_are_one_line_each(tiny_models, tmp_path
     code = textwrap.dedent(
         f"""
         import resource, sys
-        from mergekit_sparsegpt import cli
+        from mergekit_sparsegpt.integration import cli
         hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
         for limit, args in {runs!r}:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))

@@ -13,15 +13,15 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_sparsegpt import prepass
-from mergekit_sparsegpt.calibration import (
+from mergekit_sparsegpt.calibration.windows import (
     CalibrationSource,
     calibration_windows,
     read_calibration_texts,
 )
 from mergekit_sparsegpt.demo.tiny import train_tokenizer
-from mergekit_sparsegpt.model_card import SECTION_TITLE
-from mergekit_sparsegpt.registration import install
+from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.reporting.model_card import SECTION_TITLE
 
 install()
 

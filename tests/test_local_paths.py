@@ -11,7 +11,7 @@ from merge_configs import sparsegpt_config
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
-from mergekit_sparsegpt.local_paths import read_as_repo_id, spelled_as_local
+from mergekit_sparsegpt.prepass.local_paths import read_as_repo_id, spelled_as_local
 
 
 def _layout(tiny_models, root: Path) -> None:
@@ -88,7 +88,7 @@ def test_stock_cli_merges_relative_hub_shaped_paths_offline(tiny_models, tmp_pat
             timeout=600,
         )
 
-    calibrate = run("mergekit_sparsegpt.cli", "calibrate", "merge.yml")
+    calibrate = run("mergekit_sparsegpt.integration.cli", "calibrate", "merge.yml")
     assert calibrate.returncode == 0, calibrate.stderr[-3000:]
     assert "'./fam/base'" in calibrate.stderr
     result = run("mergekit.scripts.run_yaml", "merge.yml", "out")

@@ -3,10 +3,10 @@ import torch
 from mergekit import merge_methods
 from mergekit.merge_methods.base import TensorGroup
 
-from mergekit_sparsegpt.context import MergeContext, activated
-from mergekit_sparsegpt.hessian import hessian_statistics
-from mergekit_sparsegpt.registration import register_methods
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.integration.registration import register_methods
+from mergekit_sparsegpt.methods.context import MergeContext, activated
+from mergekit_sparsegpt.statistics.hessian import hessian_statistics
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 
 register_methods()
 
@@ -210,8 +210,8 @@ def _tasks_with_factors() -> dict:
 @pytest.mark.parametrize("sign_from", ["compensated", "raw"])
 @pytest.mark.parametrize("rescale", [False, True])
 def test_compensated_ties_equals_reference(rescale, sign_from):
-    from mergekit_sparsegpt.compensation import compensated_trim
-    from mergekit_sparsegpt.importance import importance_scores, top_density_mask
+    from mergekit_sparsegpt.trim.compensation import compensated_trim
+    from mergekit_sparsegpt.trim.importance import importance_scores, top_density_mask
 
     tasks = _tasks_with_factors()
     group = _group()

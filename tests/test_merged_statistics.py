@@ -16,13 +16,14 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_sparsegpt import merged_statistics, prepass
-from mergekit_sparsegpt.calibration import (
+from mergekit_sparsegpt.calibration.windows import (
     CalibrationSource,
     calibration_windows,
     read_calibration_texts,
 )
-from mergekit_sparsegpt.registration import install
+from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.prepass import merged_source as merged_statistics
+from mergekit_sparsegpt.prepass import run as prepass
 
 install()
 
@@ -214,7 +215,7 @@ def test_merged_source_is_refused_under_layer_offsets(tiny_models, tmp_path):
 # argv[2] to exist before it goes on.
 _HELD_CALIBRATE = """
 import os, sys, time
-from mergekit_sparsegpt import merged_statistics
+from mergekit_sparsegpt.prepass import merged_source as merged_statistics
 original = merged_statistics.capture_merged_hessians
 def held(*args, **kwargs):
     print("COMPUTING", flush=True)
@@ -222,7 +223,7 @@ def held(*args, **kwargs):
         time.sleep(0.05)
     return original(*args, **kwargs)
 merged_statistics.capture_merged_hessians = held
-from mergekit_sparsegpt.cli import main
+from mergekit_sparsegpt.integration.cli import main
 main(["calibrate", sys.argv[1]])
 """
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from mergekit.config import MergeConfiguration
 
-from mergekit_sparsegpt import model_identity
-from mergekit_sparsegpt.model_identity import check_distinct_models
+from mergekit_sparsegpt.prepass import model_identity
+from mergekit_sparsegpt.prepass.model_identity import check_distinct_models
 
 
 def _model(directory: Path, data: bytes) -> Path:

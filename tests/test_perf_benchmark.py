@@ -109,7 +109,7 @@ def test_cache_formula_matches_the_bytes_the_prepass_writes(
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_sparsegpt.prepass import prepare_statistics
+    from mergekit_sparsegpt.prepass.run import prepare_statistics
 
     parameters = {"weight": 1.0, "calibration": str(tiny_checkpoints.calibration_text)}
     if method != "regmean":

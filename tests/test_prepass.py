@@ -19,13 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from mergekit_sparsegpt import cache, prepass
-from mergekit_sparsegpt.calibration import CalibrationError
-from mergekit_sparsegpt.context import activated
-from mergekit_sparsegpt.methods import plugin_method
-from mergekit_sparsegpt.registration import install
-from mergekit_sparsegpt.report import REPORT_FILE
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.calibration.windows import CalibrationError
+from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.methods.context import activated
+from mergekit_sparsegpt.methods.registry import plugin_method
+from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 
 install()
 
@@ -182,7 +183,7 @@ def test_bad_input_is_one_clear_error_and_no_output(tiny_models, tmp_path, label
 
 
 def test_failure_during_merge_removes_partial_output(tiny_models, tmp_path, monkeypatch):
-    from mergekit_sparsegpt import merge_methods
+    from mergekit_sparsegpt.methods import sparsegpt as merge_methods
 
     calls = []
 

@@ -16,14 +16,14 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mergekit_sparsegpt import prepass
-from mergekit_sparsegpt.compensation import compensated_trim
-from mergekit_sparsegpt.context import MergeContext, activated
-from mergekit_sparsegpt.hessian import hessian_statistics
-from mergekit_sparsegpt.registration import install
-from mergekit_sparsegpt.regmean import solve_right
-from mergekit_sparsegpt.report import REPORT_FILE
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.methods.context import MergeContext, activated
+from mergekit_sparsegpt.methods.regmean import solve_right
+from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.statistics.hessian import hessian_statistics
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+from mergekit_sparsegpt.trim.compensation import compensated_trim
+from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 
 install()
 

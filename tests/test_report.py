@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mergekit_sparsegpt.hessian import hessian_statistics
-from mergekit_sparsegpt.report import output_error, trim_entry
+from mergekit_sparsegpt.statistics.hessian import hessian_statistics
+from mergekit_sparsegpt.trim.metrics import output_error, trim_entry
 
 
 def _problem(seed=0):

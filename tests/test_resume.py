@@ -28,10 +28,11 @@ from mergekit.options import MergeOptions
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mergekit_sparsegpt import cache, prepass
 from mergekit_sparsegpt.demo.build import EXPERTS, Family, write_calibration
 from mergekit_sparsegpt.demo.corpus import DOMAINS, domain_texts
 from mergekit_sparsegpt.demo.tiny import new_model, save_model, tiny_llama_config, train_tokenizer
+from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.statistics import cache
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 BLOCKS = 4
@@ -40,7 +41,9 @@ TIMEOUT = 300  # seconds: only a hung run waits this long
 DRIVER = """
 import json, os, sys
 import transformers.models.llama.modeling_llama as llama
-from mergekit_sparsegpt import cache, cli, prepass
+from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.integration import cli
+from mergekit_sparsegpt.prepass import run as prepass
 
 events = open(os.environ["TEST_EVENTS"], "a", buffering=1)
 pause = os.environ.get("TEST_PAUSE", "")  # "checkpoint:K" or "matrix:K:<linear>"

@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergekit_sparsegpt import staged_output
-from mergekit_sparsegpt.staged_output import OutputError, begin, discard, publish, resolved_output
+from mergekit_sparsegpt.prepass import staged_output
+from mergekit_sparsegpt.prepass.staged_output import (
+    OutputError,
+    begin,
+    discard,
+    publish,
+    resolved_output,
+)
 
 
 def _merge_files(directory: Path, marker: str) -> Path:

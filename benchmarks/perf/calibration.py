@@ -36,13 +36,14 @@ from benchmarks.perf.configs import (
 from benchmarks.perf.measure import counting_calls, fresh_directory, median, timed
 from benchmarks.perf.models import Checkpoints
 from benchmarks.perf.report import PartResult, ratio, seconds
-from mergekit_sparsegpt import cache, prepass
-from mergekit_sparsegpt.calibration import (
+from mergekit_sparsegpt.calibration.windows import (
     CalibrationSource,
     calibration_windows,
     read_calibration_texts,
 )
 from mergekit_sparsegpt.demo.tiny import torch_threads
+from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.statistics import cache
 
 PART = "calibration"
 TITLE = "Calibration speed: pre-pass vs a plain forward pass over the same tokens"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.perf.measure import python_command
-from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS
+from mergekit_sparsegpt.methods.sparsegpt import PREPASS_PARAMETERS
 
 # What the plugin prints (unless --quiet) for each task its statistics cache served.
 CACHE_HIT_MESSAGE = "from cache"
@@ -63,7 +63,7 @@ def single_task_prepass_config(
 def calibrate_command(config: Path) -> list[str]:
     """``mergekit-sparsegpt calibrate``: the pre-pass alone, filling the statistics cache."""
     return python_command(
-        "-m", "mergekit_sparsegpt.cli", "calibrate", str(config), "--lazy-unpickle"
+        "-m", "mergekit_sparsegpt.integration.cli", "calibrate", str(config), "--lazy-unpickle"
     )
 
 

@@ -1,8 +1,8 @@
 """Issue "Memory that does not grow with depth": the pre-pass's peak memory at each depth.
 
-Each repeat runs ``mergekit-sparsegpt calibrate`` (as ``python -m mergekit_sparsegpt.cli``) on a
-one-model ``sparsegpt_ties`` config with an empty cache directory, in a fresh subprocess, and
-records its peak resident set and wall time. A subprocess that only imports torch,
+Each repeat runs ``mergekit-sparsegpt calibrate`` (as
+``python -m mergekit_sparsegpt.integration.cli``) on a one-model ``sparsegpt_ties`` config with
+an empty cache directory, in a fresh subprocess, and records its peak resident set and wall time. A subprocess that only imports torch,
 transformers, mergekit and the plugin gives the interpreter's fixed overhead, from which the
 predicted bound is
 
@@ -48,7 +48,7 @@ TARGET_MODEL_FRACTION = 0.40  # peak / float32 model size
 # What `mergekit-sparsegpt calibrate` imports before it reads any weight.
 OVERHEAD_IMPORTS = (
     "import torch, transformers, mergekit, mergekit.merge, mergekit_sparsegpt, "
-    "mergekit_sparsegpt.prepass, transformers.models.llama.modeling_llama"
+    "mergekit_sparsegpt.prepass.run, transformers.models.llama.modeling_llama"
 )
 READY_MESSAGE = "Calibration statistics ready"
 
@@ -251,9 +251,9 @@ def _depth_data(runs: DepthRuns) -> dict[str, Any]:
 def _notes(samples: int, seq_len: int, bound: dict[str, int]) -> list[str]:
     terms = ", ".join(f"{name} {size(value)}" for name, value in bound.items() if name != "total")
     return [
-        f"each depth: `python -m mergekit_sparsegpt.cli calibrate CONFIG --lazy-unpickle` in a "
-        f"fresh subprocess, empty cache, {samples} x {seq_len} calibration tokens; medians of the "
-        "repeats; peak RSS = the child's ru_maxrss (file-backed pages included)",
+        "each depth: `python -m mergekit_sparsegpt.integration.cli calibrate CONFIG "
+        f"--lazy-unpickle` in a fresh subprocess, empty cache, {samples} x {seq_len} "
+        "calibration tokens; medians of the repeats; peak RSS = the child's ru_maxrss (file-backed pages included)",
         f"predicted bound = {terms}; it counts one copy of the activations, and the plugin's "
         f"default batch of {prepass_default('calibration_batch_size')}",
         "file-backed RSS is sampled from /proc every 20 ms: shared libraries (libtorch) and "

@@ -37,7 +37,7 @@ from benchmarks.perf.measure import (
 from benchmarks.perf.models import Checkpoints
 from benchmarks.perf.report import PartResult, ratio, seconds, size
 from mergekit_sparsegpt.demo.merges import write_config
-from mergekit_sparsegpt.methods import is_sparsegpt_method, plugin_method
+from mergekit_sparsegpt.methods.registry import is_sparsegpt_method, plugin_method
 
 PART = "merge"
 TITLE = "Merge phase: stock ties vs the plugin's methods with a warm cache"

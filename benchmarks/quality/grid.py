@@ -23,8 +23,8 @@ from typing import Any
 from benchmarks.quality.report import trim_by_tensor_type
 from mergekit_sparsegpt.demo.build import Family
 from mergekit_sparsegpt.demo.merges import MergeFailed, write_config
-from mergekit_sparsegpt.methods import is_sparsegpt_method
-from mergekit_sparsegpt.report import REPORT_FILE
+from mergekit_sparsegpt.methods.registry import is_sparsegpt_method
+from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
 SEEDS = (0, 1, 2)  # --random-seed values for the methods that drop entries at random

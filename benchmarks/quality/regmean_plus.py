@@ -42,13 +42,13 @@ from benchmarks.quality.__main__ import (
     VALIDATION_SPLIT,
 )
 from benchmarks.quality.scoring import EvalSet, evaluate, make_eval_set, normalized_gains
-from mergekit_sparsegpt.calibration import (
+from mergekit_sparsegpt.calibration.windows import (
     CalibrationSource,
     calibration_windows,
     read_calibration_texts,
 )
 from mergekit_sparsegpt.demo.tiny import load_model
-from mergekit_sparsegpt.regmean import regmean_delta
+from mergekit_sparsegpt.methods.regmean import regmean_delta
 
 MODES = ("own", "merged_block", "merged")
 # A Llama block's linears in the order the forward pass reaches them; linears in one stage read

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.quality.scoring import normalized_gains
-from mergekit_sparsegpt.methods import is_sparsegpt_method
+from mergekit_sparsegpt.methods.registry import is_sparsegpt_method
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from mergekit_sparsegpt.hessian import (
+from mergekit_sparsegpt.statistics.hessian import (
     HessianAccumulator,
     TensorLayout,
     expert_matrix_name,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from mergekit_sparsegpt.hessian import HessianStatistics
+from mergekit_sparsegpt.statistics.hessian import HessianStatistics
 
 ColumnWeight = Callable[[HessianStatistics], torch.Tensor]
 

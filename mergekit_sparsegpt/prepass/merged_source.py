@@ -32,22 +32,22 @@ from mergekit.merge_methods.base import (
 )
 from mergekit.options import MergeOptions
 
-from mergekit_sparsegpt import cache
-from mergekit_sparsegpt.capture import (
+from mergekit_sparsegpt.capture.blocks import (
     LayerHessians,
     TensorSource,
     capture_merged_hessians,
     decoder_layers,
     empty_model,
 )
-from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
-from mergekit_sparsegpt.hessian import HessianError
-from mergekit_sparsegpt.methods import PluginMethod
-from mergekit_sparsegpt.model_identity import identity
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.methods.context import MergeContext, TaskKey, activated
+from mergekit_sparsegpt.methods.registry import PluginMethod
+from mergekit_sparsegpt.prepass.model_identity import identity
+from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics.hessian import HessianError
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 
 if TYPE_CHECKING:
-    from mergekit_sparsegpt.prepass import CalibrationTask, PlannedTensor, PrepassSettings
+    from mergekit_sparsegpt.prepass.run import CalibrationTask, PlannedTensor, PrepassSettings
 
 MERGED = "merged"
 

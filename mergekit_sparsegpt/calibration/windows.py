@@ -7,7 +7,7 @@ loads a model by name: from the Hub, or from the local cache when ``HF_HUB_OFFLI
 ``HF_DATASETS_OFFLINE`` is set or the Hub is out of reach. It is streamed, so only the documents
 the windows need are fetched from a large corpus. Files are streamed too (a ``.json`` file, one
 JSON value, is parsed whole: use ``.jsonl`` for large corpora); see
-:mod:`mergekit_sparsegpt.calibration_files`.
+:mod:`mergekit_sparsegpt.calibration.files`.
 
 Every failure is a :class:`CalibrationError` whose message names the model, the source and the
 fix, because these errors surface in the middle of a long merge run.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mergekit_sparsegpt.calibration_files import (
+from mergekit_sparsegpt.calibration.files import (
     SUPPORTED_EXTENSIONS,
     SUPPORTED_FORMS,
     CalibrationError,

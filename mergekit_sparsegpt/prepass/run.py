@@ -31,21 +31,18 @@ from pydantic import ValidationError
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PretrainedConfig
 
-from mergekit_sparsegpt import cache, model_card
-from mergekit_sparsegpt.calibration import (
+from mergekit_sparsegpt.calibration.windows import (
     CalibrationSource,
     calibration_windows,
     read_calibration_texts,
 )
-from mergekit_sparsegpt.capture import (
+from mergekit_sparsegpt.capture.blocks import (
     capture_layer_hessians,
     check_supported,
     decoder_layers,
     empty_model,
 )
-from mergekit_sparsegpt.checkpoint import CheckpointError, CheckpointReader, checked_weight_index
-from mergekit_sparsegpt.context import MergeContext, TaskKey, activated
-from mergekit_sparsegpt.distributed import (
+from mergekit_sparsegpt.capture.distributed import (
     SINGLE_PROCESS,
     Ranks,
     all_reduced_layers,
@@ -54,22 +51,30 @@ from mergekit_sparsegpt.distributed import (
     shard_windows,
     together,
 )
-from mergekit_sparsegpt.hessian import HessianError
-from mergekit_sparsegpt.importance import SELECTIONS, validate_importance
-from mergekit_sparsegpt.local_paths import spelled_as_local
-from mergekit_sparsegpt.merge_methods import PREPASS_PARAMETERS, SIGN_SOURCES
-from mergekit_sparsegpt.merged_statistics import (
+from mergekit_sparsegpt.capture.weights import (
+    CheckpointError,
+    CheckpointReader,
+    checked_weight_index,
+)
+from mergekit_sparsegpt.methods.context import MergeContext, TaskKey, activated
+from mergekit_sparsegpt.methods.registry import PluginMethod, plugin_method
+from mergekit_sparsegpt.methods.regmean import SOLVE_PATHS
+from mergekit_sparsegpt.methods.sparsegpt import PREPASS_PARAMETERS, SIGN_SOURCES
+from mergekit_sparsegpt.prepass.local_paths import spelled_as_local
+from mergekit_sparsegpt.prepass.merged_source import (
     MERGED,
     check_merged_source,
     merged_model_statistics,
 )
-from mergekit_sparsegpt.methods import PluginMethod, plugin_method
-from mergekit_sparsegpt.model_identity import check_distinct_models, identity
-from mergekit_sparsegpt.regmean import SOLVE_PATHS
-from mergekit_sparsegpt.report import REPORT_FILE
-from mergekit_sparsegpt.staged_output import staged_output
-from mergekit_sparsegpt.statistics import TaskStatistics
+from mergekit_sparsegpt.prepass.model_identity import check_distinct_models, identity
+from mergekit_sparsegpt.prepass.staged_output import staged_output
+from mergekit_sparsegpt.reporting import model_card
+from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics.hessian import HessianError
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 from mergekit_sparsegpt.termination import sigterm_as_interrupt
+from mergekit_sparsegpt.trim.importance import SELECTIONS, validate_importance
+from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 
 HESSIAN_SOURCES = ("finetuned", "base", MERGED)
 # Tokens per calibration window when calibration_seq_len is not set (and the models read as many).

@@ -30,12 +30,16 @@ from mergekit.sparsify import (
 )
 
 from mergekit_sparsegpt._autoload import retry_deferred_registration
-from mergekit_sparsegpt.compensation import compensated_trim
-from mergekit_sparsegpt.context import kernel_statistics
-from mergekit_sparsegpt.hessian import HessianStatistics, TensorLayout
-from mergekit_sparsegpt.importance import DEFAULT_IMPORTANCE, importance_scores, top_density_mask
-from mergekit_sparsegpt.report import trim_entry
-from mergekit_sparsegpt.statistics import TensorStatistics
+from mergekit_sparsegpt.methods.context import kernel_statistics
+from mergekit_sparsegpt.statistics.hessian import HessianStatistics, TensorLayout
+from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
+from mergekit_sparsegpt.trim.compensation import compensated_trim
+from mergekit_sparsegpt.trim.importance import (
+    DEFAULT_IMPORTANCE,
+    importance_scores,
+    top_density_mask,
+)
+from mergekit_sparsegpt.trim.metrics import trim_entry
 
 # Parameters read by the pre-pass (calibration, Hessians, cache) rather than by the kernel.
 PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (

@@ -16,8 +16,8 @@ from typing import Protocol
 
 import torch
 
-from mergekit_sparsegpt.capture import LayerHessians
-from mergekit_sparsegpt.hessian import (
+from mergekit_sparsegpt.capture.blocks import LayerHessians
+from mergekit_sparsegpt.statistics.hessian import (
     OPTIONAL_MATRICES,
     HessianError,
     HessianStatistics,

@@ -38,7 +38,7 @@ _COMMAND_SUMMARIES = {
 
 def _install() -> None:
     """Register our methods and wrap ``run_merge``, with or without the start-up hook."""
-    from mergekit_sparsegpt import registration
+    from mergekit_sparsegpt.integration import registration
 
     registration.install()
 
@@ -65,7 +65,7 @@ def _report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         # Imported only once a command runs (it needs torch anyway): --help stays cheap.
-        from mergekit_sparsegpt.cache import CacheWriteError
+        from mergekit_sparsegpt.statistics.cache import CacheWriteError
 
         try:
             return func(*args, **kwargs)
@@ -124,9 +124,9 @@ def _calibrate_command() -> Any:
             config_source = file.read()
         merge_config = MergeConfiguration.model_validate(yaml.safe_load(config_source))
 
-        from mergekit_sparsegpt.distributed import launched_ranks, process_group
-        from mergekit_sparsegpt.local_paths import spelled_as_local
-        from mergekit_sparsegpt.prepass import prepare_statistics
+        from mergekit_sparsegpt.capture.distributed import launched_ranks, process_group
+        from mergekit_sparsegpt.prepass.local_paths import spelled_as_local
+        from mergekit_sparsegpt.prepass.run import prepare_statistics
 
         ranks = launched_ranks()
 

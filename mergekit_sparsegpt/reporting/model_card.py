@@ -16,8 +16,8 @@ from mergekit.common import ModelReference
 from mergekit.merge_methods.base import ParameterScope
 
 from mergekit_sparsegpt import __version__
-from mergekit_sparsegpt.context import MergeContext
-from mergekit_sparsegpt.methods import PluginMethod
+from mergekit_sparsegpt.methods.context import MergeContext
+from mergekit_sparsegpt.methods.registry import PluginMethod
 
 CARD_FILE = "README.md"
 SECTION_TITLE = "## Data-aware merge: mergekit-sparsegpt"

@@ -8,8 +8,8 @@ Besides mergekit's interface each method offers what the pre-pass needs: ``keeps
 from __future__ import annotations
 
 from mergekit_sparsegpt._autoload import retry_deferred_registration
-from mergekit_sparsegpt.merge_methods import SPARSEGPT_METHODS, SparseGPTMerge
-from mergekit_sparsegpt.regmean import REGMEAN_METHODS, RegMeanMerge
+from mergekit_sparsegpt.methods.regmean import REGMEAN_METHODS, RegMeanMerge
+from mergekit_sparsegpt.methods.sparsegpt import SPARSEGPT_METHODS, SparseGPTMerge
 
 PluginMethod = SparseGPTMerge | RegMeanMerge
 

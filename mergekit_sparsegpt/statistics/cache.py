@@ -45,9 +45,9 @@ from mergekit.io.tasks import LoaderCache
 from safetensors import SafetensorError, safe_open
 from transformers import PretrainedConfig
 
-from mergekit_sparsegpt.hessian import OPTIONAL_MATRICES
 from mergekit_sparsegpt.special_files import special_file_kind
-from mergekit_sparsegpt.statistics import (
+from mergekit_sparsegpt.statistics.hessian import OPTIONAL_MATRICES
+from mergekit_sparsegpt.statistics.task_statistics import (
     StoredMatricesError,
     TaskStatistics,
     split_tensor_key,

@@ -19,7 +19,7 @@ def register_methods() -> None:
     """Add our methods (``methods.PLUGIN_METHODS``) to mergekit's registry (once)."""
     from mergekit.merge_methods import registry
 
-    from mergekit_sparsegpt.methods import PLUGIN_METHODS
+    from mergekit_sparsegpt.methods.registry import PLUGIN_METHODS
 
     known = {method.spec.name for method in registry.registered_methods()}
     for method in PLUGIN_METHODS:
@@ -39,12 +39,12 @@ def wrap_run_merge(merge_module: ModuleType) -> None:
 
     @functools.wraps(original)
     def run_merge(merge_config: Any, out_path: str, options: Any, *args: Any, **kwargs: Any):
-        from mergekit_sparsegpt.methods import is_sparsegpt_method
+        from mergekit_sparsegpt.methods.registry import is_sparsegpt_method
 
         if not is_sparsegpt_method(merge_config.merge_method):
             return original(merge_config, out_path, options, *args, **kwargs)
 
-        from mergekit_sparsegpt.prepass import run_with_statistics
+        from mergekit_sparsegpt.prepass.run import run_with_statistics
 
         return run_with_statistics(original, merge_config, out_path, options, *args, **kwargs)
 

@@ -17,8 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from mergekit.common import ModelReference
 
-from mergekit_sparsegpt.hessian import HessianStatistics
-from mergekit_sparsegpt.statistics import StoredMatricesError, TaskStatistics, TensorStatistics
+from mergekit_sparsegpt.statistics.hessian import HessianStatistics
+from mergekit_sparsegpt.statistics.task_statistics import (
+    StoredMatricesError,
+    TaskStatistics,
+    TensorStatistics,
+)
 
 if TYPE_CHECKING:
     from mergekit.merge_methods.base import TensorGroup

@@ -6,7 +6,7 @@ they need, not for the file. Only as much of a file is read as the windows consu
 (invalid UTF-8, a bad JSONL line) past that point is never reached. A ``.json`` file is one JSON
 value and is parsed whole; a large corpus belongs in ``.jsonl``.
 
-The types and message helpers shared with :mod:`mergekit_sparsegpt.calibration` live here
+The types and message helpers shared with :mod:`mergekit_sparsegpt.calibration.windows` live here
 because that module builds on this one; it re-exports the public ones.
 """
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from mergekit.sparsify import RescaleNorm, rescaled_masked_tensor
 
-from mergekit_sparsegpt.hessian import HessianStatistics
-from mergekit_sparsegpt.importance import top_density_mask
+from mergekit_sparsegpt.statistics.hessian import HessianStatistics
+from mergekit_sparsegpt.trim.importance import top_density_mask
 
 REPORT_FILE = "sparsegpt_report.json"
 

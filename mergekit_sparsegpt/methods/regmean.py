@@ -44,15 +44,15 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_sparsegpt._autoload import retry_deferred_registration
-from mergekit_sparsegpt.context import kernel_statistics
-from mergekit_sparsegpt.hessian import HessianStatistics
-from mergekit_sparsegpt.merge_methods import (
+from mergekit_sparsegpt.methods.context import kernel_statistics
+from mergekit_sparsegpt.methods.sparsegpt import (
     PREPASS_PARAMETERS,
     TRIM_PARAMETERS,
     matrix_views,
     trim_task_vectors,
 )
-from mergekit_sparsegpt.statistics import TensorStatistics
+from mergekit_sparsegpt.statistics.hessian import HessianStatistics
+from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
 
 REGMEAN_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0),

@@ -1,0 +1,1 @@
+"""Integration with mergekit: registration of the methods and the command-line tools."""

@@ -1,0 +1,1 @@
+"""Reporting: the run's report and the model card."""
