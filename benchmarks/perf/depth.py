@@ -2,7 +2,8 @@
 
 Each repeat runs ``mergekit-sparsegpt calibrate`` (as
 ``python -m mergekit_sparsegpt.integration.cli``) on a one-model ``sparsegpt_ties`` config with
-an empty cache directory, in a fresh subprocess, and records its peak resident set and wall time. A subprocess that only imports torch,
+an empty cache directory, in a fresh subprocess, and records its peak resident set and wall
+time. A subprocess that only imports torch,
 transformers, mergekit and the plugin gives the interpreter's fixed overhead, from which the
 predicted bound is
 
@@ -253,7 +254,8 @@ def _notes(samples: int, seq_len: int, bound: dict[str, int]) -> list[str]:
     return [
         "each depth: `python -m mergekit_sparsegpt.integration.cli calibrate CONFIG "
         f"--lazy-unpickle` in a fresh subprocess, empty cache, {samples} x {seq_len} "
-        "calibration tokens; medians of the repeats; peak RSS = the child's ru_maxrss (file-backed pages included)",
+        "calibration tokens; medians of the repeats; peak RSS = the child's ru_maxrss "
+        "(file-backed pages included)",
         f"predicted bound = {terms}; it counts one copy of the activations, and the plugin's "
         f"default batch of {prepass_default('calibration_batch_size')}",
         "file-backed RSS is sampled from /proc every 20 ms: shared libraries (libtorch) and "
