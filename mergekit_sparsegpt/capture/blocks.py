@@ -200,7 +200,7 @@ def _unhooked_matrices(block: torch.nn.Module) -> list[str]:
     return unhooked
 
 
-# Architectures the test matrix (tests/test_architectures.py) runs end to end.
+# Architectures the test matrix (tests/scenarios/test_architectures.py) runs end to end.
 TESTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",

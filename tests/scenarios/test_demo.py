@@ -30,7 +30,7 @@ from mergekit_sparsegpt.demo.tiny import (
     train_tokenizer,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = [
     "def f(x):\n    return x + 1  # ünïcödé\n",
     "add 12+7=19\nadd 99+99=198\n",

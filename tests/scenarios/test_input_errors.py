@@ -284,7 +284,8 @@ def run_scenarios(root: str) -> None:
 @pytest.fixture(scope="module")
 def special_files(tmp_path_factory) -> dict[str, tuple[str, Path]]:
     root = tmp_path_factory.mktemp("special_files")
-    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_input_errors as t; "
+    code = f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}]; "
+    code += "import test_input_errors as t; "
     code += f"t.run_scenarios({str(root)!r})"
     try:
         proc = subprocess.run(

@@ -829,7 +829,7 @@ def test_symlink_to_a_device_is_refused(tmp_path: Path, device: str) -> None:
 # Text that is not text
 # --------------------------------------------------------------------------------------------
 
-ENGLISH = (Path(__file__).parents[1] / "docs" / "how-it-works.md").read_text(encoding="utf-8")
+ENGLISH = (Path(__file__).parents[2] / "docs" / "how-it-works.md").read_text(encoding="utf-8")
 PYTHON = Path(calibration_files.__file__).read_text(encoding="utf-8")
 
 

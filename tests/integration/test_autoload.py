@@ -26,7 +26,7 @@ import pytest
 
 from mergekit_sparsegpt import _autoload
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PTH_NAME = "mergekit_sparsegpt.pth"
 DISABLE = _autoload.DISABLE_ENV_VAR
 HEAVY = ("torch", "mergekit", "transformers")

@@ -23,7 +23,7 @@ from mergekit_sparsegpt.capture.distributed import (
     together,
 )
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def _calibrate(config: dict, workdir: Path, processes: int) -> subprocess.CompletedProcess:

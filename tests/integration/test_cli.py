@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from mergekit_sparsegpt import _autoload
 from mergekit_sparsegpt.integration import cli, registration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DISABLE = _autoload.DISABLE_ENV_VAR
 SCRIPTS = ("mergekit-sparsegpt", "mergekit-sparsegpt-yaml")
 

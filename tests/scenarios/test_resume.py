@@ -34,7 +34,7 @@ from mergekit_sparsegpt.demo.tiny import new_model, save_model, tiny_llama_confi
 from mergekit_sparsegpt.prepass import run as prepass
 from mergekit_sparsegpt.statistics import cache
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 BLOCKS = 4
 TIMEOUT = 300  # seconds: only a hung run waits this long
 

@@ -108,7 +108,7 @@ def test_bad_input_fails_before_writing_output(tiny_models, tmp_path):
 
 def test_example_configs_are_valid(tiny_models, tmp_path):
     """Every shipped example names only known parameters and merges the demo layout."""
-    examples = sorted((Path(__file__).parents[1] / "example_configs").glob("*.yml"))
+    examples = sorted((Path(__file__).parents[2] / "example_configs").glob("*.yml"))
     assert examples
     demo = tmp_path / "demo_out"
     demo.mkdir()

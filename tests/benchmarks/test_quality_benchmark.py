@@ -17,7 +17,7 @@ from mergekit_sparsegpt.demo.build import Family
 from mergekit_sparsegpt.demo.merges import MergeFailed
 from mergekit_sparsegpt.demo.tiny import new_model, tiny_llama_config, train_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("task", ["add", "sort", "rev"])
