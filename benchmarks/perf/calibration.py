@@ -43,6 +43,7 @@ from mergekit_sparsegpt.calibration.windows import (
 )
 from mergekit_sparsegpt.demo.tiny import torch_threads
 from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.prepass import task_statistics
 from mergekit_sparsegpt.statistics import cache
 
 PART = "calibration"
@@ -133,7 +134,7 @@ def timed_prepass(config: MergeConfiguration, expected_forwards: int) -> float:
     calibration forward passes (0 means the cache served it)."""
     options = MergeOptions(lazy_unpickle=True, quiet=True)
     LoaderCache().flush_all()  # no shard left open by an earlier call
-    with counting_calls(prepass, "capture_layer_hessians") as forwards:
+    with counting_calls(task_statistics, "capture_layer_hessians") as forwards:
         seconds_taken, _ = timed(lambda: prepass.prepare_statistics(config, options))
     if forwards.calls != expected_forwards:
         raise RuntimeError(
@@ -249,7 +250,8 @@ def _notes(
         "2 x tokens x d_in^2 per group (q/k/v, o, gate/up, down); Cholesky work is not counted",
         "the last row divides the measured ratio by the FLOP bound: 1.0 means the pre-pass does "
         "its extra arithmetic as fast per FLOP as the forward pass",
-        "forward passes counted by wrapping prepass.capture_layer_hessians: 1 per fresh run, "
+        "forward passes counted by wrapping task_statistics.capture_layer_hessians: 1 per fresh "
+        "run, "
         "0 per cached re-run (checked); the cache entry's token fingerprint equals the "
         "reference windows' (checked)",
     ]

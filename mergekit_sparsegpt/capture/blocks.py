@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
+from mergekit_sparsegpt.capture.accumulate import LayerHessians
 from mergekit_sparsegpt.statistics.hessian import (
     HessianAccumulator,
     TensorLayout,
@@ -28,24 +29,6 @@ from mergekit_sparsegpt.statistics.hessian import (
 )
 
 TensorSource = Callable[[str], torch.Tensor]
-
-
-@dataclass
-class LayerHessians:
-    """Hessians of one decoder block: one per distinct linear input (q/k/v share one).
-
-    Keys are matrix names: a checkpoint tensor's name, or ``tensor[e]`` for expert ``e`` of a
-    fused MoE tensor. ``layouts`` holds every tensor whose matrices are not plain [out, in].
-    """
-
-    hessians: dict[str, torch.Tensor]  # group name (first reader's matrix name) -> H
-    groups: dict[str, str]  # matrix name -> group name
-    samples: dict[str, int]  # group name -> sequences seen (0 if the linear never ran)
-    layouts: dict[str, TensorLayout] = field(default_factory=dict)
-
-    def tensor_names(self) -> list[str]:
-        """The checkpoint tensors these Hessians cover, in the order the forward reaches them."""
-        return list(dict.fromkeys(tensor_of(matrix) for matrix in self.groups))
 
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # the positional and keyword arguments

@@ -42,14 +42,13 @@ from mergekit_sparsegpt.capture.blocks import (
 from mergekit_sparsegpt.methods.context import MergeContext, TaskKey, activated
 from mergekit_sparsegpt.methods.registry import PluginMethod
 from mergekit_sparsegpt.prepass.model_identity import identity
+from mergekit_sparsegpt.prepass.plan import MERGED
 from mergekit_sparsegpt.statistics import cache
 from mergekit_sparsegpt.statistics.hessian import HessianError
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 
 if TYPE_CHECKING:
     from mergekit_sparsegpt.prepass.run import CalibrationTask, PlannedTensor, PrepassSettings
-
-MERGED = "merged"
 
 
 def check_merged_source(planned: list[PlannedTensor], method: PluginMethod) -> None:

@@ -20,6 +20,7 @@ from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.methods.context import MergeContext, activated
 from mergekit_sparsegpt.methods.regmean import solve_right
 from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.prepass import task_statistics
 from mergekit_sparsegpt.statistics.hessian import hessian_statistics
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 from mergekit_sparsegpt.trim.compensation import compensated_trim
@@ -323,13 +324,13 @@ def test_cache_entry_with_hessians_serves_a_trim_only_merge_but_not_the_reverse(
     tiny_models, tmp_path, monkeypatch
 ):
     computed = []
-    original = prepass.compute_statistics
+    original = task_statistics.compute_statistics
 
     def counting(*args, **kwargs):
         computed.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(prepass, "compute_statistics", counting)
+    monkeypatch.setattr(task_statistics, "compute_statistics", counting)
     cache = str(tmp_path / "cache")
     # Same forward models as RegMean's default, so only what is kept differs.
     _run(

@@ -24,6 +24,7 @@ from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.methods.context import activated
 from mergekit_sparsegpt.methods.registry import plugin_method
 from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.prepass import task_statistics
 from mergekit_sparsegpt.statistics import cache
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 from mergekit_sparsegpt.trim.metrics import REPORT_FILE
@@ -91,7 +92,7 @@ def test_second_merge_reuses_cache_without_forward_pass(tiny_models, tmp_path, m
     def no_forward(*args, **kwargs):
         raise AssertionError("the pre-pass ran again")
 
-    monkeypatch.setattr(prepass, "compute_statistics", no_forward)
+    monkeypatch.setattr(task_statistics, "compute_statistics", no_forward)
     for entry in config["models"]:
         entry["parameters"]["density"] = 0.7
         entry["parameters"]["weight"] = 0.5
@@ -119,7 +120,7 @@ def test_another_spelling_of_a_model_reuses_its_cache_entries(
     def no_forward(*args, **kwargs):
         raise AssertionError("the pre-pass ran again")
 
-    monkeypatch.setattr(prepass, "compute_statistics", no_forward)
+    monkeypatch.setattr(task_statistics, "compute_statistics", no_forward)
     prepass.prepare_statistics(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
     assert sorted((tmp_path / "cache").glob("*.safetensors")) == written
 
@@ -310,7 +311,7 @@ def test_compensated_merge_keeps_factors_and_serves_plain_merges(
     def no_forward(*args, **kwargs):
         raise AssertionError("the pre-pass ran again")
 
-    monkeypatch.setattr(prepass, "compute_statistics", no_forward)
+    monkeypatch.setattr(task_statistics, "compute_statistics", no_forward)
     plain = _config(tiny_models, tmp_path / "cache", importance="sparsegpt")
     _merge(plain, tmp_path / "plain")
     compensated = load_file(tmp_path / "compensated" / "model.safetensors")[DOWN.format(0)]

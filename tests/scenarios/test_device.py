@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.prepass import merged_source as merged_statistics
 from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.prepass import task_statistics
 
 install()
 
@@ -36,7 +37,7 @@ class _Stop(Exception):
 @pytest.mark.parametrize(
     ("module", "function", "source"),
     [
-        (prepass, "capture_layer_hessians", "base"),
+        (task_statistics, "capture_layer_hessians", "base"),
         (merged_statistics, "capture_merged_hessians", "merged"),
     ],
     ids=["ties", "regmean-merged"],

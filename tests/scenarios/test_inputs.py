@@ -21,6 +21,7 @@ from mergekit_sparsegpt.calibration.windows import (
 from mergekit_sparsegpt.demo.tiny import train_tokenizer
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.prepass import task_statistics
 from mergekit_sparsegpt.reporting.model_card import SECTION_TITLE
 
 install()
@@ -126,13 +127,13 @@ def test_each_task_is_tokenized_by_the_model_it_runs_through(
     tiny_models, expert_with_own_tokenizer, tmp_path, monkeypatch, source
 ):
     seen: list[torch.Tensor] = []
-    original = prepass.capture_layer_hessians
+    original = task_statistics.capture_layer_hessians
 
     def recording(model, load_tensor, windows, **kwargs):
         seen.append(windows.clone())
         return original(model, load_tensor, windows, **kwargs)
 
-    monkeypatch.setattr(prepass, "capture_layer_hessians", recording)
+    monkeypatch.setattr(task_statistics, "capture_layer_hessians", recording)
     config = sparsegpt_config(tiny_models, cache_dir=str(tmp_path), hessian_source=source)
     config["models"][1]["model"] = str(expert_with_own_tokenizer)  # sorted: arithmetic, code
     _prepare(config)

@@ -32,6 +32,7 @@ from mergekit_sparsegpt.demo.build import EXPERTS, Family, write_calibration
 from mergekit_sparsegpt.demo.corpus import DOMAINS, domain_texts
 from mergekit_sparsegpt.demo.tiny import new_model, save_model, tiny_llama_config, train_tokenizer
 from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.prepass import task_statistics
 from mergekit_sparsegpt.statistics import cache
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -65,11 +66,11 @@ def counted_forward(self, *args, **kwargs):
     return forward(self, *args, **kwargs)
 llama.LlamaDecoderLayer.forward = counted_forward
 
-compute = prepass.compute_statistics
+compute = task_statistics.compute_statistics
 def counted_compute(task, *args, **kwargs):
     record(event="task", model=str(task.key[0]))
     return compute(task, *args, **kwargs)
-prepass.compute_statistics = counted_compute
+task_statistics.compute_statistics = counted_compute
 
 save = cache.EntryWriter.save_checkpoint
 def stopping_save(self, next_block, *args, **kwargs):
@@ -421,7 +422,7 @@ def test_a_checkpoint_left_next_to_a_committed_entry_is_removed(deep_models, tmp
     def no_forward(*args, **kwargs):
         raise AssertionError("the pre-pass ran again")
 
-    monkeypatch.setattr(prepass, "compute_statistics", no_forward)
+    monkeypatch.setattr(task_statistics, "compute_statistics", no_forward)
     prepass.prepare_statistics(config, MergeOptions(quiet=True))
     assert _only_entries(cache_dir) == entries
 

@@ -1,0 +1,204 @@
+"""One task's statistics: from the cache, or from the calibration forward pass."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from mergekit.options import MergeOptions
+from transformers import PretrainedConfig
+
+from mergekit_sparsegpt.capture.blocks import (
+    capture_layer_hessians,
+    decoder_layers,
+    empty_model,
+)
+from mergekit_sparsegpt.capture.distributed import (
+    SINGLE_PROCESS,
+    Ranks,
+    all_reduced_layers,
+    decided_by_main,
+    shard_windows,
+    together,
+)
+from mergekit_sparsegpt.capture.weights import (
+    CheckpointReader,
+)
+from mergekit_sparsegpt.prepass.messages import say
+from mergekit_sparsegpt.prepass.model_identity import identity
+from mergekit_sparsegpt.prepass.plan import CalibrationTask, PrepassSettings
+from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics.hessian import HessianError
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+
+
+def task_statistics(
+    task: CalibrationTask,
+    windows: torch.Tensor,
+    settings: PrepassSettings,
+    options: MergeOptions,
+    ranks: Ranks = SINGLE_PROCESS,
+) -> TaskStatistics | None:
+    """Load the task's statistics from the cache, or run the calibration forward pass.
+
+    With several ranks, the main rank alone reads and writes the cache and returns the
+    statistics; the other ranks return None.
+    """
+    config = task.forward_model.config(options.trust_remote_code)
+    payload = {
+        "format": cache.FORMAT_VERSION,
+        "model": identity(task.forward_model),
+        "weights": cache.model_weights_fingerprint(task.forward_model),
+        "config": cache.config_fingerprint(config),
+        "tokens": cache.tokens_fingerprint(windows),
+        "token_shape": list(windows.shape),
+        "dampening": settings.dampening,
+        "factors": settings.keep_factors,
+        "hessians": settings.keep_hessians,
+    }
+    cache_dir = settings.cache_dir or cache.default_cache_dir()
+    path = cache.cache_path(cache_dir, payload)
+    with contextlib.ExitStack() as locked:
+        if ranks.main:
+            # Another process computing this entry is waited for, and its entry read.
+            waiting = f"another process is computing the Hessian statistics of {task.key[0]}"
+            locked.enter_context(
+                cache.entry_lock(path, lambda lock: say(options, f"Waiting for {lock}: {waiting}"))
+            )
+        cached = _cached_statistics(task, payload, cache_dir, options) if ranks.main else None
+        if decided_by_main(cached is not None, ranks):
+            return cached
+        with together(ranks):
+            windows = shard_windows(windows, ranks, str(task.key[0]))
+            # Each rank holds activations of its own windows: only one process can resume.
+            resumable = ranks.world_size == 1
+            writer = cache.EntryWriter(path, payload, resumable) if ranks.main else None
+        with writer or contextlib.nullcontext():
+            statistics = compute_statistics(
+                task,
+                config,
+                windows,
+                settings,
+                options,
+                writer.add if writer else _discard,
+                ranks,
+                checkpoint=writer if writer and writer.resumable else None,
+            )
+            with together(ranks):
+                if writer:
+                    writer.commit(statistics)
+    if not ranks.main:
+        return None
+    _report_fallbacks(task, statistics, settings, options)
+    say(options, f"Hessian statistics for {task.key[0]} written to cache {path}")
+    # Served from the entry just written, as a cache hit is: the whole matrices stay on disk.
+    return cache.read_statistics(path, payload)
+
+
+def _cached_statistics(
+    task: CalibrationTask, payload: dict[str, Any], cache_dir: str | Path, options: MergeOptions
+) -> TaskStatistics | None:
+    # Statistics holding more whole matrices than needed serve this merge too.
+    for candidate in cache.serving_payloads(payload):
+        path = cache.cache_path(cache_dir, candidate)
+        cached = cache.load_statistics(path, candidate)
+        if cached is not None:
+            say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
+            # Left by a run killed between committing the entry and removing its checkpoint.
+            cache.remove_checkpoint(path)
+            return cached
+    for path, version in cache.older_format_entries(cache_dir, payload):
+        say(
+            options,
+            f"Statistics cache {path} holds these inputs in format {version}, which this version "
+            f"of mergekit_sparsegpt does not read (format {cache.FORMAT_VERSION}); recomputing. "
+            "Delete it to free the space.",
+        )
+    return None
+
+
+def _discard(name: str, matrix: torch.Tensor) -> None:
+    """Where ranks other than the main one put whole matrices: only the main rank caches."""
+
+
+def compute_statistics(
+    task: CalibrationTask,
+    config: PretrainedConfig,
+    windows: torch.Tensor,
+    settings: PrepassSettings,
+    options: MergeOptions,
+    store_matrix: Callable[[str, torch.Tensor], None],
+    ranks: Ranks = SINGLE_PROCESS,
+    checkpoint: cache.EntryWriter | None = None,
+) -> TaskStatistics:
+    """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists.
+
+    With several ranks, ``windows`` is this rank's share and the Hessians are summed over all.
+    A resumable ``checkpoint`` writer supplies the blocks an interrupted run finished (they do
+    not run again) and is offered each block this run finishes.
+    """
+    model_ref = task.forward_model
+    load_tensor = CheckpointReader(model_ref, config.model_type)
+    model = empty_model(config, options.trust_remote_code)
+    layers_prefix, blocks = decoder_layers(model)
+    description = f"Hessians of {model_ref} on {Path(task.key[1]).name}"
+    resumed = checkpoint.take_resume_point() if checkpoint else None
+    statistics = resumed.statistics if resumed else TaskStatistics.empty(layers_prefix)
+    if resumed and checkpoint:
+        say(
+            options,
+            f"{description}: resuming at block {resumed.next_block} of {len(blocks)} "
+            f"from checkpoint {checkpoint.checkpoint}",
+        )
+    layers = capture_layer_hessians(
+        model,
+        load_tensor,
+        windows,
+        device=ranks.device(options.device),
+        batch_size=settings.calibration_batch_size,
+        progress=not options.quiet and ranks.main,
+        description=description,
+        resume=(resumed.next_block, resumed.activations) if resumed else None,
+        block_done=(
+            (lambda index, outputs: checkpoint.block_finished(index, outputs, statistics))
+            if checkpoint
+            else None
+        ),
+    )
+    del resumed  # its activations now belong to the capture, which overwrites them
+    for layer in all_reduced_layers(layers, ranks):
+        with together(ranks):
+            try:
+                statistics.add_layer(
+                    layer,
+                    settings.dampening,
+                    settings.keep_factors,
+                    settings.keep_hessians,
+                    store_matrix,
+                )
+            except HessianError as error:
+                raise ValueError(
+                    f"Model {model_ref} on calibration {task.key[1]!r}: {error}. Check the "
+                    "checkpoint for inf/NaN weights, or merge in float32."
+                ) from None
+    return statistics
+
+
+def _report_fallbacks(
+    task: CalibrationTask,
+    statistics: TaskStatistics,
+    settings: PrepassSettings,
+    options: MergeOptions,
+) -> None:
+    report = statistics.fallback_report(settings.dampening)
+    if any(report.values()):
+        say(
+            options,
+            f"Hessians of {task.forward_model} on {task.key[1]}: "
+            f"{report['escalated_damping']} needed more damping than {settings.dampening}, "
+            f"{report['pseudo_inverse']} needed the pseudo-inverse, "
+            f"{report['never_ran']} linears never ran (ranked by |tau|)",
+        )
