@@ -39,8 +39,8 @@ class MergeContext:
     # output tensor -> {"path": ..., "models": {model: trim_entry(...)}, **details}, for the
     # JSON report
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # What the model card says about the merge (``prepass.CardFacts``), set by the pre-pass.
-    card_facts: Any = None
+    # What the model card says about the merge set by the pre-pass.
+    card_facts: CardFacts | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def statistics_for(
@@ -163,3 +163,24 @@ def _check_finite(group: TensorGroup) -> None:
                 "entries. Check that checkpoint; if its values overflow the merge dtype, merge "
                 "with dtype: float32."
             )
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor as mergekit planned it, with its resolved parameters."""
+
+    output_name: str
+    inputs: dict[ModelReference, str]  # model -> its own tensor name (differs under slices)
+    base_model: ModelReference | None
+    shared: dict[str, Any]
+    per_input: dict[ModelReference, dict[str, Any]]
+    vocabulary: bool = False  # indexed by token id: mergekit aligns (and checks) vocabularies
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What the model card says about the merge, besides how each tensor went."""
+
+    method_name: str
+    planned: list[PlannedTensor]
+    windows: dict[TaskKey, tuple[int, int]]  # (windows, tokens each) per task

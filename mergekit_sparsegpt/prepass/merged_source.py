@@ -19,7 +19,6 @@ import sys
 from collections.abc import Hashable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from mergekit.common import ModelReference
@@ -39,16 +38,13 @@ from mergekit_sparsegpt.capture.blocks import (
     decoder_layers,
     empty_model,
 )
-from mergekit_sparsegpt.methods.context import MergeContext, TaskKey, activated
+from mergekit_sparsegpt.methods.context import MergeContext, PlannedTensor, TaskKey, activated
 from mergekit_sparsegpt.methods.registry import PluginMethod
 from mergekit_sparsegpt.prepass.model_identity import identity
-from mergekit_sparsegpt.prepass.plan import MERGED
+from mergekit_sparsegpt.prepass.plan import MERGED, CalibrationTask, PrepassSettings
 from mergekit_sparsegpt.statistics import cache
 from mergekit_sparsegpt.statistics.hessian import HessianError
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
-
-if TYPE_CHECKING:
-    from mergekit_sparsegpt.prepass.run import CalibrationTask, PlannedTensor, PrepassSettings
 
 
 def check_merged_source(planned: list[PlannedTensor], method: PluginMethod) -> None:

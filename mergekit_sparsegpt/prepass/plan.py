@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache, SaveTensor
 from mergekit.options import MergeOptions
 
-from mergekit_sparsegpt.methods.context import TaskKey
+from mergekit_sparsegpt.methods.context import PlannedTensor, TaskKey
 
 # hessian_source: merged (RegMean++) measures every task's inputs in the merged model.
 MERGED = "merged"
 HESSIAN_SOURCES = ("finetuned", "base", MERGED)
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    """One output tensor as mergekit planned it, with its resolved parameters."""
-
-    output_name: str
-    inputs: dict[ModelReference, str]  # model -> its own tensor name (differs under slices)
-    base_model: ModelReference | None
-    shared: dict[str, Any]
-    per_input: dict[ModelReference, dict[str, Any]]
-    vocabulary: bool = False  # indexed by token id: mergekit aligns (and checks) vocabularies
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,8 +42,8 @@ from mergekit_sparsegpt.capture.weights import (
     CheckpointReader,
     checked_weight_index,
 )
-from mergekit_sparsegpt.methods.context import MergeContext, TaskKey, activated
-from mergekit_sparsegpt.methods.registry import PluginMethod, plugin_method
+from mergekit_sparsegpt.methods.context import CardFacts, MergeContext, TaskKey, activated
+from mergekit_sparsegpt.methods.registry import plugin_method
 from mergekit_sparsegpt.methods.regmean import SOLVE_PATHS
 from mergekit_sparsegpt.prepass.local_paths import spelled_as_local
 from mergekit_sparsegpt.prepass.merged_source import (
@@ -126,24 +125,15 @@ def _prepare_statistics(
         statistics = merged_model_statistics(
             planned, method, tasks, windows, settings, options, readers
         )
-        facts = CardFacts(method, planned, _window_shapes(windows))
+        facts = CardFacts(method.spec.name, planned, _window_shapes(windows))
         return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics, card_facts=facts)
     computed = {
         task.key: task_statistics(task, windows[task.key], settings, options, ranks)
         for task in tqdm(tasks, desc="Calibrating tasks", disable=options.quiet or not ranks.main)
     }
     statistics = {key: value for key, value in computed.items() if value is not None}
-    facts = CardFacts(method, planned, _window_shapes(windows))
+    facts = CardFacts(method.spec.name, planned, _window_shapes(windows))
     return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics, card_facts=facts)
-
-
-@dataclass(frozen=True)
-class CardFacts:
-    """What the model card says about the merge, besides how each tensor went."""
-
-    method: PluginMethod
-    planned: list[PlannedTensor]
-    windows: dict[TaskKey, tuple[int, int]]  # (windows, tokens each) per task
 
 
 def _window_shapes(windows: dict[TaskKey, torch.Tensor]) -> dict[TaskKey, tuple[int, int]]:
@@ -193,7 +183,8 @@ def local_inputs(merge_config: MergeConfiguration) -> list[str]:
 
 def card_section(context: MergeContext) -> str:
     """The model card's calibration section for this merge."""
-    facts: CardFacts = context.card_facts
+    facts = context.card_facts
+    assert facts is not None, "the pre-pass sets card_facts"
     per_model: dict[ModelReference, list[dict[str, Any]]] = {}
     for tensor in facts.planned:
         for model, values in tensor.per_input.items():
@@ -201,7 +192,11 @@ def card_section(context: MergeContext) -> str:
                 per_model.setdefault(model, []).append(values)
     calibration = {model: (source, *shape) for (model, source), shape in facts.windows.items()}
     return model_card.calibration_section(
-        facts.method, [tensor.shared for tensor in facts.planned], per_model, calibration, context
+        plugin_method(facts.method_name),
+        [tensor.shared for tensor in facts.planned],
+        per_model,
+        calibration,
+        context,
     )
 
 

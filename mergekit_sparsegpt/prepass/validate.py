@@ -13,13 +13,14 @@ from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import ValidationError
 
+from mergekit_sparsegpt.methods.context import PlannedTensor
 from mergekit_sparsegpt.methods.registry import PluginMethod
 from mergekit_sparsegpt.methods.sparsegpt import PREPASS_PARAMETERS, SIGN_SOURCES
 from mergekit_sparsegpt.prepass.merged_source import (
     MERGED,
     check_merged_source,
 )
-from mergekit_sparsegpt.prepass.plan import HESSIAN_SOURCES, PlannedTensor, PrepassSettings
+from mergekit_sparsegpt.prepass.plan import HESSIAN_SOURCES, PrepassSettings
 from mergekit_sparsegpt.trim.importance import SELECTIONS, validate_importance
 
 
