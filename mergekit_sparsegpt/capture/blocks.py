@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from mergekit_sparsegpt.capture.accumulate import LayerHessians
-from mergekit_sparsegpt.statistics.hessian import (
+from mergekit_sparsegpt.capture.accumulate import (
     HessianAccumulator,
+    LayerHessians,
     TensorLayout,
     expert_matrix_name,
     tensor_of,

@@ -30,8 +30,9 @@ from mergekit.sparsify import (
 )
 
 from mergekit_sparsegpt._autoload import retry_deferred_registration
+from mergekit_sparsegpt.capture.accumulate import TensorLayout
 from mergekit_sparsegpt.methods.context import kernel_statistics
-from mergekit_sparsegpt.statistics.hessian import HessianStatistics, TensorLayout
+from mergekit_sparsegpt.statistics.hessian import HessianStatistics
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
 from mergekit_sparsegpt.trim.compensation import compensated_trim
 from mergekit_sparsegpt.trim.importance import (

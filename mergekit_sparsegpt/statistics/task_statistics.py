@@ -16,12 +16,12 @@ from typing import Protocol
 
 import torch
 
+from mergekit_sparsegpt.capture.accumulate import TensorLayout
 from mergekit_sparsegpt.capture.blocks import LayerHessians
 from mergekit_sparsegpt.statistics.hessian import (
     OPTIONAL_MATRICES,
     HessianError,
     HessianStatistics,
-    TensorLayout,
     hessian_statistics,
 )
 

@@ -39,6 +39,7 @@ from mergekit_sparsegpt.calibration.windows import (
     calibration_windows,
     read_calibration_texts,
 )
+from mergekit_sparsegpt.capture.accumulate import TensorLayout
 from mergekit_sparsegpt.capture.blocks import (
     ActivationError,
     capture_layer_hessians,
@@ -50,7 +51,7 @@ from mergekit_sparsegpt.demo.tiny import train_tokenizer
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.methods.context import MergeContext, activated
 from mergekit_sparsegpt.prepass import run as prepass
-from mergekit_sparsegpt.statistics.hessian import TensorLayout, hessian_statistics
+from mergekit_sparsegpt.statistics.hessian import hessian_statistics
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 

@@ -1,12 +1,9 @@
 import pytest
 import torch
 
+from mergekit_sparsegpt.capture.accumulate import HessianAccumulator
 from mergekit_sparsegpt.statistics import hessian as hessian_module
-from mergekit_sparsegpt.statistics.hessian import (
-    HessianAccumulator,
-    HessianError,
-    hessian_statistics,
-)
+from mergekit_sparsegpt.statistics.hessian import HessianError, hessian_statistics
 
 
 def test_accumulator_equals_two_over_n_x_transpose_x():
