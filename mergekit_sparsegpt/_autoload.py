@@ -45,11 +45,8 @@ _HOOK_MARKER = "__mergekit_sparsegpt_import_hook__"
 _install_lock = _thread.RLock()
 # Module names whose callback already ran in this process (install twice = once).
 _fired: set[str] = set()
-# Set when registration failed because mergekit.merge, or one of our own method modules, was
-# mid-import; retried once it is done.
+# Set when registration failed because mergekit.merge was mid-import; retried once it is done.
 _deferred_registration: list[BaseException] = []
-_retrying: list[bool] = []  # non-empty while retry_deferred_registration runs
-_OWN_PACKAGE = "mergekit_sparsegpt"
 
 
 def autoload_disabled(environ: Mapping[str, str] | None = None) -> bool:
@@ -81,12 +78,9 @@ def _on_merge_methods(module: ModuleType) -> None:
     try:
         registration.register_methods()
     except Exception as exc:
-        if _own_module_initializing():
-            # One of our method modules imported mergekit.merge_methods and is only half
-            # executed, so registration cannot import it yet. Each of those modules calls
-            # retry_deferred_registration() as its last statement.
-            _deferred_registration.append(exc)
-            return
+        # None of our own modules can be half-executed here: methods/__init__ imports
+        # mergekit.merge_methods before any method module runs, and nothing below methods/
+        # imports it (tests/test_structure.py checks both).
         merge = sys.modules.get(MERGE_MODULE)
         if merge is not None and MERGE_MODULE not in _fired:
             # mergekit.merge is still executing (it imports mergekit.merge_methods on the
@@ -95,32 +89,6 @@ def _on_merge_methods(module: ModuleType) -> None:
             _deferred_registration.append(exc)
             return
         _warn_failure("registering the merge methods with mergekit", exc)
-
-
-def retry_deferred_registration() -> None:
-    """Register now if the hook had to wait for one of our half-imported method modules."""
-    if not _deferred_registration or _retrying:
-        return
-    from mergekit_sparsegpt.integration import registration
-
-    _retrying.append(True)
-    try:
-        registration.register_methods()
-    except Exception as exc:
-        if not _own_module_initializing():  # otherwise the outermost module retries at its end
-            _deferred_registration.clear()
-            _warn_failure("registering the merge methods with mergekit", exc)
-        return
-    finally:
-        _retrying.clear()
-    _deferred_registration.clear()
-
-
-def _own_module_initializing() -> bool:
-    return any(
-        name.startswith(_OWN_PACKAGE + ".") and _is_initializing(module)
-        for name, module in list(sys.modules.items())
-    )
 
 
 def _on_merge(module: ModuleType) -> None:

@@ -36,15 +36,13 @@ from benchmarks.perf.configs import (
 from benchmarks.perf.measure import counting_calls, fresh_directory, median, timed
 from benchmarks.perf.models import Checkpoints
 from benchmarks.perf.report import PartResult, ratio, seconds
-from mergekit_sparsegpt.calibration.windows import (
-    CalibrationSource,
-    calibration_windows,
-    read_calibration_texts,
-)
+from mergekit_sparsegpt.calibration.source import CalibrationSource
+from mergekit_sparsegpt.calibration.texts import read_calibration_texts
+from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.demo.tiny import torch_threads
 from mergekit_sparsegpt.prepass import run as prepass
 from mergekit_sparsegpt.prepass import task_statistics
-from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics import keys
 
 PART = "calibration"
 TITLE = "Calibration speed: pre-pass vs a plain forward pass over the same tokens"
@@ -152,7 +150,7 @@ def check_same_tokens(cache_dir: Path, windows: torch.Tensor) -> None:
         raise RuntimeError(f"expected one cache entry in {cache_dir}, found {len(entries)}")
     with safe_open(entries[0], framework="pt") as handle:
         key = json.loads((handle.metadata() or {})["key"])
-    if key["tokens"] != cache.tokens_fingerprint(windows):
+    if key["tokens"] != keys.tokens_fingerprint(windows):
         raise RuntimeError("the pre-pass calibrated on other tokens than the reference forward")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.perf.measure import python_command
-from mergekit_sparsegpt.methods.sparsegpt import PREPASS_PARAMETERS
+from mergekit_sparsegpt.methods.parameters import PREPASS_PARAMETERS
 
 # What the plugin prints (unless --quiet) for each task its statistics cache served.
 CACHE_HIT_MESSAGE = "from cache"

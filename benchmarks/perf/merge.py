@@ -37,7 +37,7 @@ from benchmarks.perf.measure import (
 from benchmarks.perf.models import Checkpoints
 from benchmarks.perf.report import PartResult, ratio, seconds, size
 from mergekit_sparsegpt.demo.merges import write_config
-from mergekit_sparsegpt.methods.registry import is_sparsegpt_method, plugin_method
+from mergekit_sparsegpt.methods.registry import is_plugin_method, plugin_method
 
 PART = "merge"
 TITLE = "Merge phase: stock ties vs the plugin's methods with a warm cache"
@@ -84,7 +84,7 @@ def method_config(
 ) -> dict[str, Any]:
     """Weights 1/2 for the TIES methods and 1 for RegMean's, density 0.3 where it trims."""
     weight = 1.0 if "regmean" in method else 1.0 / len(experts)
-    calibrated = is_sparsegpt_method(method_name(method))
+    calibrated = is_plugin_method(method_name(method))
     models = {}
     for domain, path in experts.items():
         parameters: dict[str, Any] = {"weight": weight}
@@ -118,7 +118,7 @@ def run(
         cache_dir = part_dir / "cache" / method
         config = method_config(method, checkpoints, experts, cache_dir)
         configs[method] = write_config(config, fresh_directory(part_dir / method) / "config.yml")
-        if is_sparsegpt_method(method_name(method)):
+        if is_plugin_method(method_name(method)):
             fresh_directory(cache_dir)
             prepasses[method] = calibrate(configs[method], env)
             caches[method] = cache_contents(cache_dir, expected_entries=len(experts))
@@ -148,7 +148,7 @@ def merge_once(
     measured = run_measured(stock_merge_command(config, out), env)
     shutil.rmtree(out, ignore_errors=True)  # checkpoints are large; only the timing is kept
     hits = measured.stderr.count(CACHE_HIT_MESSAGE)
-    if is_sparsegpt_method(method_name(method)) and hits != tasks:
+    if is_plugin_method(method_name(method)) and hits != tasks:
         raise RuntimeError(f"{method} found {hits} of {tasks} tasks in the cache: not warm")
     return measured
 

@@ -23,7 +23,7 @@ from typing import Any
 from benchmarks.quality.report import trim_by_tensor_type
 from mergekit_sparsegpt.demo.build import Family
 from mergekit_sparsegpt.demo.merges import MergeFailed, write_config
-from mergekit_sparsegpt.methods.registry import is_sparsegpt_method
+from mergekit_sparsegpt.methods.registry import is_plugin_method
 from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -47,7 +47,7 @@ class Variant:
 
     @property
     def calibrated(self) -> bool:
-        return is_sparsegpt_method(self.method)
+        return is_plugin_method(self.method)
 
 
 # As a user would run them: weights 1/N (summing to 1) and every method's own defaults. So ties

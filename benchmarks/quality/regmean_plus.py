@@ -42,11 +42,9 @@ from benchmarks.quality.__main__ import (
     VALIDATION_SPLIT,
 )
 from benchmarks.quality.scoring import EvalSet, evaluate, make_eval_set, normalized_gains
-from mergekit_sparsegpt.calibration.windows import (
-    CalibrationSource,
-    calibration_windows,
-    read_calibration_texts,
-)
+from mergekit_sparsegpt.calibration.source import CalibrationSource
+from mergekit_sparsegpt.calibration.texts import read_calibration_texts
+from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.demo.tiny import load_model
 from mergekit_sparsegpt.methods.regmean import regmean_delta
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.quality.scoring import normalized_gains
-from mergekit_sparsegpt.methods.registry import is_sparsegpt_method
+from mergekit_sparsegpt.methods.registry import is_plugin_method
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def format_table(
 
 
 def is_ours(variant: str) -> bool:
-    return is_sparsegpt_method(variant.split("[")[0])
+    return is_plugin_method(variant.split("[")[0])
 
 
 def comparison(

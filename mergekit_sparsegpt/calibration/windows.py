@@ -1,58 +1,25 @@
-"""Turn a user's calibration source into token windows, deterministically.
+"""Cut calibration documents into token windows, deterministically, and refuse what is not text.
 
-A calibration source is either an existing path (``.txt``, ``.jsonl``, ``.json``, ``.parquet``,
-or a directory written by ``datasets``' ``save_to_disk``) or the name of a Hugging Face dataset
-(``name`` or ``name:config``). A dataset name is loaded the way ``datasets`` loads it, like mergekit
-loads a model by name: from the Hub, or from the local cache when ``HF_HUB_OFFLINE`` /
-``HF_DATASETS_OFFLINE`` is set or the Hub is out of reach. It is streamed, so only the documents
-the windows need are fetched from a large corpus. Files are streamed too (a ``.json`` file, one
-JSON value, is parsed whole: use ``.jsonl`` for large corpora); see
-:mod:`mergekit_sparsegpt.calibration.files`.
-
-Every failure is a :class:`CalibrationError` whose message names the model, the source and the
-fix, because these errors surface in the middle of a long merge run.
+The documents come from :func:`mergekit_sparsegpt.calibration.texts.read_calibration_texts`.
+Every failure is a :class:`~mergekit_sparsegpt.calibration.source.CalibrationError` whose message
+names the model, the source and the fix.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mergekit_sparsegpt.calibration.files import (
-    SUPPORTED_EXTENSIONS,
-    SUPPORTED_FORMS,
-    CalibrationError,
-    CalibrationSource,
-    Document,
-    TextFile,
-    brief,
-    document_pieces,
-    fail,
-    is_blank,
-    missing_column,
-    pick_split,
-    read_path,
-)
+from mergekit_sparsegpt.calibration.documents import Document, document_pieces
+from mergekit_sparsegpt.calibration.source import CalibrationError, fail
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-__all__ = [
-    "CalibrationError",
-    "CalibrationSource",
-    "Document",
-    "TextFile",
-    "calibration_windows",
-    "read_calibration_texts",
-]
 
 # Tokenizers are fed pieces of about this many characters, cut on line boundaries: a single
 # multi-gigabyte string would make fast tokenizers allocate the whole encoding at once.
@@ -98,190 +65,6 @@ _NOT_TEXT_FIX = (
     "preallocated download is full of NUL bytes) and that calibration_field names the field "
     "that holds the text."
 )
-
-# Suffixes that make a string look like a file path, so a missing file is reported as such
-# instead of being looked up as a dataset name.
-_PATH_LIKE_SUFFIXES = SUPPORTED_EXTENSIONS + (
-    ".csv",
-    ".tsv",
-    ".arrow",
-    ".md",
-    ".gz",
-    ".bz2",
-    ".xz",
-    ".zst",
-    ".zip",
-)
-
-# --------------------------------------------------------------------------------------------
-# Reading sources
-# --------------------------------------------------------------------------------------------
-
-
-def read_calibration_texts(source: CalibrationSource, model_name: str) -> Iterable[Document]:
-    """Return the documents of ``source`` in their stored order, as an iterable to read once.
-
-    A ``.txt`` file is one document, a :class:`TextFile` read from disk as it is tokenized; every
-    other form gives one string per record. Blank documents and null values are dropped. Only the
-    first non-blank document is read now (a ``.json`` file is parsed whole), to raise
-    :class:`CalibrationError` when there is none; the rest, and any error in it, is read only as
-    far as the consumer goes, so the part of a large file after what the windows need is never
-    read. A path that is neither a regular file nor a directory (a FIFO, a device, a symlink to
-    one) is refused before anything is opened.
-    """
-    if not source.source.strip():
-        raise fail(source.source, model_name, "no calibration source given. " + SUPPORTED_FORMS)
-    path = Path(source.source).expanduser()
-    if path.exists():
-        texts = read_path(path, source, model_name)
-    elif _looks_like_path(source.source):
-        raise fail(
-            source.source,
-            model_name,
-            f"file not found: {path.absolute()}. Fix the path (a relative path is resolved "
-            f"against the current directory, {Path.cwd()}).",
-        )
-    else:
-        texts = _stream_hub_dataset(source, model_name)
-    return _non_blank(texts, source.source, model_name)
-
-
-def _non_blank(texts: Iterable[Document], source_name: str, model_name: str) -> Iterable[Document]:
-    documents = (text for text in texts if not is_blank(text))
-    # Peeking reports an empty source now, before any model loads, without reading a stream whole.
-    first = next(documents, None)
-    if first is None:
-        raise fail(
-            source_name,
-            model_name,
-            "contains no text. Point the calibration source at data with non-blank text.",
-        )
-    if isinstance(texts, list):
-        return [first, *documents]
-    return itertools.chain([first], documents)
-
-
-def _looks_like_path(name: str) -> bool:
-    # A single "/" is how Hub datasets are namespaced ("org/name"), so it alone is not enough.
-    if name.startswith(("/", "./", "../", "~", "\\")) or "\\" in name or name.count("/") > 1:
-        return True
-    return name.lower().endswith(_PATH_LIKE_SUFFIXES)
-
-
-def _stream_hub_dataset(source: CalibrationSource, model_name: str) -> Iterator[str]:
-    splits = _load_hub_dataset(source, model_name)
-    dataset = pick_split(splits, source, model_name, f"dataset '{source.source}'")
-    return _record_texts(dataset, source, model_name)
-
-
-def _split_dataset_name(name: str) -> tuple[str, str | None]:
-    dataset_name, _, config = name.partition(":")
-    return dataset_name, config or None
-
-
-def _load_hub_dataset(source: CalibrationSource, model_name: str) -> Any:
-    import datasets
-
-    name, config = _split_dataset_name(source.source)
-    try:
-        # One call for both worlds: datasets streams from the Hub, or (offline, or the Hub out of
-        # reach) from the dataset's prepared copy in its cache. No split here, so that a wrong
-        # calibration_split is reported with the splits there are.
-        return datasets.load_dataset(name, config, streaming=True)
-    except Exception as err:  # datasets raises many unrelated types for "cannot load this"
-        raise _hub_failure(source, model_name, err) from err
-
-
-def _hub_failure(source: CalibrationSource, model_name: str, err: Exception) -> CalibrationError:
-    name, config = _split_dataset_name(source.source)
-    config_arg = f", {config!r}" if config else ""
-    example = f"datasets.load_dataset({name!r}{config_arg}, split={source.split!r})"
-    switch = _offline_switch()
-    if switch:
-        # Streaming never fills the cache, so only a full download makes a dataset usable offline.
-        fix = (
-            f"Offline mode is on ({switch}), so only datasets already in the local Hugging Face "
-            f"cache load: unset {switch.partition('=')[0]} to read it from the Hub, or download "
-            f"it once with network access ({example}) so it is in the cache."
-        )
-    else:
-        fix = (
-            "Check the dataset name and config on the Hugging Face Hub (a gated or private "
-            "dataset needs `hf auth login`)."
-        )
-    return fail(
-        source.source,
-        model_name,
-        f"the path does not exist and it could not be loaded as a Hugging Face dataset "
-        f"({type(err).__name__}: {brief(err)}). Give an existing file or directory, or a "
-        f"dataset name ('name' or 'name:config'). {fix}",
-    )
-
-
-_OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def _offline_switch() -> str | None:
-    """The offline setting in force for ``datasets``, as the user wrote it, or None if online."""
-    import datasets.config
-
-    # datasets decides from its own flag, read from the environment when it was imported.
-    if not datasets.config.HF_HUB_OFFLINE:
-        return None
-    for variable in _OFFLINE_VARIABLES:
-        value = os.environ.get(variable, "")
-        if value.upper() in datasets.config.ENV_VARS_TRUE_VALUES:
-            return f"{variable}={value}"
-    return "HF_HUB_OFFLINE=1"
-
-
-def _record_texts(dataset: Any, source: CalibrationSource, model_name: str) -> Iterator[str]:
-    where = f"dataset split '{source.split}'"
-    field = source.text_field
-    for record in _records(dataset, source, model_name, where):
-        if field not in record:
-            raise missing_column(source, model_name, where, list(record))
-        value = record[field]
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise fail(
-                source.source,
-                model_name,
-                f"{where}: column '{field}' holds {type(value).__name__} values, not text. "
-                "Set calibration_field to a column of strings.",
-            )
-        yield value
-
-
-def _records(
-    dataset: Any, source: CalibrationSource, model_name: str, where: str
-) -> Iterator[dict[str, Any]]:
-    from datasets.utils import tqdm
-
-    # datasets shows no progress of its own while streaming; this bar obeys its switches.
-    records = iter(tqdm(dataset, desc=f"Calibration documents of {source.source}", unit=" docs"))
-    count = 0
-    while True:
-        try:
-            record = next(records)
-        except StopIteration:
-            return
-        except Exception as err:  # a lost connection or a damaged cache file, deep in datasets
-            raise fail(
-                source.source,
-                model_name,
-                f"reading {where} failed after {count} records ({type(err).__name__}: "
-                f"{brief(err)}). Run again; if it fails at the same place, delete the dataset "
-                "from the Hugging Face datasets cache and download it again.",
-            ) from err
-        count += 1
-        yield record
-
-
-# --------------------------------------------------------------------------------------------
-# Token windows
-# --------------------------------------------------------------------------------------------
 
 
 def calibration_windows(

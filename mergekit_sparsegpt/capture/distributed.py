@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from mergekit_sparsegpt.capture.blocks import LayerHessians
+from mergekit_sparsegpt.capture.accumulate import LayerHessians
 
 T = TypeVar("T")
 

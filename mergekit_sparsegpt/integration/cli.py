@@ -65,7 +65,7 @@ def _report_user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         # Imported only once a command runs (it needs torch anyway): --help stays cheap.
-        from mergekit_sparsegpt.statistics.cache import CacheWriteError
+        from mergekit_sparsegpt.statistics.cache_dir import CacheWriteError
 
         try:
             return func(*args, **kwargs)

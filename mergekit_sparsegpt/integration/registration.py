@@ -39,9 +39,9 @@ def wrap_run_merge(merge_module: ModuleType) -> None:
 
     @functools.wraps(original)
     def run_merge(merge_config: Any, out_path: str, options: Any, *args: Any, **kwargs: Any):
-        from mergekit_sparsegpt.methods.registry import is_sparsegpt_method
+        from mergekit_sparsegpt.methods.registry import is_plugin_method
 
-        if not is_sparsegpt_method(merge_config.merge_method):
+        if not is_plugin_method(merge_config.merge_method):
             return original(merge_config, out_path, options, *args, **kwargs)
 
         from mergekit_sparsegpt.prepass.run import run_with_statistics

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from mergekit.common import ModelReference
 
-from mergekit_sparsegpt.statistics.hessian import HessianStatistics
 from mergekit_sparsegpt.statistics.task_statistics import (
     StoredMatricesError,
     TaskStatistics,
@@ -42,18 +41,6 @@ class MergeContext:
     # What the model card says about the merge set by the pre-pass.
     card_facts: CardFacts | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def statistics_for(
-        self, output_name: str, model: ModelReference, calibration: str | None
-    ) -> HessianStatistics | None:
-        """Hessian statistics for ``model``'s contribution to ``output_name`` (None: fallback),
-        a tensor that holds one matrix (any linear but fused MoE experts)."""
-        found = self.tensor_statistics_for(output_name, model, calibration)
-        if found is None:
-            return None
-        if len(found.matrices) != 1:
-            raise ValueError(f"{output_name} holds {len(found.matrices)} expert matrices")
-        return found.matrices[0]
 
     def tensor_statistics_for(
         self, output_name: str, model: ModelReference, calibration: str | None

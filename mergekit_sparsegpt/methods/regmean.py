@@ -32,10 +32,8 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
-from mergekit import merge_methods
 from mergekit.merge_methods.base import (
     BasePolicy,
-    GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
     ParameterScope,
@@ -43,25 +41,26 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_sparsegpt._autoload import retry_deferred_registration
-from mergekit_sparsegpt.methods.context import kernel_statistics
-from mergekit_sparsegpt.methods.sparsegpt import (
+from mergekit_sparsegpt.methods.base import PluginMethod
+from mergekit_sparsegpt.methods.context import MergeContext
+from mergekit_sparsegpt.methods.parameters import (
     PREPASS_PARAMETERS,
     TRIM_PARAMETERS,
-    matrix_views,
-    trim_task_vectors,
+    check_finite,
+    check_trim,
 )
-from mergekit_sparsegpt.statistics.hessian import HessianStatistics
+from mergekit_sparsegpt.statistics.hessian import HessianStatistics, first_cholesky
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
+from mergekit_sparsegpt.trim.trim import matrix_views, trim_task_vectors
 
 REGMEAN_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0),
-    # The exact least-squares merge beat RegMean's published values in every model family of
-    # the quality benchmark (docs/quality-benchmark.md).
+    # The exact least-squares merge, chosen over RegMean's published values by the quality
+    # benchmark (docs/quality-benchmark.md).
     ParameterSpec("alpha", float, ParameterScope.SHARED, default=1.0),
     ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0),
-    # Lower and higher values as measured are in docs/quality-benchmark.md ("Defaults from
-    # data"); with 5 models at weight 1 it is their average.
+    # Chosen by the quality benchmark (docs/quality-benchmark.md, "Defaults from data"): the
+    # plain average of a typical merge's models at weight 1.
     ParameterSpec("nongram_scale", float, ParameterScope.SHARED, default=0.2),
 )
 DENSITY_PARAMETER = ParameterSpec("density", float, ParameterScope.NON_BASE, default=1.0)
@@ -74,12 +73,11 @@ def _with_default(
     return tuple(replace(spec, default=default) if spec.name == name else spec for spec in specs)
 
 
-# Re-fitting each trimmed vector before the solve raised sparsegpt_regmean's score at every
-# density on average over three model families (docs/quality-benchmark.md): compensate is on
-# by default.
+# Re-fitting each trimmed vector before the solve helps sparsegpt_regmean across densities and
+# model families (docs/quality-benchmark.md): compensate is on by default.
 SPARSE_REGMEAN_TRIM_PARAMETERS = _with_default(TRIM_PARAMETERS, "compensate", True)
-# RegMean++ (each task's inputs taken in the model merged so far, merged_statistics.py) beat
-# each fine-tuned model's own inputs in every model family of the quality benchmark
+# RegMean++ (each task's inputs taken in the model merged so far, prepass/merged_source.py)
+# is preferred over each fine-tuned model's own inputs by the quality benchmark
 # (docs/quality-benchmark.md).
 REGMEAN_PREPASS_PARAMETERS = _with_default(PREPASS_PARAMETERS, "hessian_source", "merged")
 
@@ -134,9 +132,15 @@ def solve_right(rhs: torch.Tensor, lhs: torch.Tensor) -> Solve:
     """X with X @ lhs = rhs for a symmetric ``lhs``: Cholesky, then ridge steps, then pinv."""
     scale = lhs.diagonal().mean().item()
     if math.isfinite(scale) and scale > 0:
-        for damping in (0.0, *SOLVE_DAMPING_LADDER):
-            solution = _cholesky_solve(rhs, lhs, damping * scale, PIVOT_FLOOR * scale)
+        dampings = (0.0, *SOLVE_DAMPING_LADDER)
+        ridges = [damping * scale for damping in dampings]
+        start = 0
+        while (found := first_cholesky(lhs, ridges[start:])) is not None:
+            step, lower = found
+            start += step + 1
+            solution = _cholesky_solve(rhs, lower, PIVOT_FLOOR * scale)
             if solution is not None:
+                damping = dampings[start - 1]
                 return Solve(solution, "damped" if damping else "cholesky", damping)
     # Reached for an all-zero system (a linear no calibration token reached in any model):
     # the minimum-norm solution is a zero task vector, i.e. the base weight.
@@ -145,14 +149,11 @@ def solve_right(rhs: torch.Tensor, lhs: torch.Tensor) -> Solve:
 
 
 def _cholesky_solve(
-    rhs: torch.Tensor, lhs: torch.Tensor, ridge: float, pivot_floor: float
+    rhs: torch.Tensor, lower: torch.Tensor, pivot_floor: float
 ) -> torch.Tensor | None:
-    """The solution, or None when the (ridged) system is not safely positive definite."""
-    if ridge:
-        lhs = lhs.clone()
-        lhs.diagonal().add_(ridge)
-    lower, info = torch.linalg.cholesky_ex(lhs)
-    if info.item() != 0 or lower.diagonal().square().min().item() < pivot_floor:
+    """The solution from the (ridged) system's factor ``lower``, or None when that system is
+    not safely positive definite."""
+    if lower.diagonal().square().min().item() < pivot_floor:
         return None
     # X lhs = rhs  <=>  lhs X^T = rhs^T, since lhs is symmetric: a left solve.
     solution = torch.cholesky_solve(rhs.T, lower).T
@@ -160,7 +161,7 @@ def _cholesky_solve(
 
 
 @dataclass(frozen=True)
-class RegMeanMerge(GroupMergeMethod):
+class RegMeanMerge(PluginMethod):
     """RegMean on tensors with a Hessian, scaled task arithmetic on the others.
 
     ``trims``: trim every task vector by importance first (``sparsegpt_regmean``).
@@ -172,10 +173,12 @@ class RegMeanMerge(GroupMergeMethod):
     method_reference_url: str = "https://arxiv.org/abs/2212.09849"
     fallback_method: str = "task_arithmetic"
 
-    # What the pre-pass reads (see ``methods.py``): the solve needs every whole Hessian, and
+    # What the pre-pass reads (see ``methods.base``): the solve needs every whole Hessian, and
     # negative weights would make sum_i w_i G~_i indefinite.
     keeps_hessians: ClassVar[bool] = True
     nonnegative_weights: ClassVar[bool] = True
+    supports_merged_source: ClassVar[bool] = True
+    solve_paths: ClassVar[tuple[str, ...]] = SOLVE_PATHS
 
     @property
     def summary_paths(self) -> tuple[tuple[str, str], ...]:
@@ -193,19 +196,34 @@ class RegMeanMerge(GroupMergeMethod):
             contract=InputContract(base=BasePolicy.REQUIRED),
         )
 
-    @property
-    def fallback(self) -> GroupMergeMethod:
-        return merge_methods.get(self.fallback_method)
+    def keeps_factors(self, shared: Mapping[str, Any]) -> bool:
+        return self.trims and bool(shared.get("compensate", False))
 
-    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+    def check_shared(self, shared: dict[str, Any]) -> None:
+        if self.trims:
+            check_trim(shared)
+        if "alpha" in shared and not 0 <= shared["alpha"] <= 1:
+            raise ValueError(
+                f"alpha must be in [0, 1], got {shared['alpha']}: it is the share of each "
+                "Hessian's off-diagonal entries RegMean keeps (1: exact least squares, 0: "
+                "diagonal only)"
+            )
+        check_finite(shared, "lambda", "nongram_scale")
+
+    def merge_without_statistics(
+        self, group: TensorGroup, parameters: Mapping[str, Any]
+    ) -> torch.Tensor:
+        return self.task_arithmetic(group, parameters)
+
+    def merge_with_statistics(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        statistics: dict[Any, TensorStatistics | None],
+    ) -> torch.Tensor:
         base = group.base.tensor
-        if not group.non_base:
-            return base
-        found = kernel_statistics(self.spec.name, group, parameters["calibration"])
-        if found is None:
-            return self.task_arithmetic(group, parameters)
-        context, name, statistics = found
-
         grams = [_grams(group, entry.id, statistics[entry.id], name) for entry in group.non_base]
         layout = next(stats.layout for stats in statistics.values() if stats is not None)
         task_vectors, report = self._task_vectors(group, statistics, parameters, name)
@@ -245,7 +263,10 @@ class RegMeanMerge(GroupMergeMethod):
         """The task vectors to solve with (trimmed for ``sparsegpt_regmean``), report entries."""
         if not self.trims:
             return [entry.tensor - group.base.tensor for entry in group.non_base], {}
-        trimmed, _, report = trim_task_vectors(group, statistics, parameters, name)
+        models = [(entry.id, entry.tensor) for entry in group.non_base]
+        trimmed, _, report = trim_task_vectors(
+            group.base.tensor, models, statistics, parameters, name
+        )
         return trimmed, report
 
 
@@ -295,7 +316,3 @@ REGMEAN_METHODS: tuple[RegMeanMerge, ...] = (
         trims=True,
     ),
 )
-
-
-# mergekit's registry may have waited for this module to finish executing (see _autoload).
-retry_deferred_registration()

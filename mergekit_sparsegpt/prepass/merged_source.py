@@ -17,7 +17,6 @@ import hashlib
 import json
 import sys
 from collections.abc import Hashable, Mapping
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -30,26 +29,34 @@ from mergekit.merge_methods.base import (
     TensorMetadata,
 )
 from mergekit.options import MergeOptions
+from transformers import PretrainedConfig
 
-from mergekit_sparsegpt.capture.blocks import (
-    LayerHessians,
-    TensorSource,
-    capture_merged_hessians,
-    decoder_layers,
-    empty_model,
-)
+from mergekit_sparsegpt.capture.accumulate import LayerHessians
+from mergekit_sparsegpt.capture.architecture import decoder_layers
+from mergekit_sparsegpt.capture.blocks import capture_merged_hessians
+from mergekit_sparsegpt.capture.model import TensorSource, empty_model
+from mergekit_sparsegpt.methods.base import PluginMethod
 from mergekit_sparsegpt.methods.context import MergeContext, PlannedTensor, TaskKey, activated
-from mergekit_sparsegpt.methods.registry import PluginMethod
 from mergekit_sparsegpt.prepass.model_identity import identity
 from mergekit_sparsegpt.prepass.plan import MERGED, CalibrationTask, PrepassSettings
-from mergekit_sparsegpt.statistics import cache
-from mergekit_sparsegpt.statistics.hessian import HessianError
+from mergekit_sparsegpt.prepass.task_statistics import hessian_errors_explained
+from mergekit_sparsegpt.statistics.cache_dir import default_cache_dir
+from mergekit_sparsegpt.statistics.entries import load_statistics
+from mergekit_sparsegpt.statistics.keys import (
+    cache_path,
+    config_fingerprint,
+    model_weights_fingerprint,
+    statistics_payload,
+    tokens_fingerprint,
+)
+from mergekit_sparsegpt.statistics.resumable import EntryWriter
+from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 
 
 def check_merged_source(planned: list[PlannedTensor], method: PluginMethod) -> None:
     """The merged model has the base's layout: refuse what would break that, by name."""
-    if not method.keeps_hessians:
+    if not method.supports_merged_source:
         raise ValueError(
             f"hessian_source: {MERGED} (RegMean++) is for regmean and sparsegpt_regmean, not "
             f"{method.spec.name}; use finetuned or base"
@@ -133,71 +140,100 @@ def merged_model_statistics(
     base = planned[0].base_model
     config = base.config(options.trust_remote_code)
     models = sorted({m for t in planned for m in t.inputs}, key=str)
-    shared = {
-        "format": cache.FORMAT_VERSION,
-        "hessian_source": MERGED,
-        "merge": merge_fingerprint(method.spec.name, planned),
-        "weights": {identity(model): cache.model_weights_fingerprint(model) for model in models},
-        "config": cache.config_fingerprint(config),
-        "tokens": {
-            f"{identity(k[0])} on {k[1]}": cache.tokens_fingerprint(w) for k, w in windows.items()
-        },
-        "token_shape": list(next(iter(windows.values())).shape),
-        "dampening": settings.dampening,
-        "factors": settings.keep_factors,
-        "hessians": True,
-    }
-    payloads = {task.key: {**shared, "task": _task_name(task.key)} for task in tasks}
-    cache_dir = settings.cache_dir or cache.default_cache_dir()
-    paths = {key: cache.cache_path(cache_dir, payload) for key, payload in payloads.items()}
-    with ExitStack() as locks:
-        # Every task's entry comes from one joint pass: hold all their locks, in one order.
-        for path in sorted(paths.values()):
-            locks.enter_context(cache.entry_lock(path, lambda lock: _say_waiting(lock, options)))
-        found = {key: cache.load_statistics(paths[key], payloads[key]) for key in payloads}
-        if all(stats is not None for stats in found.values()):
-            if not options.quiet:
-                for key, path in paths.items():
-                    print(
-                        f"Hessian statistics for {key[0]} (merged model) from cache {path}",
-                        file=sys.stderr,
-                    )
-            return found  # type: ignore[return-value]
-        model = empty_model(config, options.trust_remote_code)
-        layers_prefix, _ = decoder_layers(model)
-        statistics = {key: TaskStatistics.empty(layers_prefix) for key in payloads}
-        hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in planned}
-        context = MergeContext(hessian_inputs=hessian_inputs, tasks=statistics)
-        merged = MergedTensors(planned, method, context, readers)
-        with ExitStack() as stack:
-            writers = {
-                key: stack.enter_context(cache.EntryWriter(paths[key], payloads[key]))
-                for key in payloads
-            }
+    shared = statistics_payload(
+        hessian_source=MERGED,
+        merge=merge_fingerprint(method.spec.name, planned),
+        weights={identity(model): model_weights_fingerprint(model) for model in models},
+        config=config_fingerprint(config),
+        tokens={f"{identity(k[0])} on {k[1]}": tokens_fingerprint(w) for k, w in windows.items()},
+        token_shape=list(next(iter(windows.values())).shape),
+        dampening=settings.dampening,
+        factors=settings.keep_factors,
+        hessians=True,
+    )
+    cache_dir = settings.cache_dir or default_cache_dir()
+    entries = {}
+    for task in tasks:
+        payload = {**shared, "task": _task_name(task.key)}
+        entries[task.key] = Entry(cache_path(cache_dir, payload), payload)
+    joint = _JointPass(planned, method, config, windows, settings, options, readers, list(entries))
+    # Every task's entry comes from one joint pass: all their locks are held, in one order.
+    found = get_or_compute(
+        entries,
+        Steps(lambda: _cached(entries, options), joint.compute, prepare=joint.prepare),
+        lambda lock: _say_waiting(lock, options),
+    )
+    return dict(found or {})
 
-            def merge_group(hessians: dict[Hashable, LayerHessians]) -> dict[str, torch.Tensor]:
-                for key, layer in hessians.items():
-                    _add(statistics[key], layer, settings, key)
-                tensors = next(iter(hessians.values())).tensor_names()
-                values = {name: merged(name) for name in tensors}
-                for key, layer in hessians.items():
-                    for group in layer.hessians:
-                        statistics[key].move_matrices(group, writers[key].add)
-                return values
 
-            capture_merged_hessians(
-                model,
-                merged,
-                windows,
-                merge_group,
-                device=options.device or "cpu",
-                batch_size=settings.calibration_batch_size,
-                progress=not options.quiet,
-                description=f"RegMean++ Hessians through the merged model ({len(windows)} tasks)",
+def _cached(
+    entries: Mapping[TaskKey, Entry], options: MergeOptions
+) -> dict[TaskKey, TaskStatistics] | None:
+    found = {key: load_statistics(entry.path, entry.payload) for key, entry in entries.items()}
+    if not all(stats is not None for stats in found.values()):
+        return None
+    if not options.quiet:
+        for key, entry in entries.items():
+            print(
+                f"Hessian statistics for {key[0]} (merged model) from cache {entry.path}",
+                file=sys.stderr,
             )
-            for key, writer in writers.items():
-                writer.commit(statistics[key])
-    return {key: cache.read_statistics(paths[key], payloads[key]) for key in payloads}
+    return found  # type: ignore[return-value]
+
+
+class _JointPass:
+    """Every task's statistics from one forward pass through the merged model."""
+
+    def __init__(
+        self,
+        planned: list[PlannedTensor],
+        method: PluginMethod,
+        config: PretrainedConfig,
+        windows: Mapping[TaskKey, torch.Tensor],
+        settings: PrepassSettings,
+        options: MergeOptions,
+        readers: Mapping[ModelReference, TensorSource],
+        keys: list[TaskKey],
+    ) -> None:
+        self.planned, self.method, self.config, self.windows = planned, method, config, windows
+        self.settings, self.options, self.readers, self.keys = settings, options, readers, keys
+
+    def prepare(self) -> None:
+        self.model = empty_model(self.config, self.options.trust_remote_code)
+        layers_prefix, _ = decoder_layers(self.model)
+        self.statistics = {key: TaskStatistics.empty(layers_prefix) for key in self.keys}
+        hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in self.planned}
+        context = MergeContext(hessian_inputs=hessian_inputs, tasks=self.statistics)
+        self.merged = MergedTensors(self.planned, self.method, context, self.readers)
+
+    def compute(
+        self, writers: Mapping[TaskKey, EntryWriter | None]
+    ) -> dict[TaskKey, TaskStatistics]:
+        statistics, merged, settings = self.statistics, self.merged, self.settings
+
+        def merge_group(hessians: dict[Hashable, LayerHessians]) -> dict[str, torch.Tensor]:
+            for key, layer in hessians.items():
+                _add(statistics[key], layer, settings, key)
+            tensors = next(iter(hessians.values())).tensor_names()
+            values = {name: merged(name) for name in tensors}
+            for key, layer in hessians.items():
+                writer = writers[key]
+                assert writer is not None  # one process: the main rank
+                for group in layer.hessians:
+                    statistics[key].move_matrices(group, writer.add)
+            return values
+
+        capture_merged_hessians(
+            self.model,
+            merged,
+            self.windows,
+            merge_group,
+            device=self.options.device or "cpu",
+            batch_size=settings.calibration_batch_size,
+            progress=not self.options.quiet,
+            description=f"RegMean++ Hessians through the merged model ({len(self.windows)} tasks)",
+        )
+        return statistics
 
 
 def _say_waiting(lock: Path, options: MergeOptions) -> None:
@@ -215,10 +251,5 @@ def _task_name(key: TaskKey) -> str:
 def _add(
     statistics: TaskStatistics, layer: LayerHessians, settings: PrepassSettings, key: TaskKey
 ) -> None:
-    try:
+    with hessian_errors_explained(key[0], key[1], merged=True):
         statistics.add_layer(layer, settings.dampening, settings.keep_factors, keep_hessians=True)
-    except HessianError as error:
-        raise ValueError(
-            f"Model {key[0]} on calibration {key[1]!r}, through the merged model: {error}. "
-            "Check the checkpoints for inf/NaN weights, or merge in float32."
-        ) from None

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergekit_sparsegpt.statistics.cache import file_size_limit
+from mergekit_sparsegpt.statistics.cache_dir import file_size_limit
 
 # A previous merge is a flat directory of the files mergekit writes (config, weights, tokenizer,
 # card, custom model code); anything else in OUT is data of the user's a replacement would delete.

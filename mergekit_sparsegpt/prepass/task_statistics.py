@@ -3,35 +3,46 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 from transformers import PretrainedConfig
 
-from mergekit_sparsegpt.capture.blocks import (
-    capture_layer_hessians,
-    decoder_layers,
-    empty_model,
-)
+from mergekit_sparsegpt.capture.architecture import decoder_layers
+from mergekit_sparsegpt.capture.blocks import capture_layer_hessians
 from mergekit_sparsegpt.capture.distributed import (
     SINGLE_PROCESS,
     Ranks,
     all_reduced_layers,
-    decided_by_main,
     shard_windows,
     together,
 )
+from mergekit_sparsegpt.capture.model import empty_model
 from mergekit_sparsegpt.capture.weights import (
     CheckpointReader,
 )
 from mergekit_sparsegpt.prepass.messages import say
 from mergekit_sparsegpt.prepass.model_identity import identity
 from mergekit_sparsegpt.prepass.plan import CalibrationTask, PrepassSettings
-from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics.cache_dir import default_cache_dir
+from mergekit_sparsegpt.statistics.entries import load_statistics
 from mergekit_sparsegpt.statistics.hessian import HessianError
+from mergekit_sparsegpt.statistics.keys import (
+    FORMAT_VERSION,
+    cache_path,
+    config_fingerprint,
+    model_weights_fingerprint,
+    older_format_entries,
+    serving_payloads,
+    statistics_payload,
+    tokens_fingerprint,
+)
+from mergekit_sparsegpt.statistics.resumable import EntryWriter, remove_checkpoint
+from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 
 
@@ -48,73 +59,77 @@ def task_statistics(
     statistics; the other ranks return None.
     """
     config = task.forward_model.config(options.trust_remote_code)
-    payload = {
-        "format": cache.FORMAT_VERSION,
-        "model": identity(task.forward_model),
-        "weights": cache.model_weights_fingerprint(task.forward_model),
-        "config": cache.config_fingerprint(config),
-        "tokens": cache.tokens_fingerprint(windows),
-        "token_shape": list(windows.shape),
-        "dampening": settings.dampening,
-        "factors": settings.keep_factors,
-        "hessians": settings.keep_hessians,
-    }
-    cache_dir = settings.cache_dir or cache.default_cache_dir()
-    path = cache.cache_path(cache_dir, payload)
-    with contextlib.ExitStack() as locked:
-        if ranks.main:
-            # Another process computing this entry is waited for, and its entry read.
-            waiting = f"another process is computing the Hessian statistics of {task.key[0]}"
-            locked.enter_context(
-                cache.entry_lock(path, lambda lock: say(options, f"Waiting for {lock}: {waiting}"))
-            )
-        cached = _cached_statistics(task, payload, cache_dir, options) if ranks.main else None
-        if decided_by_main(cached is not None, ranks):
-            return cached
-        with together(ranks):
-            windows = shard_windows(windows, ranks, str(task.key[0]))
-            # Each rank holds activations of its own windows: only one process can resume.
-            resumable = ranks.world_size == 1
-            writer = cache.EntryWriter(path, payload, resumable) if ranks.main else None
-        with writer or contextlib.nullcontext():
-            statistics = compute_statistics(
-                task,
-                config,
-                windows,
-                settings,
-                options,
-                writer.add if writer else _discard,
-                ranks,
-                checkpoint=writer if writer and writer.resumable else None,
-            )
-            with together(ranks):
-                if writer:
-                    writer.commit(statistics)
-    if not ranks.main:
-        return None
-    _report_fallbacks(task, statistics, settings, options)
-    say(options, f"Hessian statistics for {task.key[0]} written to cache {path}")
-    # Served from the entry just written, as a cache hit is: the whole matrices stay on disk.
-    return cache.read_statistics(path, payload)
+    payload = statistics_payload(
+        model=identity(task.forward_model),
+        weights=model_weights_fingerprint(task.forward_model),
+        config=config_fingerprint(config),
+        tokens=tokens_fingerprint(windows),
+        token_shape=list(windows.shape),
+        dampening=settings.dampening,
+        factors=settings.keep_factors,
+        hessians=settings.keep_hessians,
+    )
+    cache_dir = settings.cache_dir or default_cache_dir()
+    path = cache_path(cache_dir, payload)
+    shard: list[torch.Tensor] = []
+
+    def cached() -> dict[str, TaskStatistics] | None:
+        found = _cached_statistics(task, payload, cache_dir, options)
+        return None if found is None else {"task": found}
+
+    def compute(writers: Mapping[str, EntryWriter | None]) -> dict[str, TaskStatistics]:
+        writer = writers["task"]
+        statistics = compute_statistics(
+            task,
+            config,
+            shard[0],
+            settings,
+            options,
+            writer.add if writer else _discard,
+            ranks,
+            checkpoint=writer if writer and writer.resumable else None,
+        )
+        return {"task": statistics}
+
+    def written(statistics: Mapping[str, TaskStatistics]) -> None:
+        _report_fallbacks(task, statistics["task"], settings, options)
+        say(options, f"Hessian statistics for {task.key[0]} written to cache {path}")
+
+    # Another process computing this entry is waited for, and its entry read.
+    waiting = f"another process is computing the Hessian statistics of {task.key[0]}"
+    found = get_or_compute(
+        {"task": Entry(path, payload)},
+        Steps(
+            cached,
+            compute,
+            prepare=lambda: shard.append(shard_windows(windows, ranks, str(task.key[0]))),
+            written=written,
+        ),
+        lambda lock: say(options, f"Waiting for {lock}: {waiting}"),
+        ranks,
+        # Each rank holds activations of its own windows: only one process can resume.
+        resumable=ranks.world_size == 1,
+    )
+    return None if found is None else found["task"]
 
 
 def _cached_statistics(
     task: CalibrationTask, payload: dict[str, Any], cache_dir: str | Path, options: MergeOptions
 ) -> TaskStatistics | None:
     # Statistics holding more whole matrices than needed serve this merge too.
-    for candidate in cache.serving_payloads(payload):
-        path = cache.cache_path(cache_dir, candidate)
-        cached = cache.load_statistics(path, candidate)
+    for candidate in serving_payloads(payload):
+        path = cache_path(cache_dir, candidate)
+        cached = load_statistics(path, candidate)
         if cached is not None:
             say(options, f"Hessian statistics for {task.key[0]} from cache {path}")
             # Left by a run killed between committing the entry and removing its checkpoint.
-            cache.remove_checkpoint(path)
+            remove_checkpoint(path)
             return cached
-    for path, version in cache.older_format_entries(cache_dir, payload):
+    for path, version in older_format_entries(cache_dir, payload):
         say(
             options,
             f"Statistics cache {path} holds these inputs in format {version}, which this version "
-            f"of mergekit_sparsegpt does not read (format {cache.FORMAT_VERSION}); recomputing. "
+            f"of mergekit_sparsegpt does not read (format {FORMAT_VERSION}); recomputing. "
             "Delete it to free the space.",
         )
     return None
@@ -132,7 +147,7 @@ def compute_statistics(
     options: MergeOptions,
     store_matrix: Callable[[str, torch.Tensor], None],
     ranks: Ranks = SINGLE_PROCESS,
-    checkpoint: cache.EntryWriter | None = None,
+    checkpoint: EntryWriter | None = None,
 ) -> TaskStatistics:
     """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists.
 
@@ -171,7 +186,7 @@ def compute_statistics(
     del resumed  # its activations now belong to the capture, which overwrites them
     for layer in all_reduced_layers(layers, ranks):
         with together(ranks):
-            try:
+            with hessian_errors_explained(model_ref, task.key[1]):
                 statistics.add_layer(
                     layer,
                     settings.dampening,
@@ -179,12 +194,25 @@ def compute_statistics(
                     settings.keep_hessians,
                     store_matrix,
                 )
-            except HessianError as error:
-                raise ValueError(
-                    f"Model {model_ref} on calibration {task.key[1]!r}: {error}. Check the "
-                    "checkpoint for inf/NaN weights, or merge in float32."
-                ) from None
     return statistics
+
+
+@contextlib.contextmanager
+def hessian_errors_explained(
+    model: ModelReference, calibration: str, merged: bool = False
+) -> Iterator[None]:
+    """A ``HessianError`` in the block as the user's error, naming the model and calibration
+    (and, for ``hessian_source: merged``, that it came through the merged model)."""
+    try:
+        yield
+    except HessianError as error:
+        through, checkpoints = (
+            (", through the merged model", "checkpoints") if merged else ("", "checkpoint")
+        )
+        raise ValueError(
+            f"Model {model} on calibration {calibration!r}{through}: {error}. Check the "
+            f"{checkpoints} for inf/NaN weights, or merge in float32."
+        ) from None
 
 
 def _report_fallbacks(

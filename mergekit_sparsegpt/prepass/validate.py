@@ -13,15 +13,14 @@ from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import ValidationError
 
+from mergekit_sparsegpt.methods.base import PluginMethod
 from mergekit_sparsegpt.methods.context import PlannedTensor
-from mergekit_sparsegpt.methods.registry import PluginMethod
-from mergekit_sparsegpt.methods.sparsegpt import PREPASS_PARAMETERS, SIGN_SOURCES
+from mergekit_sparsegpt.methods.parameters import PREPASS_PARAMETERS
 from mergekit_sparsegpt.prepass.merged_source import (
     MERGED,
     check_merged_source,
 )
 from mergekit_sparsegpt.prepass.plan import HESSIAN_SOURCES, PrepassSettings
-from mergekit_sparsegpt.trim.importance import SELECTIONS, validate_importance
 
 
 def check_parameter_names(merge_config: MergeConfiguration, specs: Iterable[ParameterSpec]) -> None:
@@ -132,7 +131,7 @@ def _parameter_blocks(config: MergeConfiguration) -> Iterable[tuple[str, dict | 
 def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> PrepassSettings:
     """Check every resolved value the method has; return the settings that must be constant."""
     for tensor in planned:
-        _check_shared(tensor.shared)
+        method.check_shared(tensor.shared)
         non_base = {m: v for m, v in tensor.per_input.items() if m != tensor.base_model}
         for model, values in non_base.items():
             _check_model(tensor, model, values, method)
@@ -152,30 +151,13 @@ def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> P
     }
     settings = PrepassSettings(
         **values,
-        keep_factors=any(tensor.shared.get("compensate", False) for tensor in planned),
+        keep_factors=any(method.keeps_factors(tensor.shared) for tensor in planned),
         keep_hessians=method.keeps_hessians,
     )
     _check_settings(settings)
     if settings.hessian_source == MERGED:
         check_merged_source(planned, method)
     return settings
-
-
-def _check_shared(shared: dict[str, Any]) -> None:
-    """Merge-wide values; methods differ in which parameters they have, so check those present."""
-    if "importance" in shared:
-        validate_importance(shared["importance"])
-    for name, choices in (("selection", SELECTIONS), ("sign_from", SIGN_SOURCES)):
-        if name in shared and shared[name] not in choices:
-            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {shared[name]!r}")
-    if "alpha" in shared and not 0 <= shared["alpha"] <= 1:
-        raise ValueError(
-            f"alpha must be in [0, 1], got {shared['alpha']}: it is the share of each Hessian's "
-            "off-diagonal entries RegMean keeps (1: exact least squares, 0: diagonal only)"
-        )
-    for name in ("lambda", "nongram_scale"):
-        if name in shared and not math.isfinite(shared[name]):
-            raise ValueError(f"{name} must be finite, got {shared[name]}")
 
 
 def _check_model(

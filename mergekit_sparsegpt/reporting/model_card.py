@@ -16,8 +16,9 @@ from mergekit.common import ModelReference
 from mergekit.merge_methods.base import ParameterScope
 
 from mergekit_sparsegpt import __version__
+from mergekit_sparsegpt.methods.base import PluginMethod
 from mergekit_sparsegpt.methods.context import MergeContext
-from mergekit_sparsegpt.methods.registry import PluginMethod
+from mergekit_sparsegpt.methods.registry import plugin_method
 
 CARD_FILE = "README.md"
 SECTION_TITLE = "## Data-aware merge: mergekit-sparsegpt"
@@ -42,6 +43,25 @@ def describe_values(values: Iterable[Any]) -> str:
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct):
         return f"{min(distinct):g} to {max(distinct):g} (varies by tensor)"
     return ", ".join(str(v) for v in distinct) + " (varies by tensor)"
+
+
+def card_section(context: MergeContext) -> str:
+    """The model card's calibration section for the merge ``context`` was prepared for."""
+    facts = context.card_facts
+    assert facts is not None, "the pre-pass sets card_facts"
+    per_model: dict[ModelReference, list[dict[str, Any]]] = {}
+    for tensor in facts.planned:
+        for model, values in tensor.per_input.items():
+            if model != tensor.base_model:
+                per_model.setdefault(model, []).append(values)
+    calibration = {model: (source, *shape) for (model, source), shape in facts.windows.items()}
+    return calibration_section(
+        plugin_method(facts.method_name),
+        [tensor.shared for tensor in facts.planned],
+        per_model,
+        calibration,
+        context,
+    )
 
 
 def calibration_section(

@@ -10,6 +10,7 @@ method asks for a whole matrix (compensation: the Cholesky factor; RegMean: H it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,12 +101,12 @@ def _inverse_statistics(
     hessian_diagonal = diagonal.clone()
     mean_diagonal = diagonal.mean().item()
 
-    for damping in _damping_steps(dampening):
-        diagonal.add_(damping * mean_diagonal)
-        lower, info = torch.linalg.cholesky_ex(hessian)
-        diagonal.copy_(hessian_diagonal)
-        if info.item() != 0:
-            continue
+    dampings = _damping_steps(dampening)
+    ridges = [damping * mean_diagonal for damping in dampings]
+    start = 0
+    while (found := first_cholesky(hessian, ridges[start:], in_place=True)) is not None:
+        step, lower = found
+        start += step + 1
         inverse = torch.cholesky_inverse(lower)
         del lower
         upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
@@ -116,11 +117,39 @@ def _inverse_statistics(
                 hessian_diagonal,
                 inverse_diagonal,
                 torch.diagonal(upper).clone(),
-                damping,
+                dampings[start - 1],
                 "cholesky",
                 upper if keep_factor else None,
             )
     return _pseudo_inverse_statistics(hessian, hessian_diagonal, mean_diagonal, dampening)
+
+
+def first_cholesky(
+    matrix: torch.Tensor, ridges: Sequence[float], *, in_place: bool = False
+) -> tuple[int, torch.Tensor] | None:
+    """The first ``ridges`` index at which the symmetric ``matrix`` plus that ridge on its
+    diagonal has a Cholesky factor, with the lower factor; None if none has.
+
+    ``in_place`` puts each ridge on ``matrix``'s own diagonal and takes it off again, so no
+    d x d copy is made (the caller's matrix must be its private one); otherwise each ridged
+    matrix is a copy. A zero ridge is not added at all.
+    """
+    diagonal = torch.diagonal(matrix)
+    original = diagonal.clone() if in_place else None
+    for index, ridge in enumerate(ridges):
+        damped = matrix
+        if ridge and original is not None:
+            diagonal.add_(ridge)
+        elif ridge:
+            damped = matrix.clone()
+            damped.diagonal().add_(ridge)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        if ridge and original is not None:
+            diagonal.copy_(original)
+        if info.item() == 0:
+            return index, lower
+    return None
 
 
 def _damping_steps(dampening: float) -> list[float]:

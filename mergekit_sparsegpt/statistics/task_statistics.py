@@ -16,8 +16,7 @@ from typing import Protocol
 
 import torch
 
-from mergekit_sparsegpt.capture.accumulate import TensorLayout
-from mergekit_sparsegpt.capture.blocks import LayerHessians
+from mergekit_sparsegpt.capture.accumulate import LayerHessians, TensorLayout
 from mergekit_sparsegpt.statistics.hessian import (
     OPTIONAL_MATRICES,
     HessianError,
@@ -153,10 +152,6 @@ class TaskStatistics:
             tuple(self._with_matrices(group) for group in groups),
             tuple(self.samples.get(group, 0) for group in groups),
         )
-
-    def never_ran(self) -> list[str]:
-        """Matrices no calibration token reached (an unrouted expert), ranked by |tau| alone."""
-        return [matrix for matrix, group in self.groups.items() if not self.samples.get(group, 0)]
 
     def _with_matrices(self, group: str) -> HessianStatistics:
         stats = self.statistics[group]

@@ -2,7 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
-from mergekit_sparsegpt.capture.blocks import capture_layer_hessians, decoder_layers, empty_model
+from mergekit_sparsegpt.capture.architecture import decoder_layers
+from mergekit_sparsegpt.capture.blocks import capture_layer_hessians
+from mergekit_sparsegpt.capture.model import empty_model
 
 
 def _config(layers: int = 3, **extra) -> LlamaConfig:

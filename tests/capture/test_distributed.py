@@ -14,7 +14,7 @@ import yaml
 from merge_configs import regmean_config, sparsegpt_config
 from safetensors import safe_open
 
-from mergekit_sparsegpt.capture.blocks import LayerHessians
+from mergekit_sparsegpt.capture.accumulate import LayerHessians
 from mergekit_sparsegpt.capture.distributed import (
     Ranks,
     _all_reduced,

@@ -678,7 +678,7 @@ print(json.dumps({"attempts": attempts, "warnings": our_warnings()}))
 def test_methods_registered_when_our_module_is_imported_first(
     installed: Path, workdir: Path, first: str
 ) -> None:
-    """Our method modules import mergekit.merge_methods, whose hook then finds them half-run."""
+    """Registration never meets one of our modules half-executed, whichever comes first."""
     report = last_json(
         run_python(
             PRELUDE

@@ -312,7 +312,7 @@ def test_calibrate_user_error_is_one_line_exit_2(tmp_path: Path, recorders: dict
 
 
 def test_calibrate_cache_write_error_is_one_line_exit_2(tmp_path: Path, recorders: dict) -> None:
-    from mergekit_sparsegpt.statistics.cache import CacheWriteError
+    from mergekit_sparsegpt.statistics.cache_dir import CacheWriteError
 
     config = tmp_path / "merge.yml"
     config.write_text(CONFIG_YAML, encoding="utf-8")
@@ -395,7 +395,7 @@ def test_yaml_script_runs_a_stock_merge(
 ) -> None:
     """A non-sparsegpt method passes through the wrapped run_merge unchanged.
 
-    Needs mergekit_sparsegpt.methods.registry.is_sparsegpt_method (called by the wrapper).
+    Needs mergekit_sparsegpt.methods.registry.is_plugin_method (called by the wrapper).
     """
     from safetensors.torch import load_file
 

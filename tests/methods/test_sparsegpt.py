@@ -179,21 +179,6 @@ def test_shape_mismatch_names_tensor_and_model(context):
         merge_methods.get("sparsegpt_ties")([group], parameters=_parameters())
 
 
-def test_kernel_without_prepass_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="pre-pass"):
-        merge_methods.get("sparsegpt_ties")([_group()], parameters=_parameters())
-
-
-def test_slice_mapping_uses_the_input_tensor_hessian():
-    # Output layer 0 comes from input layer 3: the kernel must read layer 3's statistics.
-    task = _task(1)
-    moved = "model.layers.3.mlp.down_proj.weight"
-    task.groups = {moved: moved}
-    task.statistics = {moved: task.statistics[LINEAR]}
-    context = MergeContext(hessian_inputs={LINEAR: {"a": moved}}, tasks={("a", "a.txt"): task})
-    assert context.statistics_for(LINEAR, "a", "a.txt") is task.statistics[moved]
-
-
 def _tasks_with_factors() -> dict:
     """Tasks whose inputs are strongly correlated, so compensation moves kept entries a lot."""
     tasks = {}
@@ -284,29 +269,6 @@ def test_compensate_without_factor_is_a_clear_error(context):
         merge_methods.get("sparsegpt_ties")([_group()], parameters=_parameters(compensate=True))
 
 
-@pytest.mark.parametrize(
-    "method", ["sparsegpt_ties", "sparsegpt_dare", "regmean", "sparsegpt_regmean"]
-)
-def test_in_memory_api_says_what_runs_the_method(method):
-    """mergekit's in-memory API has no pre-pass: one error that names what does work."""
-    from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
-
-    generator = torch.Generator().manual_seed(0)
-    base = torch.randn(4, COLUMNS, generator=generator)
-    tuned = [base + 0.1 * torch.randn(4, COLUMNS, generator=generator) for _ in range(2)]
-    parameters = {"weight": 1.0, "calibration": "a.txt"}
-    if method != "regmean":
-        parameters["density"] = 0.5
-    expected = r"only the pre-pass computes.*mergekit-yaml.*run_merge.*in-memory API"
-    with pytest.raises(RuntimeError, match=expected) as caught:
-        merge_tensors([base, *tuned], method, base_index=0, name=LINEAR, parameters=parameters)
-    assert "install()" not in str(caught.value)
-    inputs = zip("bxy", [base, *tuned], strict=True)
-    states = {name: {"model.norm.weight": tensor[0]} for name, tensor in inputs}
-    with pytest.raises(RuntimeError, match=expected):
-        merge_state_dicts(states, method, base="b", parameters=parameters)
-
-
 def _sign_election_inputs(
     device: str,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], TensorGroup]:
@@ -340,3 +302,36 @@ def test_sign_election_creates_every_tensor_on_the_inputs_device():
 
 def test_sign_election_with_int8_mask_is_the_same_merge():
     assert torch.equal(_combine("cpu", int8_mask=True), _combine("cpu", int8_mask=False))
+
+
+@pytest.mark.parametrize("int8_mask", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sign_election_by_its_own_vectors_is_mergekits(int8_mask, normalize):
+    """With the trimmed vectors as their own electors, the copy of mergekit's sign election is
+    mergekit's TIES combination (no sparsification) of those vectors."""
+    from mergekit.merge_methods.generalized_task_arithmetic import (
+        ConsensusMethod,
+        GeneralizedTaskArithmeticMerge,
+    )
+
+    _, trimmed, group = _sign_election_inputs("cpu")
+    parameters = {
+        "weight": {"a": 1.0, "b": 0.5},
+        "normalize": normalize,
+        "lambda": 0.7,
+        "int8_mask": int8_mask,
+    }
+    ours = merge_methods.get("sparsegpt_ties")._combine_with_signs_of(
+        trimmed, trimmed, group, parameters
+    )
+    stock = GeneralizedTaskArithmeticMerge(
+        consensus_method=ConsensusMethod.sum,
+        sparsification_method=None,
+        default_normalize=True,
+        default_rescale=False,
+        method_name="ties_without_trim",
+        method_pretty_name=None,
+        method_reference_url=None,
+    )
+    expected = stock.merge_group(group, **parameters, rescale=False, density={"a": 1, "b": 1})
+    torch.testing.assert_close(group.base.tensor + ours, expected, rtol=1e-6, atol=1e-7)

@@ -16,11 +16,9 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_sparsegpt.calibration.windows import (
-    CalibrationSource,
-    calibration_windows,
-    read_calibration_texts,
-)
+from mergekit_sparsegpt.calibration.source import CalibrationSource
+from mergekit_sparsegpt.calibration.texts import read_calibration_texts
+from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.prepass import merged_source as merged_statistics
 from mergekit_sparsegpt.prepass import run as prepass

@@ -19,13 +19,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from mergekit_sparsegpt.calibration.windows import CalibrationError
+from mergekit_sparsegpt.calibration.source import CalibrationError
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.methods.context import activated
 from mergekit_sparsegpt.methods.registry import plugin_method
 from mergekit_sparsegpt.prepass import run as prepass
 from mergekit_sparsegpt.prepass import task_statistics
-from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.prepass.plan import plan_tensors
+from mergekit_sparsegpt.prepass.validate import validate_parameters
+from mergekit_sparsegpt.statistics import entries, resumable
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 
@@ -184,7 +186,7 @@ def test_bad_input_is_one_clear_error_and_no_output(tiny_models, tmp_path, label
 
 
 def test_failure_during_merge_removes_partial_output(tiny_models, tmp_path, monkeypatch):
-    from mergekit_sparsegpt.methods import sparsegpt as merge_methods
+    from mergekit_sparsegpt.trim import trim
 
     calls = []
 
@@ -194,8 +196,8 @@ def test_failure_during_merge_removes_partial_output(tiny_models, tmp_path, monk
             raise RuntimeError("interrupted")
         return original(*args, **kwargs)
 
-    original = merge_methods.importance_scores
-    monkeypatch.setattr(merge_methods, "importance_scores", failing_after_a_few)
+    original = trim.importance_scores
+    monkeypatch.setattr(trim, "importance_scores", failing_after_a_few)
     with pytest.raises(RuntimeError, match="interrupted"):
         _merge(_config(tiny_models, tmp_path / "cache"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -245,28 +247,6 @@ def test_slices_with_offsets_use_each_inputs_own_layer(tiny_models, tmp_path, so
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-6)
     wrong = _reference_ties(base, [finetuned], [task.for_weight(DOWN.format(1 - layer))], 0.3)
     assert not torch.allclose(wrong, expected)
-
-
-def test_base_hessian_source_runs_calibration_through_base(tiny_models, tmp_path):
-    config = _config(tiny_models, tmp_path / "cache", hessian_source="base")
-    merge_config = MergeConfiguration.model_validate(config)
-    planned = prepass.plan_tensors(merge_config, MergeOptions(quiet=True))
-    settings = prepass.validate_parameters(planned, plugin_method("sparsegpt_ties"))
-    tasks, _ = prepass.calibration_tasks(planned, settings)
-    assert len(tasks) == 2
-    assert {str(task.forward_model) for task in tasks} == {str(tiny_models.base)}
-    finetuned_context = prepass.prepare_statistics(
-        MergeConfiguration.model_validate(
-            _config(tiny_models, tmp_path / "cache", hessian_source="finetuned")
-        ),
-        MergeOptions(quiet=True),
-    )
-    base_context = prepass.prepare_statistics(merge_config, MergeOptions(quiet=True))
-    name = DOWN.format(1)
-    for key in base_context.tasks:
-        ours = base_context.tasks[key].for_weight(name).hessian_diagonal
-        theirs = finetuned_context.tasks[key].for_weight(name).hessian_diagonal
-        assert not torch.allclose(ours, theirs)
 
 
 def test_non_finite_activations_name_the_model(tiny_models, tmp_path):
@@ -319,20 +299,6 @@ def test_compensated_merge_keeps_factors_and_serves_plain_merges(
     assert not torch.allclose(compensated, uncompensated)
 
 
-def test_report_lists_every_tensor_and_its_path(tiny_models, tmp_path):
-    _merge(_config(tiny_models, tmp_path / "cache"), tmp_path / "out")
-    report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["tensors"]
-    merged = load_file(tmp_path / "out" / "model.safetensors")
-    assert set(report) == set(merged)
-    linear = report[DOWN.format(1)]
-    assert linear["path"] == "importance"
-    assert set(linear["models"]) == {str(p) for p in tiny_models.experts.values()}
-    for entry in linear["models"].values():
-        assert entry["kept_fraction"] == pytest.approx(0.3, abs=0.01)
-        assert 0 < entry["relative_output_error"] < 1
-    assert report["model.embed_tokens.weight"]["path"] == "fallback"
-
-
 def test_compensate_with_rescale_warns(tiny_models, tmp_path, caplog):
     config = _config(
         tiny_models, tmp_path / "cache", method="sparsegpt_dare", compensate=True, rescale=True
@@ -342,31 +308,6 @@ def test_compensate_with_rescale_warns(tiny_models, tmp_path, caplog):
             MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
         )
     assert "scales them up again" in caplog.text
-
-
-@pytest.mark.parametrize(
-    "method, forward",
-    [
-        ("sparsegpt_ties", "base"),
-        ("sparsegpt_dare", "base"),
-        ("regmean", "merged"),
-        ("sparsegpt_regmean", "merged"),
-    ],
-)
-def test_default_hessian_source_per_method(tiny_models, tmp_path, method, forward):
-    """Measured defaults: the base's activations for trimming, the merged model's for RegMean
-    (tokenized and planned through the base, whose layout the merged model has)."""
-    if "regmean" in method:
-        config = regmean_config(tiny_models, method)
-        del config["parameters"]["hessian_source"]
-    else:
-        config = _config(tiny_models, tmp_path / "cache", method=method)
-    merge_config = MergeConfiguration.model_validate(config)
-    planned = prepass.plan_tensors(merge_config, MergeOptions(quiet=True))
-    settings = prepass.validate_parameters(planned, plugin_method(method))
-    assert settings.hessian_source == forward
-    tasks, _ = prepass.calibration_tasks(planned, settings)
-    assert {str(task.forward_model) for task in tasks} == {str(tiny_models.base)}
 
 
 # --- whole matrices (RegMean, compensate): kept in the cache file and read per tensor ---
@@ -461,7 +402,7 @@ def test_whole_matrices_in_memory_stay_bounded(tiny_models, tmp_path, monkeypatc
     computed, read = [], []
     computed_alive, read_alive = [], []
     track_computed, track_read = _tracked(computed), _tracked(read)
-    add, load = cache.EntryWriter.add, cache.CachedMatrices._load
+    add, load = resumable.EntryWriter.add, entries.CachedMatrices._load
 
     def tracking_add(self, name, matrix):
         computed_alive.append(track_computed(matrix))
@@ -472,8 +413,8 @@ def test_whole_matrices_in_memory_stay_bounded(tiny_models, tmp_path, monkeypatc
         read_alive.extend(track_read(matrix) for matrix in matrices.values())
         return matrices
 
-    monkeypatch.setattr(cache.EntryWriter, "add", tracking_add)
-    monkeypatch.setattr(cache.CachedMatrices, "_load", tracking_load)
+    monkeypatch.setattr(resumable.EntryWriter, "add", tracking_add)
+    monkeypatch.setattr(entries.CachedMatrices, "_load", tracking_load)
     context = prepass.prepare_statistics(config, MergeOptions(quiet=True))
     tasks = len(context.tasks)
     groups = 2 * 4  # 2 blocks: q/k/v, o, gate/up, down
@@ -487,7 +428,7 @@ def test_whole_matrices_in_memory_stay_bounded(tiny_models, tmp_path, monkeypatc
     with activated(context):
         mergekit.merge.run_merge(config, str(tmp_path / "out"), MergeOptions(quiet=True))
     assert len(read) == tasks * groups * per_group
-    assert max(read_alive) <= tasks * per_group * cache.RECENT_GROUPS < len(read)
+    assert max(read_alive) <= tasks * per_group * entries.RECENT_GROUPS < len(read)
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
@@ -526,10 +467,8 @@ def test_default_compensation_per_method(tiny_models, tmp_path, method, compensa
         if method == "sparsegpt_regmean"
         else _config(tiny_models, tmp_path / "cache", method=method)
     )
-    planned = prepass.plan_tensors(
-        MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
-    )
-    settings = prepass.validate_parameters(planned, plugin_method(method))
+    planned = plan_tensors(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
+    settings = validate_parameters(planned, plugin_method(method))
     assert settings.keep_factors is compensates
 
 

@@ -31,21 +31,18 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge_methods.base import TensorGroup
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file, save_file
+from statistics_helpers import never_ran
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from mergekit_sparsegpt.calibration.windows import (
-    CalibrationSource,
-    calibration_windows,
-    read_calibration_texts,
-)
+from mergekit_sparsegpt.calibration.source import CalibrationSource
+from mergekit_sparsegpt.calibration.texts import read_calibration_texts
+from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.capture.accumulate import TensorLayout
-from mergekit_sparsegpt.capture.blocks import (
-    ActivationError,
-    capture_layer_hessians,
-    check_supported,
-    empty_model,
-)
+from mergekit_sparsegpt.capture.architecture import check_supported
+from mergekit_sparsegpt.capture.blocks import capture_layer_hessians
+from mergekit_sparsegpt.capture.hooks import ActivationError
+from mergekit_sparsegpt.capture.model import empty_model
 from mergekit_sparsegpt.capture.weights import CheckpointReader
 from mergekit_sparsegpt.demo.tiny import train_tokenizer
 from mergekit_sparsegpt.integration.registration import install
@@ -614,7 +611,7 @@ def test_expert_without_tokens_falls_back_to_magnitude_and_is_reported(unrouted_
         MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
     )
     for task in context.tasks.values():
-        assert sorted(task.never_ran()) == [
+        assert sorted(never_ran(task)) == [
             f"model.layers.{layer}.mlp.experts.{tensor}[{UNROUTED}]"
             for layer in range(2)
             for tensor in ("down_proj", "gate_up_proj")

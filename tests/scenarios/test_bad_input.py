@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.prepass import run as prepass
-from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics import resumable
+from mergekit_sparsegpt.statistics.cache_dir import CacheWriteError
 
 install()
 
@@ -153,7 +154,7 @@ def _disk_full(bad: Bad) -> dict:
     def no_space(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    bad.monkeypatch.setattr(cache.shutil, "copyfileobj", no_space)  # after the header
+    bad.monkeypatch.setattr(resumable.shutil, "copyfileobj", no_space)  # after the header
     return bad.config()
 
 
@@ -165,9 +166,9 @@ def _read_only_cache(bad: Bad) -> dict:
         def refuse(*args: Any, **kwargs: Any) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), kwargs["dir"])
 
-        bad.monkeypatch.setattr(cache.tempfile, "NamedTemporaryFile", refuse)
+        bad.monkeypatch.setattr(resumable.tempfile, "NamedTemporaryFile", refuse)
         bad.monkeypatch.setattr(
-            cache.EntryWriter, "_open_checkpoint", lambda self: refuse(dir=self.checkpoint)
+            resumable.EntryWriter, "_open_checkpoint", lambda self: refuse(dir=self.checkpoint)
         )
     return bad.config()
 
@@ -630,14 +631,14 @@ ROWS = [
         r"^Could not write the statistics cache entry {cache}/[0-9a-f]{{64}}\.safetensors \(No "
         r"space left on device\)\. Free space there, make {cache} writable, or set cache_dir "
         r"\(or MERGEKIT_SPARSEGPT_CACHE\) to a writable directory with room for it\.$",
-        cache.CacheWriteError,
+        CacheWriteError,
     ),
     Row(
         "read-only cache directory",
         _read_only_cache,
         r"^Could not write the statistics cache entry {cache}/[0-9a-f]{{64}}\.safetensors "
         r"\(Permission denied\)\. Free space there, make {cache} writable",
-        cache.CacheWriteError,
+        CacheWriteError,
     ),
 ]
 

@@ -31,6 +31,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from statistics_helpers import save_statistics
 
 from mergekit_sparsegpt.capture.weights import (
     CheckpointError,
@@ -41,14 +42,15 @@ from mergekit_sparsegpt.integration import cli
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.prepass import run as prepass
 from mergekit_sparsegpt.prepass import staged_output
-from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics import cache_dir, entries, locking, resumable
+from mergekit_sparsegpt.statistics import keys as cache_keys
 from mergekit_sparsegpt.statistics.hessian import hessian_statistics
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 
 install()
 
 TESTS = Path(__file__).resolve().parent
-PAYLOAD = {"format": cache.FORMAT_VERSION, "model": "./m", "tokens": "abc", "dampening": 0.01}
+PAYLOAD = {"format": cache_keys.FORMAT_VERSION, "model": "./m", "tokens": "abc", "dampening": 0.01}
 CACHE_VARIABLE = "MERGEKIT_SPARSEGPT_CACHE"
 FIFO = r"a FIFO \(named pipe\)"
 
@@ -66,11 +68,11 @@ def _one_expert_config(tiny_models, **shared: Any) -> dict[str, Any]:
 def test_a_relative_cache_dir_is_taken_against_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(CACHE_VARIABLE, "stats")
-    assert cache.default_cache_dir() == tmp_path / "stats"
-    path = cache.cache_path("sub/../cache", PAYLOAD)  # the cache_dir parameter, as written
+    assert cache_dir.default_cache_dir() == tmp_path / "stats"
+    path = cache_keys.cache_path("sub/../cache", PAYLOAD)  # the cache_dir parameter, as written
     assert path.is_absolute() and path.parent == tmp_path / "sub/../cache"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache.cache_path("~/c", PAYLOAD).parent == tmp_path / "home/c"
+    assert cache_keys.cache_path("~/c", PAYLOAD).parent == tmp_path / "home/c"
 
 
 def test_runs_in_two_directories_name_their_own_absolute_entries(
@@ -119,7 +121,7 @@ def _kept_checkpoint(tmp: Path) -> Path:
     streamed and the checkpoint kept."""
     path = tmp / "entry.safetensors"
     with contextlib.suppress(KeyboardInterrupt):
-        with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+        with resumable.EntryWriter(path, PAYLOAD, resumable=True) as writer:
             writer.add("model.layers.0.mlp.down_proj.weight::hessian", torch.eye(4))
             writer.save_checkpoint(1, TaskStatistics.empty("model.layers"), torch.zeros(3, 5, 4))
             raise KeyboardInterrupt  # Ctrl-C keeps the checkpoint
@@ -131,11 +133,11 @@ def _warnings_while(action: Callable[[], Any]) -> str:
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    cache.LOG.addHandler(handler)
+    cache_dir.LOG.addHandler(handler)
     try:
         action()
     finally:
-        cache.LOG.removeHandler(handler)
+        cache_dir.LOG.removeHandler(handler)
     return "\n".join(records)
 
 
@@ -148,27 +150,27 @@ def _error_of(action: Callable[[], Any]) -> str:
 
 
 def _entry_fifo(tmp: Path) -> str:
-    path = cache.cache_path(tmp, PAYLOAD)
+    path = cache_keys.cache_path(tmp, PAYLOAD)
     os.mkfifo(path)
-    return _error_of(lambda: cache.load_statistics(path, PAYLOAD))
+    return _error_of(lambda: entries.load_statistics(path, PAYLOAD))
 
 
 def _entry_link_to_a_device(tmp: Path) -> str:
-    path = cache.cache_path(tmp, PAYLOAD)
+    path = cache_keys.cache_path(tmp, PAYLOAD)
     path.symlink_to("/dev/zero")
-    return _error_of(lambda: cache.load_statistics(path, PAYLOAD))
+    return _error_of(lambda: entries.load_statistics(path, PAYLOAD))
 
 
 def _entry_directory(tmp: Path) -> str:
-    path = cache.cache_path(tmp, PAYLOAD)
+    path = cache_keys.cache_path(tmp, PAYLOAD)
     path.mkdir()
-    return _error_of(lambda: cache.load_statistics(path, PAYLOAD))
+    return _error_of(lambda: entries.load_statistics(path, PAYLOAD))
 
 
 def _entry_replaced_by_a_fifo_during_the_merge(tmp: Path) -> str:
-    path = cache.cache_path(tmp, PAYLOAD)
-    cache.save_statistics(path, _statistics(keep_hessian=True), PAYLOAD)
-    loaded = cache.read_statistics(path, PAYLOAD)
+    path = cache_keys.cache_path(tmp, PAYLOAD)
+    save_statistics(path, _statistics(keep_hessian=True), PAYLOAD)
+    loaded = entries.read_statistics(path, PAYLOAD)
     path.unlink()
     os.mkfifo(path)
     return _error_of(lambda: loaded.for_weight("model.layers.0.mlp.down_proj.weight"))
@@ -179,7 +181,7 @@ def _checkpoint_file_fifo(name: str) -> Callable[[Path], str]:
 
     def scenario(tmp: Path) -> str:
         path = _kept_checkpoint(tmp)
-        swapped = cache.checkpoint_dir(path) / name
+        swapped = cache_keys.checkpoint_dir(path) / name
         swapped.unlink()
         os.mkfifo(swapped)
         return _warnings_while(lambda: _starts_afresh(path))
@@ -188,17 +190,18 @@ def _checkpoint_file_fifo(name: str) -> Callable[[Path], str]:
 
 
 def _starts_afresh(path: Path) -> None:
-    with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+    with resumable.EntryWriter(path, PAYLOAD, resumable=True) as writer:
         assert writer.take_resume_point() is None, "the checkpoint was resumed"
-        assert list(cache.checkpoint_dir(path).iterdir()) == [
-            cache.checkpoint_dir(path) / "matrices"
-        ]
+        checkpoint = cache_keys.checkpoint_dir(path)
+        assert list(checkpoint.iterdir()) == [checkpoint / "matrices"]
 
 
-def _resumed(path: Path, leftover: str, finish: Callable[[cache.EntryWriter, Any], None]) -> str:
+def _resumed(
+    path: Path, leftover: str, finish: Callable[[resumable.EntryWriter, Any], None]
+) -> str:
     """Resume ``path``'s checkpoint with a FIFO at its scratch name ``leftover``, then finish."""
-    os.mkfifo(cache.checkpoint_dir(path) / leftover)
-    with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+    os.mkfifo(cache_keys.checkpoint_dir(path) / leftover)
+    with resumable.EntryWriter(path, PAYLOAD, resumable=True) as writer:
         point = writer.take_resume_point()
         assert point is not None, "the checkpoint was not resumed"
         finish(writer, point)
@@ -214,28 +217,28 @@ def _checkpoint_entry_partial_fifo(tmp: Path) -> str:
 def _checkpoint_state_partial_fifo(tmp: Path) -> str:
     path = _kept_checkpoint(tmp)
 
-    def again(writer: cache.EntryWriter, point: Any) -> None:
+    def again(writer: resumable.EntryWriter, point: Any) -> None:
         writer.save_checkpoint(2, point.statistics, point.activations)
         raise KeyboardInterrupt  # keep the checkpoint just written
 
     with contextlib.suppress(KeyboardInterrupt):
         _resumed(path, "state.safetensors.partial", again)
-    with cache.EntryWriter(path, PAYLOAD, resumable=True) as writer:
+    with resumable.EntryWriter(path, PAYLOAD, resumable=True) as writer:
         return f"resumes at block {writer.take_resume_point().next_block}"
 
 
 def _checkpoint_directory_fifo(tmp: Path) -> str:
     path = tmp / "entry.safetensors"
-    os.mkfifo(cache.checkpoint_dir(path))
-    return _error_of(lambda: cache.EntryWriter(path, PAYLOAD, resumable=True))
+    os.mkfifo(cache_keys.checkpoint_dir(path))
+    return _error_of(lambda: resumable.EntryWriter(path, PAYLOAD, resumable=True))
 
 
 def _lock_fifo(tmp: Path) -> str:
     path = tmp / "entry.safetensors"
-    os.mkfifo(cache.lock_path(path))
-    with cache.entry_lock(path):
+    os.mkfifo(cache_keys.lock_path(path))
+    with locking.entry_lock(path):
         pass
-    return f"locked; lock file left: {cache.lock_path(path).exists()}"
+    return f"locked; lock file left: {cache_keys.lock_path(path).exists()}"
 
 
 def _weight_shard_fifo(tmp: Path) -> str:
@@ -338,8 +341,8 @@ def test_a_special_file_at_a_cache_name_is_refused_or_replaced_without_blocking(
     result, directory = special_files[name]
     names = {
         "dir": directory,
-        "entry": cache.cache_path(directory, PAYLOAD),
-        "checkpoint": cache.checkpoint_dir(directory / "entry.safetensors"),
+        "entry": cache_keys.cache_path(directory, PAYLOAD),
+        "checkpoint": cache_keys.checkpoint_dir(directory / "entry.safetensors"),
     }
     pattern = SPECIAL_FILE_RESULTS[name].format(**{k: re.escape(str(v)) for k, v in names.items()})
     assert re.search(pattern, result), result

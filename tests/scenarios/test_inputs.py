@@ -13,15 +13,14 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_sparsegpt.calibration.windows import (
-    CalibrationSource,
-    calibration_windows,
-    read_calibration_texts,
-)
+from mergekit_sparsegpt.calibration.source import CalibrationSource
+from mergekit_sparsegpt.calibration.texts import read_calibration_texts
+from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.demo.tiny import train_tokenizer
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.prepass import run as prepass
 from mergekit_sparsegpt.prepass import task_statistics
+from mergekit_sparsegpt.prepass.tasks import DEFAULT_SEQ_LEN
 from mergekit_sparsegpt.reporting.model_card import SECTION_TITLE
 
 install()
@@ -195,7 +194,7 @@ def test_unset_seq_len_is_the_default_cut_to_the_models_context(tiny_models, tmp
     positions = AutoModelForCausalLM.from_pretrained(
         tiny_models.base
     ).config.max_position_embeddings
-    assert positions < prepass.DEFAULT_SEQ_LEN  # the case a user's short-context model hits
+    assert positions < DEFAULT_SEQ_LEN  # the case a user's short-context model hits
     config = _unset(sparsegpt_config(tiny_models, cache_dir=str(tmp_path)), "calibration_seq_len")
     config["parameters"]["calibration_samples"] = 2
     context = prepass.prepare_statistics(
@@ -203,7 +202,7 @@ def test_unset_seq_len_is_the_default_cut_to_the_models_context(tiny_models, tmp
     )
     said = capsys.readouterr().err
     assert f"calibration_seq_len not set: windows of {positions} tokens" in said
-    assert f"the default {prepass.DEFAULT_SEQ_LEN} cut to the {positions} positions" in said
+    assert f"the default {DEFAULT_SEQ_LEN} cut to the {positions} positions" in said
     assert {shape for shape in context.card_facts.windows.values()} == {(2, positions)}
 
 
@@ -211,7 +210,7 @@ def test_unset_seq_len_keeps_the_default_on_a_longer_context(tiny_models, tmp_pa
     model = tmp_path / "long_base"
     shutil.copytree(tiny_models.base, model)
     loaded = AutoModelForCausalLM.from_pretrained(model)
-    loaded.config.max_position_embeddings = 4 * prepass.DEFAULT_SEQ_LEN
+    loaded.config.max_position_embeddings = 4 * DEFAULT_SEQ_LEN
     loaded.config.save_pretrained(model)
     config = _unset(sparsegpt_config(tiny_models, cache_dir=str(tmp_path)), "calibration_seq_len")
     config["base_model"] = str(model)
@@ -220,10 +219,8 @@ def test_unset_seq_len_keeps_the_default_on_a_longer_context(tiny_models, tmp_pa
         MergeConfiguration.model_validate(config), MergeOptions(quiet=False)
     )
     said = capsys.readouterr().err
-    assert f"calibration_seq_len not set: windows of {prepass.DEFAULT_SEQ_LEN} tokens\n" in said
-    assert {shape for shape in context.card_facts.windows.values()} == {
-        (1, prepass.DEFAULT_SEQ_LEN)
-    }
+    assert f"calibration_seq_len not set: windows of {DEFAULT_SEQ_LEN} tokens\n" in said
+    assert {shape for shape in context.card_facts.windows.values()} == {(1, DEFAULT_SEQ_LEN)}
 
 
 def test_unset_samples_on_short_text_take_every_whole_window(tiny_models, tmp_path, caplog):

@@ -33,19 +33,25 @@ from mergekit_sparsegpt.demo.corpus import DOMAINS, domain_texts
 from mergekit_sparsegpt.demo.tiny import new_model, save_model, tiny_llama_config, train_tokenizer
 from mergekit_sparsegpt.prepass import run as prepass
 from mergekit_sparsegpt.prepass import task_statistics
-from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics import entries, resumable
+from mergekit_sparsegpt.statistics import keys as cache_keys
+from mergekit_sparsegpt.statistics.cache_dir import LOG as CACHE_LOG
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 BLOCKS = 4
 TIMEOUT = 300  # seconds: only a hung run waits this long
 
 DRIVER = """
-import json, os, sys
+import json, os, signal, sys
 import transformers.models.llama.modeling_llama as llama
-from mergekit_sparsegpt.statistics import cache
+from mergekit_sparsegpt.statistics import resumable
 from mergekit_sparsegpt.integration import cli
 from mergekit_sparsegpt.prepass import run as prepass
+from mergekit_sparsegpt.prepass import task_statistics
 
+# Ctrl-C raises KeyboardInterrupt even where the test runner's process ignores SIGINT (a
+# child inherits that, and Python then leaves it ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 events = open(os.environ["TEST_EVENTS"], "a", buffering=1)
 pause = os.environ.get("TEST_PAUSE", "")  # "checkpoint:K" or "matrix:K:<linear>"
 checkpointed = {}
@@ -72,20 +78,20 @@ def counted_compute(task, *args, **kwargs):
     return compute(task, *args, **kwargs)
 task_statistics.compute_statistics = counted_compute
 
-save = cache.EntryWriter.save_checkpoint
+save = resumable.EntryWriter.save_checkpoint
 def stopping_save(self, next_block, *args, **kwargs):
     size = save(self, next_block, *args, **kwargs)
     checkpointed[id(self)] = next_block
     stop_once(f"checkpoint:{next_block}")
     return size
-cache.EntryWriter.save_checkpoint = stopping_save
+resumable.EntryWriter.save_checkpoint = stopping_save
 
-add = cache.EntryWriter.add
+add = resumable.EntryWriter.add
 def stopping_add(self, name, tensor):  # a matrix of the block after checkpoint K is written
     add(self, name, tensor)
     linear = name.split("::")[0].split(".")[-2]
     stop_once(f"matrix:{checkpointed.get(id(self))}:{linear}")
-cache.EntryWriter.add = stopping_add
+resumable.EntryWriter.add = stopping_add
 
 cli.main(sys.argv[1:])
 """
@@ -154,7 +160,7 @@ class Calibration:
             **os.environ,
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": str(REPOSITORY),
-            cache.CHECKPOINT_OVERHEAD_VARIABLE: "1",  # a checkpoint after every block
+            resumable.CHECKPOINT_OVERHEAD_VARIABLE: "1",  # a checkpoint after every block
             "TEST_EVENTS": str(self.events),
             "TEST_PAUSE": pause,
         }
@@ -206,6 +212,13 @@ class Calibration:
         assert self.process.stdin is not None
         self.process.stdin.write("\n")
         self.process.stdin.close()
+
+    def stop(self, signal_number: int) -> int:
+        """Signal a paused run and wait for it to exit. Its stdin stays open until then: closed,
+        the paused driver could read end-of-file and go on before the signal is handled."""
+        self.process.send_signal(signal_number)
+        self.process.wait(TIMEOUT)
+        return self.finish()
 
     def finish(self) -> int:
         if self.process.stdin and not self.process.stdin.closed:
@@ -295,14 +308,13 @@ def test_an_interrupted_prepass_resumes_after_its_last_finished_block(
         torch.empty(shape).numel() * 4 for _, _, shape in json.loads(metadata["matrices"])
     )
     assert (checkpoint / "matrices").stat().st_size > recorded  # block 2's came after it
-    interrupted.process.send_signal(signal_number)
-    returncode = interrupted.finish()
+    returncode = interrupted.stop(signal_number)
     assert returncode == (-signal.SIGKILL if signal_number == signal.SIGKILL else 1)
     if signal_number != signal.SIGKILL:  # SIGTERM (timeout, SLURM) is handled as Ctrl-C
         how = "KeyboardInterrupt" if signal_number == signal.SIGINT else "SIGTERM"
         stopped = f"Pre-pass stopped ({how}); checkpoint {checkpoint} keeps the"
         assert f"{stopped} statistics of blocks 0-1: run the same command" in interrupted.stderr
-        assert not cache.lock_path(checkpoint).exists()  # released on the way out
+        assert not cache_keys.lock_path(checkpoint).exists()  # released on the way out
     assert interrupted.blocks_run() == {first: [0, 1, 2]}
     assert not list(cache_dir.glob("*.safetensors"))  # nothing committed, nothing half-written
 
@@ -319,8 +331,7 @@ def test_a_checkpoint_of_other_inputs_is_discarded_with_a_message(deep_models, r
     cache_dir = tmp_path / "cache"
     interrupted = Calibration(config, "interrupted", pause="checkpoint:2")
     interrupted.wait_for("stdout", "PAUSED checkpoint:2")
-    interrupted.process.kill()
-    interrupted.finish()
+    interrupted.stop(signal.SIGKILL)
     (checkpoint,) = cache_dir.glob("*.checkpoint")
     state = checkpoint / "state.safetensors"
     tensors = load_file(state)
@@ -387,7 +398,7 @@ def _damage(path: Path, kind: str) -> str:
     save_file(tensors, path, metadata={**metadata, "format": "2"})
     return (
         f"it has cache format version 2; this version of mergekit_sparsegpt reads version "
-        f"{cache.FORMAT_VERSION} only"
+        f"{cache_keys.FORMAT_VERSION} only"
     )
 
 
@@ -403,7 +414,7 @@ def test_an_entry_of_another_program_or_version_is_rebuilt_saying_why(
     reason = _damage(damaged, kind)
     with caplog.at_level(logging.WARNING):
         prepass.prepare_statistics(config, MergeOptions(quiet=True))
-    warnings = [r.getMessage() for r in caplog.records if r.name == cache.LOG.name]
+    warnings = [r.getMessage() for r in caplog.records if r.name == CACHE_LOG.name]
     assert warnings == [f"Ignoring statistics cache {damaged}: {reason}; recomputing."]
     _assert_equal_entries(_entries(cache_dir), original)
     assert _only_entries(cache_dir) == sorted(original)
@@ -415,7 +426,7 @@ def test_a_checkpoint_left_next_to_a_committed_entry_is_removed(deep_models, tmp
     config = MergeConfiguration.model_validate(_config(deep_models, cache_dir))
     prepass.prepare_statistics(config, MergeOptions(quiet=True))
     entries = _only_entries(cache_dir)
-    stale = cache.checkpoint_dir(sorted(cache_dir.glob("*.safetensors"))[0])
+    stale = cache_keys.checkpoint_dir(sorted(cache_dir.glob("*.safetensors"))[0])
     stale.mkdir()
     (stale / "matrices").write_bytes(b"left over")
 
@@ -435,7 +446,9 @@ def test_an_entry_of_an_older_format_is_named_and_recomputed(
     cache_dir = tmp_path / "cache"
     config = MergeConfiguration.model_validate(_config(deep_models, cache_dir))
     with monkeypatch.context() as old:
-        old.setattr(cache, "FORMAT_VERSION", cache.FORMAT_VERSION - 1)
+        # Every module that looks the version up when writing or reading an entry.
+        for module in (cache_keys, entries, resumable, task_statistics):
+            old.setattr(module, "FORMAT_VERSION", cache_keys.FORMAT_VERSION - 1)
         prepass.prepare_statistics(config, MergeOptions(quiet=True))
     old_entries = sorted(cache_dir.glob("*.safetensors"))
     capsys.readouterr()
@@ -443,8 +456,8 @@ def test_an_entry_of_an_older_format_is_named_and_recomputed(
     said = capsys.readouterr().err
     for path in old_entries:
         assert (
-            f"Statistics cache {path} holds these inputs in format {cache.FORMAT_VERSION - 1}, "
-            f"which this version of mergekit_sparsegpt does not read (format "
-            f"{cache.FORMAT_VERSION}); recomputing. Delete it to free the space."
+            f"Statistics cache {path} holds these inputs in format "
+            f"{cache_keys.FORMAT_VERSION - 1}, which this version of mergekit_sparsegpt does not "
+            f"read (format {cache_keys.FORMAT_VERSION}); recomputing. Delete it to free the space."
         ) in said
     assert len(sorted(cache_dir.glob("*.safetensors"))) == 2 * len(old_entries)

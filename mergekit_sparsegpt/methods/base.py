@@ -1,0 +1,80 @@
+"""What every plugin method is: a mergekit kernel that also tells the pre-pass what it needs.
+
+Both kernels share one preamble: a tensor with no merged model is the base; otherwise the merge
+context's statistics are looked up, and a tensor without any Hessian (embeddings, norms, lm_head,
+biases) goes to the method's stock ``fallback``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from mergekit import merge_methods
+from mergekit.merge_methods.base import GroupMergeMethod, TensorGroup
+
+from mergekit_sparsegpt.methods.context import MergeContext, kernel_statistics
+from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
+
+
+class PluginMethod(GroupMergeMethod):
+    """The interface of every method this package registers.
+
+    Besides mergekit's interface: ``keeps_hessians`` (statistics must hold every whole Hessian),
+    ``keeps_factors`` (they must hold Cholesky factors), ``nonnegative_weights`` (weights >= 0),
+    ``supports_merged_source`` (``hessian_source: merged`` is allowed), ``solve_paths`` (the
+    solve paths the run summary counts), ``summary_paths`` (the report paths a tensor can take,
+    with labels), ``check_shared`` (the method's own merge-wide values) and ``fallback_method``
+    (the registered stock method for tensors without a Hessian).
+    """
+
+    fallback_method: str
+    keeps_hessians: ClassVar[bool]
+    nonnegative_weights: ClassVar[bool]
+    supports_merged_source: ClassVar[bool]
+    solve_paths: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    @abstractmethod
+    def summary_paths(self) -> tuple[tuple[str, str], ...]:
+        """(report path, label) of every way a tensor can be merged, for the run summary."""
+
+    @abstractmethod
+    def keeps_factors(self, shared: Mapping[str, Any]) -> bool:
+        """Whether a tensor with these merge-wide values needs the Hessians' Cholesky factors."""
+
+    @abstractmethod
+    def check_shared(self, shared: dict[str, Any]) -> None:
+        """Refuse a merge-wide value out of range, with a message that says why."""
+
+    @property
+    def fallback(self) -> GroupMergeMethod:
+        return merge_methods.get(self.fallback_method)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        if not group.non_base:
+            return group.base.tensor
+        found = kernel_statistics(self.spec.name, group, parameters["calibration"])
+        if found is None:
+            return self.merge_without_statistics(group, parameters)
+        context, name, statistics = found
+        return self.merge_with_statistics(group, parameters, context, name, statistics)
+
+    @abstractmethod
+    def merge_without_statistics(
+        self, group: TensorGroup, parameters: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The merged tensor when no model has a Hessian for it."""
+
+    @abstractmethod
+    def merge_with_statistics(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        statistics: dict[Any, TensorStatistics | None],
+    ) -> torch.Tensor:
+        """The merged tensor from the models' statistics; records its report entry."""
