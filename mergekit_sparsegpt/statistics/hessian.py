@@ -31,9 +31,10 @@ class HessianStatistics:
     """Per-input-column statistics of one Hessian (one entry per column of W[out, in]).
 
     ``hessian_diagonal`` is undamped (with dead columns set to 1); the other two come from the
-    damped Hessian. ``damping`` is the relative damping that succeeded and ``method`` says whether
-    Cholesky worked or the pseudo-inverse fallback was needed. ``cholesky_factor`` is the whole
-    upper factor U of H^-1, kept only when error compensation needs it (and Cholesky worked).
+    damped Hessian. ``damping`` is the relative damping that succeeded and ``inverse_path`` says
+    whether Cholesky worked or the pseudo-inverse fallback was needed. ``cholesky_factor`` is the
+    whole upper factor U of H^-1, kept only when error compensation needs it (and Cholesky
+    worked).
     ``hessian`` is the whole H as accumulated (undamped, dead columns left at 0, float32), kept
     only when RegMean needs it.
     """
@@ -42,7 +43,7 @@ class HessianStatistics:
     inverse_diagonal: torch.Tensor
     cholesky_diagonal: torch.Tensor
     damping: float
-    method: str
+    inverse_path: str
     cholesky_factor: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
 

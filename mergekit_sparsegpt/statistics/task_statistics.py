@@ -161,10 +161,10 @@ class TaskStatistics:
 
     def fallback_report(self, dampening: float) -> dict[str, int]:
         """How many Hessian groups needed more damping, the pseudo-inverse, or never ran."""
-        methods = [(s.method, s.damping) for s in self.statistics.values()]
+        paths = [(s.inverse_path, s.damping) for s in self.statistics.values()]
         return {
-            "escalated_damping": sum(m == "cholesky" and d > dampening for m, d in methods),
-            "pseudo_inverse": sum(m == "pinv" for m, _ in methods),
+            "escalated_damping": sum(m == "cholesky" and d > dampening for m, d in paths),
+            "pseudo_inverse": sum(m == "pinv" for m, _ in paths),
             "never_ran": sum(count == 0 for count in self.samples.values()),
         }
 
@@ -181,7 +181,8 @@ class TaskStatistics:
             "groups": self.groups,
             "samples": self.samples,
             "damping": {group: stats.damping for group, stats in self.statistics.items()},
-            "method": {group: stats.method for group, stats in self.statistics.items()},
+            # The key stays "method": cache entries of earlier versions must still read.
+            "method": {group: stats.inverse_path for group, stats in self.statistics.items()},
             "tensor_layouts": {name: layout.to_json() for name, layout in self.layouts.items()},
         }
         return tensors, {"layout": json.dumps(layout, sort_keys=True)}
@@ -206,7 +207,7 @@ class TaskStatistics:
                     inverse_diagonal=tensors[tensor_key(group, "inverse_diagonal")],
                     cholesky_diagonal=tensors[tensor_key(group, "cholesky_diagonal")],
                     damping=float(layout["damping"][group]),
-                    method=str(layout["method"][group]),
+                    inverse_path=str(layout["method"][group]),
                     cholesky_factor=tensors.get(tensor_key(group, "cholesky_factor")),
                     hessian=tensors.get(tensor_key(group, "hessian")),
                 )

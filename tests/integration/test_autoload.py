@@ -668,11 +668,22 @@ print(json.dumps({"attempts": attempts, "warnings": our_warnings()}))
 @pytest.mark.parametrize(
     "first",
     [
-        "methods.sparsegpt",
-        "methods.regmean",
+        # Every module of methods/ (they import mergekit.merge_methods), the first module of
+        # each layer above that reads them, and trim/ below them (it must not start mergekit's).
+        "methods.base",
+        "methods.context",
+        "methods.parameters",
         "methods.registry",
+        "methods.regmean",
+        "methods.sparsegpt",
+        "reporting.model_card",
+        "reporting.run_report",
+        "prepass.validate",
+        "prepass.merged_source",
         "prepass.run",
         "integration.registration",
+        "integration.cli",
+        "trim.trim",
     ],
 )
 def test_methods_registered_when_our_module_is_imported_first(

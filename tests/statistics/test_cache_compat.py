@@ -99,5 +99,5 @@ def test_an_entry_written_by_the_single_module_cache_is_read_with_its_statistics
         for field, value in expected.tensors().items():
             assert torch.equal(getattr(stats, field), value), field
             assert torch.equal(getattr(stats, field), raw[f"{name}::{field}"]), field
-        assert (stats.damping, stats.method) == (expected.damping, expected.method)
+        assert (stats.damping, stats.inverse_path) == (expected.damping, expected.inverse_path)
     assert loaded.groups["model.layers.0.self_attn.k_proj.weight"] == NAMES[0]

@@ -56,13 +56,13 @@ def test_statistics_match_float64_reference_with_dead_column():
     torch.testing.assert_close(
         stats.cholesky_diagonal.double(), cholesky_diagonal, rtol=1e-4, atol=1e-6
     )
-    assert stats.method == "cholesky" and stats.damping == 0.01
+    assert stats.inverse_path == "cholesky" and stats.damping == 0.01
 
 
 def test_singular_hessian_escalates_damping():
     singular = torch.ones(3, 3)  # rank one, so Cholesky fails without damping
     stats = hessian_statistics(singular, dampening=0.0)
-    assert stats.method == "cholesky"
+    assert stats.inverse_path == "cholesky"
     assert stats.damping == hessian_module.DAMPING_LADDER[0]
     _, inverse_diagonal, _ = _reference_statistics(singular, stats.damping)
     torch.testing.assert_close(
@@ -91,7 +91,7 @@ def test_pseudo_inverse_fallback_when_cholesky_always_fails(monkeypatch):
     monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_cholesky)
     hessian = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
     stats = hessian_statistics(hessian, dampening=0.01)
-    assert stats.method == "pinv"
+    assert stats.inverse_path == "pinv"
     damped = hessian.double() + 0.01 * 1.5 * torch.eye(2, dtype=torch.float64)
     expected = torch.diagonal(torch.linalg.pinv(damped))
     torch.testing.assert_close(stats.inverse_diagonal.double(), expected, rtol=1e-5, atol=1e-7)
