@@ -1,12 +1,13 @@
 """Performance benchmark: pre-pass speed, pre-pass memory across depths, merge phase.
 
-    python -m benchmarks.perf [--out DIR] [--quick] [--only calibration,depth,merge]
+    python -m benchmarks.perf [--out DIR] [--quick] [--only calibration,depth,merge,experts]
                               [--size quick|medium|full] [--repeats N] [--threads N]
 
 Run from the repository root. Builds random-weight Llama checkpoints under DIR/models/ (once;
 later runs reuse them), works in DIR/work/, and writes <part>.json and <part>.txt per part run,
 plus results.txt with the tables of this run. Every number is printed as a ratio against a
-reference measured in the same run. See benchmarks/perf/README.md.
+reference measured in the same run. The experts part (2 vs 5 experts) runs only when --only
+names it. See benchmarks/perf/README.md.
 """
 
 from __future__ import annotations
@@ -19,20 +20,24 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from benchmarks.perf import calibration, depth, merge
+from benchmarks.perf import calibration, depth, experts, merge
 from benchmarks.perf.models import (
-    EXPERT_DOMAINS,
     FULL,
     MEDIUM,
     QUICK,
     Checkpoints,
     Sizes,
+    expert_domains,
     prepare,
 )
 from benchmarks.perf.report import PartResult, format_part, write_part
 from mergekit_sparsegpt.demo.tiny import torch_threads
 
-PARTS = (calibration.PART, depth.PART, merge.PART)
+DEFAULT_PARTS = (calibration.PART, depth.PART, merge.PART)
+# Not run by default: 18 subprocesses with up to 5 experts, about a quarter of an hour at
+# --size medium and hours at full size, on top of the default parts' own hours.
+PARTS = (*DEFAULT_PARTS, experts.PART)
+MERGE_EXPERTS = 2
 SIZES = {sizes.name: sizes for sizes in (QUICK, MEDIUM, FULL)}
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 QUICK_REPEATS, FULL_REPEATS = 1, 3
@@ -52,13 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="model sizes (default full; medium: width 1024, depths 4/8/16, ~15 min on 2 cores)",
     )
     parser.add_argument(
-        "--only", type=_part_names, default=PARTS, help=f"comma-separated subset of {PARTS}"
+        "--only",
+        type=_part_names,
+        default=DEFAULT_PARTS,
+        help=f"comma-separated subset of {PARTS} (default: {', '.join(DEFAULT_PARTS)})",
     )
     parser.add_argument(
         "--repeats",
         type=int,
         help=f"timed runs per measurement, medians reported (default {FULL_REPEATS}, "
-        f"--quick {QUICK_REPEATS})",
+        f"--quick {QUICK_REPEATS}; the experts part: {experts.REPEATS})",
     )
     parser.add_argument(
         "--threads",
@@ -71,11 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--quick is --size quick")
     args.size = QUICK.name if args.quick else args.size or FULL.name
     args.quick = args.size == QUICK.name
+    args.experts_repeats = args.repeats or experts.REPEATS
     if args.repeats is None:
         args.repeats = QUICK_REPEATS if args.quick else FULL_REPEATS
     if args.threads is None:
         args.threads = 1 if args.quick else torch.get_num_threads()
-    if args.repeats < 1 or args.threads < 1:
+    if args.repeats < 1 or args.experts_repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1")
     return args
 
@@ -92,15 +101,25 @@ def depths_needed(parts: tuple[str, ...], sizes: Sizes) -> tuple[int, ...]:
     return sizes.depths if depth.PART in parts else (sizes.shallowest,)
 
 
+def experts_needed(parts: tuple[str, ...]) -> int:
+    """How many experts of the shallowest base the selected parts merge."""
+    needed = [MERGE_EXPERTS] if merge.PART in parts else []
+    if experts.PART in parts:
+        needed.append(max(experts.EXPERT_COUNTS))
+    return max(needed, default=0)
+
+
 def part_runners(
     checkpoints: Checkpoints, args: argparse.Namespace, work: Path
 ) -> dict[str, Callable[[], PartResult]]:
     shallowest = checkpoints.sizes.shallowest
-    experts = {domain: checkpoints.expert(domain, shallowest) for domain in EXPERT_DOMAINS}
+    merged = {name: checkpoints.expert(name, shallowest) for name in expert_domains(MERGE_EXPERTS)}
+    threads = args.threads
     return {
-        calibration.PART: lambda: calibration.run(checkpoints, args.repeats, args.threads, work),
-        depth.PART: lambda: depth.run(checkpoints, args.repeats, args.threads, work),
-        merge.PART: lambda: merge.run(checkpoints, experts, args.repeats, args.threads, work),
+        calibration.PART: lambda: calibration.run(checkpoints, args.repeats, threads, work),
+        depth.PART: lambda: depth.run(checkpoints, args.repeats, threads, work),
+        merge.PART: lambda: merge.run(checkpoints, merged, args.repeats, threads, work),
+        experts.PART: lambda: experts.run(checkpoints, args.experts_repeats, threads, work),
     }
 
 
@@ -111,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SIZES[args.size]
     depths = depths_needed(args.only, sizes)
     with torch_threads(args.threads):
-        checkpoints = prepare(args.out, sizes, depths, experts=merge.PART in args.only)
+        checkpoints = prepare(args.out, sizes, depths, experts=experts_needed(args.only))
     work = args.out / "work" / sizes.name
     runners = part_runners(checkpoints, args, work)
     tables = []
     for part in args.only:
-        settings = f"{sizes.name} sizes, {args.repeats} repeat(s), {args.threads} thread(s)"
+        repeats = args.experts_repeats if part == experts.PART else args.repeats
+        settings = f"{sizes.name} sizes, {repeats} repeat(s), {args.threads} thread(s)"
         print(f"running {part} ({settings})", flush=True)
         result = runners[part]()
         write_part(result, args.out)

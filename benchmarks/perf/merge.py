@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from benchmarks.perf import formulas
+from benchmarks.perf import formulas, projection
 from benchmarks.perf.configs import (
     CACHE_HIT_MESSAGE,
     DENSITY,
@@ -59,17 +59,26 @@ class CacheContents:
     data_bytes: int  # tensor data without the safetensors headers
 
     @property
-    def bytes_per_task(self) -> float:
+    def bytes_per_entry(self) -> float:
         return self.total_bytes / self.entries
 
     @property
-    def data_bytes_per_task(self) -> float:
+    def data_bytes_per_entry(self) -> float:
         return self.data_bytes / self.entries
 
 
 def method_name(label: str) -> str:
     """The merge method of a row label ("regmean[merged]" -> "regmean")."""
     return label.removesuffix(MERGED_SUFFIX)
+
+
+def solves_in_prepass(method: str) -> bool:
+    """RegMean's methods cache one entry per merge (the solved linears), not one per task."""
+    return method_name(method) in projection.REGMEAN_METHODS
+
+
+def expected_entries(method: str, tasks: int) -> int:
+    return 1 if solves_in_prepass(method) else tasks
 
 
 def keeps_matrices(method: str) -> tuple[bool, bool]:
@@ -121,7 +130,7 @@ def run(
         if is_plugin_method(method_name(method)):
             fresh_directory(cache_dir)
             prepasses[method] = calibrate(configs[method], env)
-            caches[method] = cache_contents(cache_dir, expected_entries=len(experts))
+            caches[method] = cache_contents(cache_dir, expected_entries(method, len(experts)))
     merges: dict[str, list[MeasuredRun]] = {method: [] for method in METHODS}
     for _ in range(repeats):
         for method in METHODS:  # interleaved, so that drift in machine load hits every method
@@ -147,9 +156,9 @@ def merge_once(
     shutil.rmtree(out, ignore_errors=True)
     measured = run_measured(stock_merge_command(config, out), env)
     shutil.rmtree(out, ignore_errors=True)  # checkpoints are large; only the timing is kept
-    hits = measured.stderr.count(CACHE_HIT_MESSAGE)
-    if is_plugin_method(method_name(method)) and hits != tasks:
-        raise RuntimeError(f"{method} found {hits} of {tasks} tasks in the cache: not warm")
+    hits, entries = measured.stderr.count(CACHE_HIT_MESSAGE), expected_entries(method, tasks)
+    if is_plugin_method(method_name(method)) and hits != entries:
+        raise RuntimeError(f"{method} found {hits} of {entries} entries in the cache: not warm")
     return measured
 
 
@@ -172,8 +181,19 @@ def entry_data_bytes(path: Path) -> int:
 
 
 def predicted_cache_bytes(method: str, shape: formulas.LlamaShape) -> int:
+    """Tensor data of one cache entry: RegMean's, the float32 merged linears of the merge."""
+    if solves_in_prepass(method):
+        return projection.merged_linears_bytes(shape, formulas.FLOAT32_BYTES)
     hessians, factors = keeps_matrices(method)
     return formulas.cache_bytes_per_task(shape, hessians=hessians, factors=factors)
+
+
+def kept_cache_bytes(method: str, shape: formulas.LlamaShape) -> int:
+    """One task's entry with ``keep_statistics: true`` (RegMean's; the factor is derived from
+    H, not stored), or the method's own per-task entry."""
+    if solves_in_prepass(method):
+        return projection.kept_statistics_bytes(shape, experts=1)
+    return predicted_cache_bytes(method, shape)
 
 
 def summarize(
@@ -209,7 +229,9 @@ def summarize(
         "prepass_wall_s": {m: run.wall_s for m, run in prepasses.items()},
         "prepass_peak_rss_bytes": {m: run.peak_rss_bytes for m, run in prepasses.items()},
         "cache": {m: vars(contents) for m, contents in caches.items()},
-        "cache_predicted_data_bytes_per_task": {m: predicted_cache_bytes(m, shape) for m in caches},
+        "cache_predicted_data_bytes_per_entry": {
+            m: predicted_cache_bytes(m, shape) for m in caches
+        },
         "llama2_7b_cache_bytes_per_task": _7b_sizes(),
     }
     result.notes = _notes(checkpoints)
@@ -240,18 +262,18 @@ def _add_cache_rows(
     smallest = caches["sparsegpt_ties"]
     for method, contents in caches.items():
         result.add(
-            f"cache per task, {method}",
-            size(contents.bytes_per_task),
-            f"sparsegpt_ties {size(smallest.bytes_per_task)}",
-            ratio(contents.bytes_per_task, smallest.bytes_per_task),
+            f"cache per entry, {method}",
+            size(contents.bytes_per_entry),
+            f"sparsegpt_ties {size(smallest.bytes_per_entry)}",
+            ratio(contents.bytes_per_entry, smallest.bytes_per_entry),
         )
     for method, contents in caches.items():
         predicted = predicted_cache_bytes(method, shape)
         result.add(
-            f"cache data per task, {method}",
-            size(contents.data_bytes_per_task),
+            f"cache data per entry, {method}",
+            size(contents.data_bytes_per_entry),
             f"formula {size(predicted)}",
-            ratio(contents.data_bytes_per_task, predicted),
+            ratio(contents.data_bytes_per_entry, predicted),
             at_most=1.0,
         )
 
@@ -259,7 +281,7 @@ def _add_cache_rows(
 def _7b_sizes() -> dict[str, int]:
     shape = formulas.LLAMA2_7B
     return {
-        method: predicted_cache_bytes(method, shape)
+        method: kept_cache_bytes(method, shape)
         for method in ("sparsegpt_ties", "regmean", "sparsegpt_regmean")
     }
 
@@ -269,14 +291,14 @@ def _add_7b_rows(result: PartResult) -> None:
     model = formulas.model_bytes(formulas.LLAMA2_7B)
     for method, predicted in sizes.items():
         result.add(
-            f"Llama-2-7B cache per task, {method} (formula)",
+            f"Llama-2-7B cache per task, {method}, keep_statistics (formula)",
             size(predicted),
             f"fp32 model {size(model)}",
             ratio(predicted, model),
         )
     for method in ("regmean", "sparsegpt_regmean"):
         result.add(
-            f"Llama-2-7B cache per task, {method} (formula)",
+            f"Llama-2-7B cache per task, {method}, keep_statistics (formula)",
             size(sizes[method]),
             f"sparsegpt_ties {size(sizes['sparsegpt_ties'])}",
             ratio(sizes[method], sizes["sparsegpt_ties"]),
@@ -294,8 +316,9 @@ def _notes(checkpoints: Checkpoints) -> list[str]:
         "task, timed once; merge times are medians over the repeats and include interpreter "
         "start-up and, for the plugin's methods, tokenizing the calibration text and reading "
         "the cache (checked: every task was a cache hit)",
-        "cache per task = entry file size (header included); cache data = tensor bytes only. "
-        "Formula per Hessian group (q/k/v, o, gate/up, down; d = its input width): 3 float32 "
-        "vectors of d, plus d^2 for a whole H (RegMean), plus d^2 for the Cholesky factor "
-        "(compensate)",
+        "cache per entry = entry file size (header included); cache data = tensor bytes only. "
+        "RegMean's methods: one entry per merge, the float32 merged linears. TIES methods: one "
+        "per task; formula per Hessian group (q/k/v, o, gate/up, down; d = its input width): 3 "
+        "float32 vectors of d, plus d^2 for the Cholesky factor (compensate). Llama-2-7B rows: "
+        "per task with keep_statistics: true (RegMean's whole H, its factor derived, not stored)",
     ]

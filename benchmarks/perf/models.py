@@ -115,8 +115,8 @@ class Checkpoints:
     def calibration_text(self) -> Path:
         return self.root / "calibration.txt"
 
-    def expert_calibration_text(self, domain: str) -> Path:
-        return self.root / f"calibration_{domain}.txt"
+    def expert_calibration_text(self, name: str) -> Path:
+        return self.root / f"calibration_{name}.txt"
 
     def base(self, depth: int) -> Path:
         return self.root / f"base_L{depth}"
@@ -164,14 +164,21 @@ def ensure_calibration_texts(checkpoints: Checkpoints, tokenizer: PreTrainedToke
 
 
 def _ensure_text(
-    path: Path, domains: tuple[str, ...], tokenizer: PreTrainedTokenizerBase, tokens: int
+    path: Path,
+    domains: tuple[str, ...],
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: int,
+    rotate: int = 0,
 ) -> None:
     """The domains' calibration split, topped up from their train split when it has too few
-    tokens (the full sizes need 65,536; a random-weight model does not care which text)."""
+    tokens (the full sizes need 65,536; a random-weight model does not care which text).
+    ``rotate``: start that many documents in, so that texts of one domain differ."""
     marker = path.with_name(path.name + COMPLETE_MARKER)
     if marker.is_file():
         return
     texts = [text for domain in domains for text in domain_texts(domain, "calibration")]
+    start = rotate % len(texts)
+    texts = texts[start:] + texts[:start]
     spare = [text for domain in domains for text in domain_texts(domain, "train")]
     count = sum(_token_count(tokenizer, text) for text in texts)
     while count < tokens * TOKEN_MARGIN and spare:
@@ -225,13 +232,33 @@ def ensure_task_alias(checkpoints: Checkpoints, depth: int) -> Path:
     return path
 
 
+def expert_domains(count: int) -> dict[str, str]:
+    """Expert name -> the domain of its calibration text: one expert per domain, then more
+    taking turns over the domains (``prose_2``, ``code_2``, ``prose_3``, ...)."""
+    names = {}
+    for index in range(count):
+        domain = EXPERT_DOMAINS[index % len(EXPERT_DOMAINS)]
+        round_ = index // len(EXPERT_DOMAINS)
+        names[domain if round_ == 0 else f"{domain}_{round_ + 1}"] = domain
+    return names
+
+
 def ensure_experts(
-    checkpoints: Checkpoints, depth: int, tokenizer: PreTrainedTokenizerBase
+    checkpoints: Checkpoints,
+    depth: int,
+    tokenizer: PreTrainedTokenizerBase,
+    count: int = len(EXPERT_DOMAINS),
 ) -> dict[str, Path]:
-    """One "fine-tuned" expert per domain: the base plus a small random task vector."""
+    """``count`` "fine-tuned" experts (name -> path), each the base plus a small random task
+    vector of its own seed, and each expert's calibration text."""
     experts = {}
-    for index, domain in enumerate(EXPERT_DOMAINS):
-        path = checkpoints.expert(domain, depth)
+    needed = checkpoints.sizes.merge_calibration_samples * checkpoints.sizes.calibration_seq_len
+    for index, (name, domain) in enumerate(expert_domains(count).items()):
+        # Its own text: a pre-pass through the base would otherwise share one task per text.
+        rotate = index // len(EXPERT_DOMAINS)
+        text = checkpoints.expert_calibration_text(name)
+        _ensure_text(text, (domain,), tokenizer, needed, rotate)
+        path = checkpoints.expert(name, depth)
         if not is_complete(path):
             _start(path)
             seed = checkpoints.sizes.seed + 1 + index
@@ -239,7 +266,7 @@ def ensure_experts(
             _save(model, tokenizer, path, checkpoints.sizes.shard_size)
             del model
             _finish(path)
-        experts[domain] = path
+        experts[name] = path
     return experts
 
 
@@ -261,8 +288,9 @@ def _save(
     tokenizer.save_pretrained(path)
 
 
-def prepare(out: Path, sizes: Sizes, depths: tuple[int, ...], experts: bool) -> Checkpoints:
-    """Build whatever the selected parts need and is not on disk yet."""
+def prepare(out: Path, sizes: Sizes, depths: tuple[int, ...], experts: int) -> Checkpoints:
+    """Build whatever the selected parts need and is not on disk yet: the bases of ``depths``
+    and ``experts`` experts of the shallowest."""
     checkpoints = Checkpoints(out / "models" / sizes.name, sizes)
     tokenizer = ensure_tokenizer(checkpoints)
     ensure_calibration_texts(checkpoints, tokenizer)
@@ -270,5 +298,5 @@ def prepare(out: Path, sizes: Sizes, depths: tuple[int, ...], experts: bool) -> 
         ensure_base(checkpoints, depth, tokenizer)
         ensure_task_alias(checkpoints, depth)
     if experts:
-        ensure_experts(checkpoints, sizes.shallowest, tokenizer)
+        ensure_experts(checkpoints, sizes.shallowest, tokenizer, experts)
     return checkpoints

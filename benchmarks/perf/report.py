@@ -43,13 +43,17 @@ class PartResult:
         ratio: float,
         at_most: float | None = None,
         below: float | None = None,
+        near: float | None = None,
     ) -> None:
-        """A row; ``at_most`` / ``below`` give its target and verdict."""
+        """A row; ``at_most`` / ``below`` / ``near`` (1 within that tolerance) give its target
+        and verdict."""
         target, verdict = "", ""
         if at_most is not None:
             target, verdict = f"<= {at_most:g}", PASS if ratio <= at_most else MISS
         elif below is not None:
             target, verdict = f"< {below:g}", PASS if ratio < below else MISS
+        elif near is not None:
+            target, verdict = f"1 +- {near:g}", PASS if abs(ratio - 1) <= near else MISS
         self.rows.append(Row(metric, value, reference, ratio, target, verdict))
 
 

@@ -1,9 +1,18 @@
-"""glibc tuning that keeps the pre-pass's resident memory flat across blocks."""
+"""The pre-pass's host memory: what the activations take, and glibc tuning that keeps the
+resident memory flat across blocks."""
 
 from __future__ import annotations
 
 import ctypes
 import sys
+
+import torch
+
+
+def activation_bytes(samples: int, seq_len: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one task's calibration activations, [samples, seq_len, hidden_size] in
+    ``dtype``: what the block runner holds on the host per task between blocks."""
+    return samples * seq_len * hidden_size * dtype.itemsize
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -7,7 +7,8 @@
   processed.
 * ``mergekit-sparsegpt merge CONFIG OUT [flags]`` is the same command.
 * ``mergekit-sparsegpt calibrate CONFIG [flags]`` only fills the statistics cache (the
-  Hessian pre-pass), taking mergekit's merge flags.
+  Hessian pre-pass), taking mergekit's merge flags; with ``--export DIR`` it also writes each
+  calibrated model's statistics to a shareable folder under DIR.
 
 Expected user errors (``ValueError``, which includes pydantic's ``ValidationError``,
 ``FileNotFoundError``, a statistics cache entry that cannot be written, and a merged model that
@@ -112,8 +113,19 @@ def _calibrate_command() -> Any:
         ),
     )
     @click.argument("config_file")
+    @click.option(
+        "--export",
+        "export_dir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help=(
+            "Also write each calibrated model's statistics to EXPORT/<model folder name>/ "
+            "(safetensors and statistics.json), for merges that name it with `statistics:` "
+            "(docs/shared-statistics.md). Needs hessian_source finetuned or base."
+        ),
+    )
     @add_merge_options
-    def calibrate(merge_options: MergeOptions, config_file: str) -> None:
+    def calibrate(merge_options: MergeOptions, config_file: str, export_dir: str | None) -> None:
         import yaml
         from mergekit.config import MergeConfiguration
 
@@ -125,6 +137,7 @@ def _calibrate_command() -> Any:
         merge_config = MergeConfiguration.model_validate(yaml.safe_load(config_source))
 
         from mergekit_sparsegpt.capture.distributed import launched_ranks, process_group
+        from mergekit_sparsegpt.prepass.export_folders import export_statistics
         from mergekit_sparsegpt.prepass.local_paths import spelled_as_local
         from mergekit_sparsegpt.prepass.run import prepare_statistics
 
@@ -137,9 +150,15 @@ def _calibrate_command() -> Any:
         # Spelled as the merge will spell them, so that the messages name the same paths.
         merge_config = spelled_as_local(merge_config, say)
         with process_group(ranks, ranks.device(merge_options.device)):
+            if export_dir is not None:
+                folders = export_statistics(merge_config, merge_options, export_dir, ranks)
+                say(f"Statistics of {len(folders)} model(s) exported to {export_dir}.")
+                return
             context = prepare_statistics(merge_config, merge_options, ranks)
-        if ranks.main and not merge_options.quiet:
-            click.echo(f"Calibration statistics ready for {len(context.tasks)} task(s).", err=True)
+        if context.merged is not None:
+            say(f"Solved linears of the merge ready ({len(context.merged.reports)} tensors).")
+        else:
+            say(f"Calibration statistics ready for {len(context.tasks)} task(s).")
 
     return _with_user_errors(calibrate)
 

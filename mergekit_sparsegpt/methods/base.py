@@ -15,7 +15,12 @@ import torch
 from mergekit import merge_methods
 from mergekit.merge_methods.base import GroupMergeMethod, TensorGroup
 
-from mergekit_sparsegpt.methods.context import MergeContext, kernel_statistics
+from mergekit_sparsegpt.methods.context import (
+    MergeContext,
+    active_context,
+    kernel_statistics,
+    solved_linear,
+)
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
 
 
@@ -24,7 +29,8 @@ class PluginMethod(GroupMergeMethod):
 
     Besides mergekit's interface: ``keeps_hessians`` (statistics must hold every whole Hessian),
     ``keeps_factors`` (they must hold Cholesky factors), ``nonnegative_weights`` (weights >= 0),
-    ``supports_merged_source`` (``hessian_source: merged`` is allowed), ``solve_paths`` (the
+    ``supports_merged_source`` (``hessian_source: merged`` is allowed), ``solves_in_prepass``
+    (the pre-pass may cache the merged linears themselves), ``solve_paths`` (the
     solve paths the run summary counts), ``summary_paths`` (the report paths a tensor can take,
     with labels), ``check_shared`` (the method's own merge-wide values) and ``fallback_method``
     (the registered stock method for tensors without a Hessian).
@@ -35,6 +41,8 @@ class PluginMethod(GroupMergeMethod):
     nonnegative_weights: ClassVar[bool]
     supports_merged_source: ClassVar[bool]
     solve_paths: ClassVar[tuple[str, ...]] = ()
+    # The pre-pass may solve every linear itself and cache the merged values (RegMean).
+    solves_in_prepass: ClassVar[bool] = False
 
     @property
     @abstractmethod
@@ -56,6 +64,10 @@ class PluginMethod(GroupMergeMethod):
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         if not group.non_base:
             return group.base.tensor
+        context = active_context(self.spec.name)
+        if context.merged is not None:  # solved by the pre-pass
+            solved = solved_linear(context, group)
+            return self.merge_without_statistics(group, parameters) if solved is None else solved
         found = kernel_statistics(self.spec.name, group, parameters["calibration"])
         if found is None:
             return self.merge_without_statistics(group, parameters)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from mergekit.common import ModelReference
 
+from mergekit_sparsegpt.statistics.merged_linears import MergedLinears
 from mergekit_sparsegpt.statistics.task_statistics import (
     StoredMatricesError,
     TaskStatistics,
@@ -40,6 +41,8 @@ class MergeContext:
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
     # What the model card says about the merge set by the pre-pass.
     card_facts: CardFacts | None = None
+    # The linears the pre-pass already solved (RegMean): their values replace the kernel's.
+    merged: MergedLinears | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def tensor_statistics_for(
@@ -140,6 +143,35 @@ def kernel_statistics(
             f"({sorted(map(str, layouts))}): the models are not of one architecture"
         )
     return context, name, statistics
+
+
+def solved_linear(context: MergeContext, group: TensorGroup) -> torch.Tensor | None:
+    """The tensor's value from the pre-pass's solved linears (``context.merged``), its report
+    record replayed. None for a tensor they do not hold: the pre-pass solved every tensor that
+    has a Hessian, so it has none and is recorded under "fallback" for the stock rule."""
+    assert context.merged is not None
+    _check_finite(group)
+    name = group.metadata.name or "<unnamed tensor>"
+    base = group.base.tensor
+    if name not in context.merged:
+        context.record(name, "fallback", base.numel())
+        return None
+    record = dict(context.merged.reports[name])
+    path, models = record.pop("path"), record.pop("models", {})
+    try:
+        value = context.merged.tensor(name)
+    except StoredMatricesError as error:
+        raise ValueError(
+            f"The solved linears of this merge, needed for {name}: {error}. Delete that cache "
+            "entry and rerun the merge; the pre-pass will recompute it."
+        ) from None
+    if value.shape != base.shape:
+        raise ValueError(
+            f"The solved linears of this merge hold {name} with shape {tuple(value.shape)}, "
+            f"but the base model's is {tuple(base.shape)}: delete that cache entry and rerun"
+        )
+    context.record(name, path, base.numel(), models, **record)
+    return value.to(device=base.device, dtype=base.dtype)
 
 
 def _check_finite(group: TensorGroup) -> None:

@@ -48,6 +48,9 @@ class Choice:
 # Parameters read by the pre-pass (calibration, Hessians, cache) rather than by the kernel.
 PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("calibration", str | None, ParameterScope.NON_BASE, default=None),
+    # A folder written by `mergekit-sparsegpt calibrate --export`: the model's statistics,
+    # used instead of calibrating it.
+    ParameterSpec("statistics", str | None, ParameterScope.NON_BASE, default=None),
     # None (not set): the pre-pass fits them to the text and the model, see
     # calibration.DEFAULT_SAMPLES and prepass.tasks.DEFAULT_SEQ_LEN.
     ParameterSpec("calibration_samples", int | None, ParameterScope.SHARED, default=None),

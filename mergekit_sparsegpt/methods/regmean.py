@@ -79,7 +79,14 @@ SPARSE_REGMEAN_TRIM_PARAMETERS = _with_default(TRIM_PARAMETERS, "compensate", Tr
 # RegMean++ (each task's inputs taken in the model merged so far, prepass/merged_source.py)
 # is preferred over each fine-tuned model's own inputs by the quality benchmark
 # (docs/quality-benchmark.md).
-REGMEAN_PREPASS_PARAMETERS = _with_default(PREPASS_PARAMETERS, "hessian_source", "merged")
+# The pre-pass solves every linear as it calibrates and caches the merged linears (one merged
+# model's linears on disk whatever the number of experts); keep_statistics caches each task's
+# whole Grams instead, so that merges with other weights reuse them.
+KEEP_STATISTICS = ParameterSpec("keep_statistics", bool, ParameterScope.SHARED, default=False)
+REGMEAN_PREPASS_PARAMETERS = (
+    *_with_default(PREPASS_PARAMETERS, "hessian_source", "merged"),
+    KEEP_STATISTICS,
+)
 
 # The Gram matrices are stored in float32, so directions whose curvature is within rounding of
 # zero are noise: solving exactly along them would put arbitrary values into the merged weights
@@ -179,6 +186,7 @@ class RegMeanMerge(PluginMethod):
     nonnegative_weights: ClassVar[bool] = True
     supports_merged_source: ClassVar[bool] = True
     solve_paths: ClassVar[tuple[str, ...]] = SOLVE_PATHS
+    solves_in_prepass: ClassVar[bool] = True
 
     @property
     def summary_paths(self) -> tuple[tuple[str, str], ...]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from mergekit.common import ModelReference
@@ -33,7 +34,7 @@ from transformers import PretrainedConfig
 
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
 from mergekit_sparsegpt.capture.architecture import decoder_layers
-from mergekit_sparsegpt.capture.blocks import capture_merged_hessians
+from mergekit_sparsegpt.capture.merged import capture_merged_hessians
 from mergekit_sparsegpt.capture.model import TensorSource, empty_model
 from mergekit_sparsegpt.methods.base import PluginMethod
 from mergekit_sparsegpt.methods.context import MergeContext, PlannedTensor, TaskKey, activated
@@ -71,19 +72,49 @@ def check_merged_source(planned: list[PlannedTensor], method: PluginMethod) -> N
             )
 
 
+# Parameters that say where and how the statistics are kept, not what the merge is.
+STORAGE_PARAMETERS = frozenset({"cache_dir", "calibration_batch_size", "keep_statistics"})
+
+
 def merge_fingerprint(method_name: str, planned: list[PlannedTensor]) -> str:
     """Everything the merged model depends on besides weights and tokens: every tensor's
-    resolved parameters."""
+    resolved parameters (not ``STORAGE_PARAMETERS``: a cache moved elsewhere still serves)."""
     record = [
         [
             t.output_name,
-            sorted(t.shared.items()),
+            sorted((k, v) for k, v in t.shared.items() if k not in STORAGE_PARAMETERS),
             sorted((identity(m), sorted(v.items())) for m, v in t.per_input.items()),
         ]
         for t in planned
     ]
     text = json.dumps([method_name, record], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def merge_payload(
+    planned: list[PlannedTensor],
+    method: PluginMethod,
+    windows: Mapping[TaskKey, torch.Tensor],
+    settings: PrepassSettings,
+    options: MergeOptions,
+    **identity_fields: Any,
+) -> dict[str, Any]:
+    """The cache payload of what depends on the whole merge (``identity_fields`` say what
+    it is): every model's weights, every task's tokens, every parameter."""
+    base = planned[0].base_model
+    assert base is not None  # the methods that compute such entries require one
+    models = sorted({m for t in planned for m in t.inputs}, key=str)
+    return statistics_payload(
+        **identity_fields,
+        merge=merge_fingerprint(method.spec.name, planned),
+        weights={identity(model): model_weights_fingerprint(model) for model in models},
+        config=config_fingerprint(base.config(options.trust_remote_code)),
+        tokens={f"{identity(k[0])} on {k[1]}": tokens_fingerprint(w) for k, w in windows.items()},
+        token_shape=list(next(iter(windows.values())).shape),
+        dampening=settings.dampening,
+        factors=settings.keep_factors,
+        hessians=True,
+    )
 
 
 class MergedTensors:
@@ -137,26 +168,14 @@ def merged_model_statistics(
 ) -> dict[TaskKey, TaskStatistics]:
     """Every task's statistics with the merged model as the forward model, from the cache when
     every task's entry is there."""
-    base = planned[0].base_model
-    config = base.config(options.trust_remote_code)
-    models = sorted({m for t in planned for m in t.inputs}, key=str)
-    shared = statistics_payload(
-        hessian_source=MERGED,
-        merge=merge_fingerprint(method.spec.name, planned),
-        weights={identity(model): model_weights_fingerprint(model) for model in models},
-        config=config_fingerprint(config),
-        tokens={f"{identity(k[0])} on {k[1]}": tokens_fingerprint(w) for k, w in windows.items()},
-        token_shape=list(next(iter(windows.values())).shape),
-        dampening=settings.dampening,
-        factors=settings.keep_factors,
-        hessians=True,
-    )
+    shared = merge_payload(planned, method, windows, settings, options, hessian_source=MERGED)
     cache_dir = settings.cache_dir or default_cache_dir()
     entries = {}
     for task in tasks:
         payload = {**shared, "task": _task_name(task.key)}
         entries[task.key] = Entry(cache_path(cache_dir, payload), payload)
-    joint = _JointPass(planned, method, config, windows, settings, options, readers, list(entries))
+    config = planned[0].base_model.config(options.trust_remote_code)  # type: ignore[union-attr]
+    joint = JointPass(planned, method, config, windows, settings, options, readers)
     # Every task's entry comes from one joint pass: all their locks are held, in one order.
     found = get_or_compute(
         entries,
@@ -181,8 +200,13 @@ def _cached(
     return found  # type: ignore[return-value]
 
 
-class _JointPass:
-    """Every task's statistics from one forward pass through the merged model."""
+# What a pass keeps of each merge unit: every task's Hessians of it and the merged values.
+UnitSink = Callable[[dict[Hashable, LayerHessians], dict[str, torch.Tensor]], None]
+
+
+class JointPass:
+    """Every task's statistics from one forward pass through the merged model, which is
+    merged unit by unit as it goes (``capture_merged_hessians``)."""
 
     def __init__(
         self,
@@ -193,47 +217,73 @@ class _JointPass:
         settings: PrepassSettings,
         options: MergeOptions,
         readers: Mapping[ModelReference, TensorSource],
-        keys: list[TaskKey],
     ) -> None:
         self.planned, self.method, self.config, self.windows = planned, method, config, windows
-        self.settings, self.options, self.readers, self.keys = settings, options, readers, keys
+        self.settings, self.options, self.readers = settings, options, readers
 
     def prepare(self) -> None:
         self.model = empty_model(self.config, self.options.trust_remote_code)
         layers_prefix, _ = decoder_layers(self.model)
-        self.statistics = {key: TaskStatistics.empty(layers_prefix) for key in self.keys}
+        self.statistics = {key: TaskStatistics.empty(layers_prefix) for key in self.windows}
         hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in self.planned}
-        context = MergeContext(hessian_inputs=hessian_inputs, tasks=self.statistics)
-        self.merged = MergedTensors(self.planned, self.method, context, self.readers)
+        self.context = MergeContext(hessian_inputs=hessian_inputs, tasks=self.statistics)
+        self.merged = MergedTensors(self.planned, self.method, self.context, self.readers)
+
+    def run(self, keep: UnitSink, **progress: Any) -> None:
+        """The pass; ``progress`` goes to ``capture_merged_hessians`` (held, resume,
+        block_finished)."""
+
+        def merge_group(hessians: dict[Hashable, LayerHessians]) -> dict[str, torch.Tensor]:
+            return merge_unit(self.statistics, self.merged, self.settings, hessians, keep, True)
+
+        capture_merged_hessians(
+            self.model,
+            self.merged,
+            self.windows,
+            merge_group,
+            device=self.options.device or "cpu",
+            batch_size=self.settings.calibration_batch_size,
+            progress=not self.options.quiet,
+            description=f"RegMean++ Hessians through the merged model ({len(self.windows)} tasks)",
+            **progress,
+        )
 
     def compute(
         self, writers: Mapping[TaskKey, EntryWriter | None]
     ) -> dict[TaskKey, TaskStatistics]:
-        statistics, merged, settings = self.statistics, self.merged, self.settings
+        """Each task's statistics, its whole matrices streamed to its own entry."""
 
-        def merge_group(hessians: dict[Hashable, LayerHessians]) -> dict[str, torch.Tensor]:
-            for key, layer in hessians.items():
-                _add(statistics[key], layer, settings, key)
-            tensors = next(iter(hessians.values())).tensor_names()
-            values = {name: merged(name) for name in tensors}
+        def keep(hessians: dict[Hashable, LayerHessians], _: dict[str, torch.Tensor]) -> None:
             for key, layer in hessians.items():
                 writer = writers[key]
                 assert writer is not None  # one process: the main rank
                 for group in layer.hessians:
-                    statistics[key].move_matrices(group, writer.add)
-            return values
+                    self.statistics[key].move_matrices(group, writer.add)
 
-        capture_merged_hessians(
-            self.model,
-            merged,
-            self.windows,
-            merge_group,
-            device=self.options.device or "cpu",
-            batch_size=settings.calibration_batch_size,
-            progress=not self.options.quiet,
-            description=f"RegMean++ Hessians through the merged model ({len(self.windows)} tasks)",
-        )
-        return statistics
+        self.run(keep)
+        return self.statistics
+
+
+def merge_unit(
+    statistics: Mapping[Hashable, TaskStatistics],
+    merged: MergedTensors,
+    settings: PrepassSettings,
+    hessians: dict[Hashable, LayerHessians],
+    keep: UnitSink,
+    through_merged: bool,
+) -> dict[str, torch.Tensor]:
+    """Add every task's Hessians of one unit to its statistics, merge the unit's tensors with
+    them, and hand both to ``keep``; return the merged values."""
+    for key, layer in hessians.items():
+        model, calibration = key  # type: ignore[misc]
+        with hessian_errors_explained(model, calibration, merged=through_merged):
+            statistics[key].add_layer(
+                layer, settings.dampening, settings.keep_factors, keep_hessians=True
+            )
+    tensors = next(iter(hessians.values())).tensor_names()
+    values = {name: merged(name) for name in tensors}
+    keep(hessians, values)
+    return values
 
 
 def _say_waiting(lock: Path, options: MergeOptions) -> None:
@@ -246,10 +296,3 @@ def _say_waiting(lock: Path, options: MergeOptions) -> None:
 
 def _task_name(key: TaskKey) -> str:
     return f"{key[0]} on {key[1]}"
-
-
-def _add(
-    statistics: TaskStatistics, layer: LayerHessians, settings: PrepassSettings, key: TaskKey
-) -> None:
-    with hessian_errors_explained(key[0], key[1], merged=True):
-        statistics.add_layer(layer, settings.dampening, settings.keep_factors, keep_hessians=True)

@@ -38,6 +38,8 @@ class PrepassSettings:
 class CalibrationTask:
     key: TaskKey  # (model whose task vector is trimmed, calibration source)
     forward_model: ModelReference  # the model the calibration text runs through
+    # A folder `calibrate --export` wrote, read instead of calibrating (key[1] is then "").
+    statistics: str | None = None
 
 
 def plan_tensors(merge_config: MergeConfiguration, options: MergeOptions) -> list[PlannedTensor]:

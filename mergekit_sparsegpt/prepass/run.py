@@ -19,23 +19,28 @@ from mergekit.options import MergeOptions
 from tqdm.auto import tqdm
 
 from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks, launched_ranks
-from mergekit_sparsegpt.capture.weights import CheckpointReader
 from mergekit_sparsegpt.methods.context import CardFacts, MergeContext, PlannedTensor, activated
-from mergekit_sparsegpt.methods.registry import plugin_method
+from mergekit_sparsegpt.prepass.checked_merge import checked_merge
 from mergekit_sparsegpt.prepass.local_paths import spelled_as_local
 from mergekit_sparsegpt.prepass.merged_source import MERGED, merged_model_statistics
 from mergekit_sparsegpt.prepass.messages import say
-from mergekit_sparsegpt.prepass.model_checks import check_models_usable, check_weights
-from mergekit_sparsegpt.prepass.plan import plan_tensors
+from mergekit_sparsegpt.prepass.solving import (
+    SolvingPass,
+    cached_solved_linears,
+    kept_statistics,
+    merged_linears,
+    per_task_reason,
+    solved_entry,
+    storage_dtype,
+)
 from mergekit_sparsegpt.prepass.staged_output import staged_output
 from mergekit_sparsegpt.prepass.task_statistics import task_statistics
 from mergekit_sparsegpt.prepass.tasks import (
+    all_task_windows,
     calibration_tasks,
     resolve_seq_len,
-    task_windows,
     window_shapes,
 )
-from mergekit_sparsegpt.prepass.validate import check_parameter_names, validate_parameters
 from mergekit_sparsegpt.reporting.model_card import append_to_card, card_section
 from mergekit_sparsegpt.reporting.run_report import usage_summary, write_report
 from mergekit_sparsegpt.termination import sigterm_as_interrupt
@@ -60,20 +65,36 @@ def prepare_statistics(
 def _prepare_statistics(
     merge_config: MergeConfiguration, options: MergeOptions, ranks: Ranks
 ) -> MergeContext:
-    method = plugin_method(merge_config.merge_method)
-    check_parameter_names(merge_config, method.spec.parameters)
-    check_models_usable(merge_config, options)
-    planned = plan_tensors(merge_config, options)
-    settings = validate_parameters(planned, method)
-    readers = {
-        model: CheckpointReader(model, model.config(options.trust_remote_code).model_type)
-        for model in {m for tensor in planned for m in tensor.inputs}
-    }
-    check_weights(planned, readers, merge_config, options)
+    checked = checked_merge(merge_config, options)
+    method, planned, settings, readers = (
+        checked.method,
+        checked.planned,
+        checked.settings,
+        checked.readers,
+    )
     _warn_if_compensated_and_rescaled(planned)
     tasks, hessian_inputs = calibration_tasks(planned, settings)
     settings = resolve_seq_len(settings, tasks, options, ranks)
-    windows = {task.key: task_windows(task, settings, options) for task in tasks}
+    windows = all_task_windows(tasks, settings, options)
+    facts = CardFacts(method.spec.name, planned, window_shapes(windows))
+    per_task = per_task_reason(method, planned, settings, tasks, ranks)
+    if per_task is None:
+        base = planned[0].base_model
+        dtype = storage_dtype(merge_config, readers[base], planned[0].inputs[base])
+        entry = solved_entry(planned, method, windows, settings, options, dtype)
+        merged = cached_solved_linears(entry, options)
+        kept = kept_statistics(tasks, windows, settings, options) if merged is None else None
+        if kept is not None:
+            say(options, "Every task's statistics are in the cache: merging from them")
+            return MergeContext(hessian_inputs, tasks=kept, card_facts=facts)
+        if merged is None:
+            solving = SolvingPass(
+                planned, method, windows, tasks, settings, options, readers, dtype
+            )
+            merged = merged_linears(entry, solving)
+        return MergeContext(hessian_inputs, tasks={}, card_facts=facts, merged=merged)
+    if per_task and ranks.main:
+        say(options, f"Caching every task's statistics, not the solved linears: {per_task}")
     if settings.hessian_source == MERGED:
         if ranks.world_size > 1:
             raise ValueError(
@@ -92,7 +113,6 @@ def _prepare_statistics(
             )
         }
         statistics = {key: value for key, value in computed.items() if value is not None}
-    facts = CardFacts(method.spec.name, planned, window_shapes(windows))
     return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics, card_facts=facts)
 
 

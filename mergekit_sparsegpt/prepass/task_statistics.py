@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from mergekit_sparsegpt.capture.model import empty_model
 from mergekit_sparsegpt.capture.weights import (
     CheckpointReader,
 )
+from mergekit_sparsegpt.prepass.exported import exported_statistics
 from mergekit_sparsegpt.prepass.messages import say
 from mergekit_sparsegpt.prepass.model_identity import identity
 from mergekit_sparsegpt.prepass.plan import CalibrationTask, PrepassSettings
@@ -53,22 +55,26 @@ def task_statistics(
     options: MergeOptions,
     ranks: Ranks = SINGLE_PROCESS,
 ) -> TaskStatistics | None:
-    """Load the task's statistics from the cache, or run the calibration forward pass.
+    """Load the task's statistics from the cache, or run the calibration forward pass; a task
+    with a statistics folder reads the folder instead (``windows`` then only has its shape).
 
     With several ranks, the main rank alone reads and writes the cache and returns the
     statistics; the other ranks return None.
     """
+    if task.statistics is not None:
+        return exported_statistics(task, settings, partial(say, options)) if ranks.main else None
+    return _cached_or_computed(task, windows, settings, options, ranks)
+
+
+def _cached_or_computed(
+    task: CalibrationTask,
+    windows: torch.Tensor,
+    settings: PrepassSettings,
+    options: MergeOptions,
+    ranks: Ranks,
+) -> TaskStatistics | None:
     config = task.forward_model.config(options.trust_remote_code)
-    payload = statistics_payload(
-        model=identity(task.forward_model),
-        weights=model_weights_fingerprint(task.forward_model),
-        config=config_fingerprint(config),
-        tokens=tokens_fingerprint(windows),
-        token_shape=list(windows.shape),
-        dampening=settings.dampening,
-        factors=settings.keep_factors,
-        hessians=settings.keep_hessians,
-    )
+    payload = _task_payload(task, config, windows, settings)
     cache_dir = settings.cache_dir or default_cache_dir()
     path = cache_path(cache_dir, payload)
     shard: list[torch.Tensor] = []
@@ -113,7 +119,35 @@ def task_statistics(
     return None if found is None else found["task"]
 
 
-def _cached_statistics(
+def _task_payload(
+    task: CalibrationTask,
+    config: PretrainedConfig,
+    windows: torch.Tensor,
+    settings: PrepassSettings,
+) -> dict[str, Any]:
+    return statistics_payload(
+        model=identity(task.forward_model),
+        weights=model_weights_fingerprint(task.forward_model),
+        config=config_fingerprint(config),
+        tokens=tokens_fingerprint(windows),
+        token_shape=list(windows.shape),
+        dampening=settings.dampening,
+        factors=settings.keep_factors,
+        hessians=settings.keep_hessians,
+    )
+
+
+def cached_task_statistics(
+    task: CalibrationTask, windows: torch.Tensor, settings: PrepassSettings, options: MergeOptions
+) -> TaskStatistics | None:
+    """The task's statistics if the cache holds them; nothing is computed or said otherwise."""
+    payload = _task_payload(
+        task, task.forward_model.config(options.trust_remote_code), windows, settings
+    )
+    return _serving_entry(task, payload, settings.cache_dir or default_cache_dir(), options)
+
+
+def _serving_entry(
     task: CalibrationTask, payload: dict[str, Any], cache_dir: str | Path, options: MergeOptions
 ) -> TaskStatistics | None:
     # Statistics holding more whole matrices than needed serve this merge too.
@@ -125,6 +159,15 @@ def _cached_statistics(
             # Left by a run killed between committing the entry and removing its checkpoint.
             remove_checkpoint(path)
             return cached
+    return None
+
+
+def _cached_statistics(
+    task: CalibrationTask, payload: dict[str, Any], cache_dir: str | Path, options: MergeOptions
+) -> TaskStatistics | None:
+    found = _serving_entry(task, payload, cache_dir, options)
+    if found is not None:
+        return found
     for path, version in older_format_entries(cache_dir, payload):
         say(
             options,

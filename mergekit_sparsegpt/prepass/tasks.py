@@ -14,6 +14,7 @@ from mergekit_sparsegpt.calibration.texts import read_calibration_texts
 from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks
 from mergekit_sparsegpt.methods.context import PlannedTensor, TaskKey
+from mergekit_sparsegpt.prepass.exported import checked_folder, exported_windows
 from mergekit_sparsegpt.prepass.messages import say
 from mergekit_sparsegpt.prepass.model_checks import (
     check_tokens_fit,
@@ -40,10 +41,17 @@ def calibration_tasks(
             forward = model if settings.hessian_source == "finetuned" else tensor.base_model
             if forward is None:
                 raise ValueError(f"hessian_source: {settings.hessian_source} needs a base_model")
-            key = (model, values["calibration"])
-            task = tasks.setdefault(key, CalibrationTask(key, forward))
+            # A folder's task is looked up as the kernels look up a model without calibration.
+            folder = values.get("statistics")
+            key = (model, values["calibration"] or "")
+            task = tasks.setdefault(key, CalibrationTask(key, forward, folder))
             if task.forward_model != forward:
                 raise ValueError(f"Model {model} would be calibrated through two base models")
+            if task.statistics != folder:
+                raise ValueError(
+                    f"Model {model} has two statistics folders, {task.statistics} and {folder}, "
+                    "for different tensors; give it one"
+                )
             hessian_inputs.setdefault(tensor.output_name, {})[model] = tensor.inputs[forward]
     # mergekit's per-model dicts follow hash order, which differs between processes; ranks of a
     # distributed calibration must take the tasks in one order.
@@ -77,6 +85,28 @@ def resolve_seq_len(
     if ranks.main:
         say(options, f"calibration_seq_len not set: windows of {seq_len} tokens{why}")
     return dataclasses.replace(settings, calibration_seq_len=seq_len)
+
+
+def uses_exported_statistics(tasks: list[CalibrationTask]) -> bool:
+    """Whether any task is read from a statistics folder: such a merge sums each task's
+    statistics at merge time (the folders hold per-task Hessians, not merged linears)."""
+    return any(task.statistics is not None for task in tasks)
+
+
+def all_task_windows(
+    tasks: list[CalibrationTask], settings: PrepassSettings, options: MergeOptions
+) -> dict[TaskKey, torch.Tensor]:
+    """Every task's token windows. Statistics folders are checked first, before any text is
+    read; their tasks get ``exported_windows``, the shape of the tokens that produced them."""
+    windows = {
+        task.key: exported_windows(checked_folder(task, settings)[0])
+        for task in tasks
+        if task.statistics is not None
+    }
+    for task in tasks:
+        if task.statistics is None:
+            windows[task.key] = task_windows(task, settings, options)
+    return {task.key: windows[task.key] for task in tasks}
 
 
 def task_windows(

@@ -157,7 +157,21 @@ def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> P
     _check_settings(settings)
     if settings.hessian_source == MERGED:
         check_merged_source(planned, method)
+        _refuse_statistics_folders(planned)
     return settings
+
+
+def _refuse_statistics_folders(planned: list[PlannedTensor]) -> None:
+    for tensor in planned:
+        for model, values in tensor.per_input.items():
+            if model != tensor.base_model and values.get("statistics"):
+                raise ValueError(
+                    f"Model {model} has `statistics:`, but hessian_source: {MERGED} (RegMean++) "
+                    "measures every task in the merged model, so its statistics depend on every "
+                    "model of this merge and no folder can hold them. Use hessian_source: "
+                    "finetuned or base with statistics folders exported with that source, or "
+                    "give the model `calibration:`."
+                )
 
 
 def _check_model(
@@ -182,11 +196,23 @@ def _check_model(
             f"weight {weight} {where} must be a finite number >= 0: RegMean weighs each "
             "model's Hessian by it, and a negative weight makes the system indefinite"
         )
-    if not values["calibration"]:
+    _check_data(model, values)
+
+
+def _check_data(model: ModelReference, values: dict[str, Any]) -> None:
+    """A merged model brings calibration text or a statistics folder: one of them."""
+    if values["calibration"] and values.get("statistics"):
+        raise ValueError(
+            f"Model {model} has both 'calibration' and 'statistics': a statistics folder "
+            "replaces calibrating the model. Keep one of them (a `calibration:` default under "
+            "the top-level `parameters:` counts too)."
+        )
+    if not values["calibration"] and not values.get("statistics"):
         raise ValueError(
             f"Model {model} has no 'calibration' parameter. Every merged model needs "
             "calibration text: add `calibration: <file or dataset>` to its parameters "
-            "(or a default under the top-level `parameters:`)."
+            "(or a default under the top-level `parameters:`), or `statistics: <folder>` "
+            "exported by `mergekit-sparsegpt calibrate --export`."
         )
 
 

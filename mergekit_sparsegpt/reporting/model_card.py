@@ -75,7 +75,8 @@ def calibration_section(
 
     ``shared``: each planned tensor's merge-wide values; ``per_model``: each merged model's
     values per tensor; ``calibration``: per model, its calibration source, windows and tokens
-    per window (as resolved: the user may have set neither).
+    per window (as resolved: the user may have set neither; for a model with a statistics
+    folder, "" and the folder's windows).
     """
     name = method.spec.name
     shared_specs = [
@@ -106,6 +107,8 @@ def calibration_section(
     ]
     for model, values in per_model.items():
         source, windows, seq_len = calibration.get(model, ("–", 0, 0))
+        # A model merged from a statistics folder has no calibration source of its own here.
+        source = source or "its statistics folder (the `statistics` column)"
         cells = [
             describe_values(v.get(spec) for v in values)
             for spec in model_specs

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -32,6 +32,8 @@ from mergekit_sparsegpt.statistics.task_statistics import (
     split_tensor_key,
     tensor_key,
 )
+
+T = TypeVar("T")
 
 # safetensors' names of the dtypes statistics come in (they are float32 by construction).
 DTYPES = {
@@ -136,6 +138,14 @@ def load_statistics(path: Path, payload: dict[str, Any]) -> TaskStatistics | Non
 
     Raises ``CacheFileError`` when something other than a regular file is at ``path``.
     """
+    return load_entry(path, payload, read_statistics)
+
+
+def load_entry(
+    path: Path, payload: dict[str, Any], read: Callable[[Path, dict[str, Any]], T]
+) -> T | None:
+    """``read(path, payload)``, or None (with a warning) when the entry is absent, stale or
+    corrupt; ``CacheFileError`` when something other than a regular file is at ``path``."""
     try:
         require_regular(path)
     except ValueError as error:
@@ -145,7 +155,7 @@ def load_statistics(path: Path, payload: dict[str, Any]) -> TaskStatistics | Non
     if not path.exists():
         return None
     try:
-        return read_statistics(path, payload)
+        return read(path, payload)
     except READ_ERRORS as error:
         LOG.warning("Ignoring statistics cache %s: %s; recomputing.", path, error)
         return None

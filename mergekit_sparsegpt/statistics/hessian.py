@@ -5,7 +5,8 @@ H = 2 X X^T with respect to each row of W (SparseGPT, Frantar & Alistarh 2023, e
 ``HessianAccumulator`` is SparseGPT's ``add_batch``; ``hessian_statistics`` is the preamble of
 SparseGPT's ``fasterprune`` (dead columns, damping, Cholesky of H^-1), keeping only the diagonals
 that the scores need so that a task's statistics stay O(columns) per layer on disk, unless a
-method asks for a whole matrix (compensation: the Cholesky factor; RegMean: H itself).
+method asks for a whole matrix (compensation: the Cholesky factor; RegMean: H itself). When both
+are asked, only H is kept: the factor is recomputed from it, bit for bit, by ``upper_factor``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class HessianStatistics:
     ``hessian_diagonal`` is undamped (with dead columns set to 1); the other two come from the
     damped Hessian. ``damping`` is the relative damping that succeeded and ``inverse_path`` says
     whether Cholesky worked or the pseudo-inverse fallback was needed. ``cholesky_factor`` is the
-    whole upper factor U of H^-1, kept only when error compensation needs it (and Cholesky
-    worked).
+    whole upper factor U of H^-1, kept only when error compensation needs it, Cholesky worked
+    and H is not kept; read it through ``upper_factor``.
     ``hessian`` is the whole H as accumulated (undamped, dead columns left at 0, float32), kept
     only when RegMean needs it.
     """
@@ -54,6 +55,23 @@ class HessianStatistics:
                 for name, value in vars(self).items()
             }
         )
+
+    def upper_factor(self) -> torch.Tensor | None:
+        """U with H^-1 = U^T U: the stored factor, else recomputed from the stored H exactly as
+        ``hessian_statistics`` computed it (bit for bit on the same device); None when neither
+        is kept or the pseudo-inverse was needed."""
+        if self.cholesky_factor is not None:
+            return self.cholesky_factor
+        if self.hessian is None or self.inverse_path != "cholesky":
+            return None
+        private = self.hessian.to(torch.float32).clone()
+        found = _inverse_factors(private, [self.damping * _revive_dead_columns(private)])
+        if found is None or found[2] is None:
+            raise HessianError(
+                f"the Cholesky factor of H^-1 at the stored damping {self.damping} cannot be "
+                "recomputed from the stored Hessian (the entry is corrupt); delete it and rerun"
+            )
+        return found[2]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         vectors = {
@@ -78,7 +96,10 @@ def hessian_statistics(
         raise HessianError(f"Hessian must be square, got shape {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise HessianError("Hessian has non-finite entries (inf/NaN activations)")
-    statistics = _inverse_statistics(hessian.to(torch.float32).clone(), dampening, keep_factor)
+    # With H kept, the factor is not: ``upper_factor`` recomputes it from H when asked.
+    statistics = _inverse_statistics(
+        hessian.to(torch.float32).clone(), dampening, keep_factor and not keep_hessian
+    )
     if not keep_hessian:
         return statistics
     # RegMean solves with the true Gram matrix: no damping, and a dead column stays dead so it
@@ -89,31 +110,16 @@ def hessian_statistics(
 def _inverse_statistics(
     hessian: torch.Tensor, dampening: float, keep_factor: bool
 ) -> HessianStatistics:
-    """``hessian`` is the caller's private copy: its diagonal is changed in place.
-
-    Damping goes on that diagonal and comes off again, and each matrix is released once the
-    next one exists, so at most three d x d matrices are alive: at d = 11008 (a 7B Llama's
-    down_proj) each is 0.5 GB, and a damped copy plus all intermediates would hold 2.4 GB.
-    """
-    diagonal = torch.diagonal(hessian)
-    # A column whose input is always zero carries no curvature; SparseGPT sets it to 1 so the
-    # matrix stays invertible and the column is ranked by |tau| alone.
-    diagonal[diagonal == 0] = 1
-    hessian_diagonal = diagonal.clone()
-    mean_diagonal = diagonal.mean().item()
-
+    """``hessian`` is the caller's private copy: its diagonal is changed in place."""
+    mean_diagonal = _revive_dead_columns(hessian)
+    hessian_diagonal = torch.diagonal(hessian).clone()
     dampings = _damping_steps(dampening)
     ridges = [damping * mean_diagonal for damping in dampings]
     start = 0
-    while (found := first_cholesky(hessian, ridges[start:], in_place=True)) is not None:
-        step, lower = found
+    while (found := _inverse_factors(hessian, ridges[start:])) is not None:
+        step, inverse_diagonal, upper = found
         start += step + 1
-        inverse = torch.cholesky_inverse(lower)
-        del lower
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        inverse_diagonal = torch.diagonal(inverse).clone()
-        del inverse
-        if info.item() == 0:
+        if upper is not None:
             return HessianStatistics(
                 hessian_diagonal,
                 inverse_diagonal,
@@ -123,6 +129,40 @@ def _inverse_statistics(
                 upper if keep_factor else None,
             )
     return _pseudo_inverse_statistics(hessian, hessian_diagonal, mean_diagonal, dampening)
+
+
+def _revive_dead_columns(hessian: torch.Tensor) -> float:
+    """Set the zero diagonal entries of the private ``hessian`` to 1; its mean diagonal.
+
+    A column whose input is always zero carries no curvature; SparseGPT sets it to 1 so the
+    matrix stays invertible and the column is ranked by |tau| alone.
+    """
+    diagonal = torch.diagonal(hessian)
+    diagonal.masked_fill_(diagonal == 0, 1)
+    return diagonal.mean().item()
+
+
+def _inverse_factors(
+    hessian: torch.Tensor, ridges: Sequence[float]
+) -> tuple[int, torch.Tensor, torch.Tensor | None] | None:
+    """The first ``ridges`` index at which the ridged ``hessian`` has a Cholesky factor, with
+    diag H^-1 and the upper factor U of H^-1 (None if H^-1 has none); None if no ridge works.
+
+    The one computation of U, for ``hessian_statistics`` and ``upper_factor`` alike. The ridge
+    goes on the private ``hessian``'s diagonal and comes off again, and each matrix is released
+    once the next one exists, so at most three d x d matrices are alive: at d = 11008 (a 7B
+    Llama's down_proj) each is 0.5 GB, and a damped copy plus all intermediates would hold 2.4 GB.
+    """
+    found = first_cholesky(hessian, ridges, in_place=True)
+    if found is None:
+        return None
+    step, lower = found
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    inverse_diagonal = torch.diagonal(inverse).clone()
+    del inverse
+    return step, inverse_diagonal, upper if info.item() == 0 else None
 
 
 def first_cholesky(

@@ -24,7 +24,9 @@ from mergekit_sparsegpt.statistics.cache_dir import resolved_cache_dir
 FORMAT_VERSION = 4  # bump whenever the statistics a given key maps to change (3: "hessians";
 # 4: Conv1D and fused-expert Hessians, forward pass in the checkpoint's dtype)
 # Payload flags for the optional whole matrices an entry holds (``HessianStatistics``'s
-# cholesky_factor and hessian). An entry holding more than a merge needs serves it too.
+# cholesky_factor and hessian). An entry holding more than a merge needs serves it too. With both
+# flags an entry holds only H, the factor being recomputed from it bit for bit; entries written
+# with both matrices stored serve the same key, so the format version stayed.
 OPTIONAL_CONTENTS = ("factors", "hessians")
 # Bytes hashed from each weight file: the start (safetensors header), the end, and evenly spaced
 # samples between; reading whole multi-GB checkpoints would cost more than the pre-pass.

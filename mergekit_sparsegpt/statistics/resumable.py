@@ -8,19 +8,16 @@ a rerun with the same key continues after the last checkpointed block.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import torch
-from safetensors import safe_open
 
 from mergekit_sparsegpt.statistics.cache_dir import (
     LOG,
@@ -29,92 +26,56 @@ from mergekit_sparsegpt.statistics.cache_dir import (
     require_regular,
     writing,
 )
+from mergekit_sparsegpt.statistics.checkpoint import (
+    CHECKPOINT_OVERHEAD_VARIABLE,
+    CHECKPOINT_VERSION,
+    DEFAULT_CHECKPOINT_OVERHEAD,
+    Activations,
+    CheckpointSchedule,
+    ResumePoint,
+    checkpoint_overhead,
+    named_activations,
+    read_checkpoint,
+)
 from mergekit_sparsegpt.statistics.entries import (
-    DTYPE_BY_NAME,
     DTYPES,
     byte_count,
-    check_identity,
     raw_bytes,
     replace_atomically,
     safetensors_header,
     write_tensors,
 )
 from mergekit_sparsegpt.statistics.keys import FORMAT_VERSION, canonical, checkpoint_dir
-from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+
+# Re-exported: the checkpoint's settings, where the writer is.
+__all__ = [
+    "CHECKPOINT_OVERHEAD_VARIABLE",
+    "DEFAULT_CHECKPOINT_OVERHEAD",
+    "EntryContents",
+    "EntryWriter",
+    "ResumePoint",
+    "checkpoint_overhead",
+    "remove_checkpoint",
+]
 
 _COPY_CHUNK = 1 << 24
-# The resume checkpoint of an entry: a directory holding the state file (statistics of the
-# finished blocks and the next block's input) and the matrices file the entry's whole matrices
-# are streamed to. Its own layout version: the statistics it holds follow FORMAT_VERSION.
-CHECKPOINT_VERSION = 1
+# The resume checkpoint of an entry: a directory holding the state file (see
+# ``checkpoint.read_checkpoint``) and the matrices file the entry's whole matrices are streamed to.
 _STATE_FILE = "state.safetensors"
 _MATRICES_FILE = "matrices"
 _ENTRY_PARTIAL = "entry.partial"
-_ACTIVATIONS = "activations"  # the state file's tensor of the next block's input
-# The largest share of the pre-pass's time spent writing checkpoints (see CheckpointSchedule).
-CHECKPOINT_OVERHEAD_VARIABLE = "MERGEKIT_SPARSEGPT_CHECKPOINT_OVERHEAD"
-DEFAULT_CHECKPOINT_OVERHEAD = 0.1
+
+
+class EntryContents(Protocol):
+    """What an entry holds besides the tensors streamed to it: a task's statistics, or the
+    records of a merge's solved linears."""
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]: ...
 
 
 def remove_checkpoint(path: Path) -> None:
     """Remove entry ``path``'s checkpoint, if any: the entry is there, nothing will resume."""
     shutil.rmtree(checkpoint_dir(path), ignore_errors=True)
-
-
-@dataclass
-class ResumePoint:
-    """Where an interrupted pre-pass stopped: the statistics of the blocks before
-    ``next_block`` and that block's input activations ([samples, seq_len, hidden])."""
-
-    next_block: int
-    statistics: TaskStatistics
-    activations: torch.Tensor
-
-
-def checkpoint_overhead() -> float:
-    """The configured largest share of pre-pass time spent writing checkpoints."""
-    text = os.environ.get(CHECKPOINT_OVERHEAD_VARIABLE)
-    if text is None:
-        return DEFAULT_CHECKPOINT_OVERHEAD
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise ValueError(
-            f"{CHECKPOINT_OVERHEAD_VARIABLE}={text!r} must be a number from 0 (never write a "
-            "resume checkpoint) to 1 (after every block): the largest share of the pre-pass's "
-            "time spent writing them"
-        )
-    return value
-
-
-class CheckpointSchedule:
-    """Which finished blocks to checkpoint.
-
-    A checkpoint rewrites the next block's input activations (1 GiB per block for a 7B model at
-    the default 128 x 512 windows), which on a GPU can take as long as the block. So one is
-    written only once the time since the previous one is long enough that the previous write's
-    duration is at most ``overhead`` of the two together; the first block is always written
-    (its cost is not known before). On a CPU, where a block takes minutes, that is every block.
-    """
-
-    def __init__(self, overhead: float) -> None:
-        self.overhead = overhead
-        self._since = time.monotonic()
-        self._cost: float | None = None  # seconds the last write took
-
-    def due(self) -> bool:
-        if self.overhead <= 0:
-            return False
-        if self._cost is None:
-            return True
-        elapsed = time.monotonic() - self._since
-        return self._cost * (1 - self.overhead) <= self.overhead * elapsed
-
-    def written(self, cost: float) -> None:
-        self._cost = cost
-        self._since = time.monotonic()
 
 
 class EntryWriter:
@@ -193,7 +154,7 @@ class EntryWriter:
         return point
 
     def block_finished(
-        self, index: int, activations: torch.Tensor, statistics: TaskStatistics
+        self, index: int, activations: Activations, statistics: EntryContents
     ) -> None:
         """Block ``index`` is in ``statistics`` and gave ``activations``: checkpoint it if due."""
         if self._schedule is None or not self._schedule.due():
@@ -207,7 +168,7 @@ class EntryWriter:
         )
 
     def save_checkpoint(
-        self, next_block: int, statistics: TaskStatistics, activations: torch.Tensor
+        self, next_block: int, statistics: EntryContents, activations: Activations
     ) -> int:
         """Make the blocks before ``next_block`` resumable, replacing the last checkpoint;
         return the bytes written (the matrices file is written as they come, not here)."""
@@ -223,7 +184,7 @@ class EntryWriter:
                 [[name, DTYPES[t.dtype], list(t.shape)] for name, t in self._added.items()]
             ),
         }
-        tensors = {**in_memory, _ACTIVATIONS: activations}
+        tensors = {**in_memory, **named_activations(activations)}
         header = safetensors_header(tensors, metadata)
         with writing(self.path):
             self._side.flush()  # what Python still buffers would die with a killed process
@@ -236,8 +197,9 @@ class EntryWriter:
         self._checkpointed = next_block
         return 8 + len(header) + byte_count(tensors)
 
-    def commit(self, statistics: TaskStatistics) -> None:
-        in_memory, metadata = statistics.to_tensors()
+    def commit(self, contents: EntryContents) -> None:
+        """Write the entry: ``contents``' tensors and metadata, then the streamed tensors."""
+        in_memory, metadata = contents.to_tensors()
         metadata = {**metadata, **self._identity()}
         header = safetensors_header({**in_memory, **self._added}, metadata)
 
@@ -309,38 +271,6 @@ class EntryWriter:
             return None
         self._added = added
         return point
-
-
-def read_checkpoint(
-    state: Path, payload: dict[str, Any]
-) -> tuple[ResumePoint, dict[str, torch.Tensor]]:
-    """A checkpoint's resume point and its streamed matrices (name -> empty tensor of their
-    dtype and shape, in file order). Raises one of ``READ_ERRORS`` when it cannot be used."""
-    with safe_open(state, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        check_identity(metadata, canonical(payload))
-        if metadata.get("checkpoint") != str(CHECKPOINT_VERSION):
-            raise ValueError(f"it is not a version {CHECKPOINT_VERSION} pre-pass checkpoint")
-        names = list(handle.keys())
-        if _ACTIVATIONS not in names:
-            raise ValueError("it holds no activations")
-        activations = handle.get_tensor(_ACTIVATIONS)
-        vectors = {name: handle.get_tensor(name) for name in names if name != _ACTIVATIONS}
-    try:
-        next_block = int(metadata["next_block"])
-        if next_block < 1:
-            raise ValueError(f"next_block {next_block}")
-        added = {
-            name: torch.empty(shape, dtype=DTYPE_BY_NAME[dtype], device="meta")
-            for name, dtype, shape in json.loads(metadata["matrices"])
-        }
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"its metadata is incomplete ({error!r})") from None
-    expected = payload.get("token_shape")
-    if activations.dim() != 3 or (expected and list(activations.shape[:2]) != list(expected)):
-        raise ValueError(f"its activations have shape {list(activations.shape)}")
-    statistics = TaskStatistics.from_tensors(vectors, metadata)
-    return ResumePoint(next_block, statistics, activations), added
 
 
 def _fresh(temporary: Path) -> Path:

@@ -43,12 +43,17 @@ class Steps:
     ``compute(writers)``: every entry's statistics, streaming whole matrices to its writer
     (None on ranks other than the main one).
     ``written(statistics)``: after the commit and the locks' release, on the main rank.
+    ``read(path, payload)``: an entry just committed, as a cache hit reads it.
+
+    Entries hold a task's statistics unless ``read`` says otherwise: whatever ``compute``
+    returns per entry is what ``EntryWriter.commit`` writes (``to_tensors()``).
     """
 
     cached: Callable[[], Mapping[Any, TaskStatistics] | None]
     compute: Callable[[Mapping[Any, EntryWriter | None]], Mapping[Any, TaskStatistics]]
     prepare: Callable[[], None] = lambda: None
     written: Callable[[Mapping[Any, TaskStatistics]], None] = lambda statistics: None
+    read: Callable[[Path, dict[str, Any]], Any] = read_statistics
 
 
 def get_or_compute(
@@ -88,4 +93,4 @@ def get_or_compute(
     if not ranks.main:
         return None
     steps.written(statistics)
-    return {key: read_statistics(entry.path, entry.payload) for key, entry in entries.items()}
+    return {key: steps.read(entry.path, entry.payload) for key, entry in entries.items()}

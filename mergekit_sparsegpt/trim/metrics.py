@@ -6,7 +6,10 @@ H = (2 / n) X X^T. The report gives that error relative to ||tau X||^2, for the 
 and for magnitude trimming at the same density (L1-rescaled too when the merge rescales, so like
 is compared with like), so users see what the Hessian bought them. With
 the whole Cholesky factor of H^-1 at hand (``compensate: true``) the trace is exact for the damped
-Hessian; otherwise only diag H is used (cross terms ignored).
+Hessian; otherwise only diag H is used (cross terms ignored). "At hand" is the statistics'
+``cholesky_factor`` field, which ``trim.py`` fills from H (``upper_factor``) when compensating:
+calling ``upper_factor`` here would also make a Cholesky for every RegMean Hessian trimmed
+without compensation, and change its estimate from the diagonal one to the full one.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ each [out, in] matrix of a checkpoint tensor is trimmed with its own Hessian sta
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from mergekit.sparsify import (
 )
 
 from mergekit_sparsegpt.capture.accumulate import TensorLayout
-from mergekit_sparsegpt.statistics.hessian import HessianStatistics
+from mergekit_sparsegpt.statistics.hessian import HessianError, HessianStatistics
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
 from mergekit_sparsegpt.trim.compensation import compensated_trim
 from mergekit_sparsegpt.trim.importance import importance_scores, top_density_mask
@@ -69,17 +70,42 @@ def trim_tensor_task_vector(
     tensor's layout; and the report entry."""
     layout = statistics.layout
     matrices = matrix_views(layout, task_vector, where)
+    resolved = [
+        _with_upper_factor(stats, task_vector.device, _matrix_where(where, index, layout))
+        if parameters["compensate"]
+        else stats
+        for index, stats in enumerate(statistics.matrices)
+    ]
     trims = [
         trim_task_vector(matrix, stats, density, parameters, _matrix_where(where, index, layout))
-        for index, (matrix, stats) in enumerate(zip(matrices, statistics.matrices, strict=True))
+        for index, (matrix, stats) in enumerate(zip(matrices, resolved, strict=True))
     ]
     entries = [
         trim_entry(matrix, vector, mask, stats, density, bool(parameters.get("rescale")))
-        for matrix, (vector, mask), stats in zip(matrices, trims, statistics.matrices, strict=True)
+        for matrix, (vector, mask), stats in zip(matrices, trims, resolved, strict=True)
     ]
     vector = layout.assemble([vector for vector, _ in trims])
     mask = layout.assemble([mask for _, mask in trims])
     return vector, mask, tensor_entry(entries, statistics)
+
+
+def _with_upper_factor(
+    statistics: HessianStatistics, device: torch.device, where: str
+) -> HessianStatistics:
+    """The statistics with U of H^-1 at hand, so that the re-fit and the report's three error
+    estimates share one factor; when only H is stored, U is computed once, on the task
+    vector's device (where the re-fit runs)."""
+    if statistics.cholesky_factor is not None or statistics.hessian is None:
+        return statistics
+    on_device = replace(statistics, hessian=statistics.hessian.to(device))
+    return replace(statistics, cholesky_factor=_upper_factor(on_device, where))
+
+
+def _upper_factor(statistics: HessianStatistics, where: str) -> torch.Tensor | None:
+    try:
+        return statistics.upper_factor()
+    except HessianError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def matrix_views(layout: TensorLayout, tensor: torch.Tensor, where: str) -> list[torch.Tensor]:
@@ -125,13 +151,14 @@ def trim_task_vector(
     mask = top_density_mask(scores, density, parameters["selection"])
     if not parameters["compensate"]:
         return rescaled_masked_tensor(task_vector, mask.to(task_vector.dtype), rescale), mask
-    if statistics.cholesky_factor is None:
+    factor = _upper_factor(statistics, where)
+    if factor is None:
         raise ValueError(
             f"{where}: compensate needs the Cholesky factor of its Hessian, which is missing "
             "(the pseudo-inverse fallback was used, or the statistics were computed without "
             "compensate); delete that cache entry or raise dampening"
         )
-    compensated = compensated_trim(task_vector, statistics.cholesky_factor, mask)
+    compensated = compensated_trim(task_vector, factor, mask)
     return (_l1_rescaled(compensated, task_vector) if rescale else compensated), mask
 
 

@@ -3,22 +3,30 @@ smoke run of its quickest part."""
 
 from __future__ import annotations
 
+import io
 import json
+import resource
+import runpy
+import sys
+import time
+from contextlib import redirect_stderr
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
 
-from benchmarks.perf import formulas
+from benchmarks.perf import formulas, projection
 from benchmarks.perf.configs import calibration_settings, merge_config
 from benchmarks.perf.measure import (
     MeasuredCommandFailed,
+    MeasuredRun,
     counting_calls,
     python_command,
     run_measured,
 )
-from benchmarks.perf.merge import entry_data_bytes, keeps_matrices
-from benchmarks.perf.models import Checkpoints, Sizes, prepare
+from benchmarks.perf.merge import entry_data_bytes
+from benchmarks.perf.models import Checkpoints, Sizes, expert_domains, prepare
 from benchmarks.perf.report import MISS, PASS, PartResult
 
 MIB = 2**20
@@ -102,9 +110,25 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     return prepare(tmp_path_factory.mktemp("perf_models"), TEST_SIZES, (2,), experts=False)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt_ties", "regmean", "sparsegpt_regmean"])
+# hidden 32, 2 layers: a block's linears are 4 x 32 x 32 / 2 (k, v) ... = 9216 weights; the
+# Hessian groups are 32, 32, 32 and 64 wide.
+TINY_LINEARS_FLOAT32 = 2 * (1024 + 512 + 512 + 1024 + 3 * 32 * 64) * 4
+TINY_GRAMS = 2 * (3 * 32**2 + 64**2) * 4
+TINY_VECTORS = 2 * 3 * (3 * 32 + 64) * 4
+
+
+@pytest.mark.parametrize(
+    ("method", "keep", "expected"),
+    [
+        ("sparsegpt_ties", False, TINY_VECTORS),
+        ("regmean", False, TINY_LINEARS_FLOAT32),  # one merged model's linears, float32
+        ("sparsegpt_regmean", False, TINY_LINEARS_FLOAT32),
+        ("regmean", True, TINY_GRAMS + TINY_VECTORS),  # the task's Grams
+        ("sparsegpt_regmean", True, TINY_GRAMS + TINY_VECTORS),  # its factor derived from H
+    ],
+)
 def test_cache_formula_matches_the_bytes_the_prepass_writes(
-    tiny_checkpoints: Checkpoints, method: str, tmp_path: Path
+    tiny_checkpoints: Checkpoints, method: str, keep: bool, expected: int, tmp_path: Path
 ) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
@@ -114,7 +138,10 @@ def test_cache_formula_matches_the_bytes_the_prepass_writes(
     parameters = {"weight": 1.0, "calibration": str(tiny_checkpoints.calibration_text)}
     if method != "regmean":
         parameters["density"] = 0.3
-    settings = calibration_settings(4, 16, tmp_path)
+    settings = {
+        **calibration_settings(4, 16, tmp_path),
+        **({"keep_statistics": True} if keep else {}),
+    }
     config = merge_config(
         method, tiny_checkpoints.base(2), {tiny_checkpoints.task_alias(2): parameters}, settings
     )
@@ -123,13 +150,10 @@ def test_cache_formula_matches_the_bytes_the_prepass_writes(
     )
     (entry,) = tmp_path.glob("*.safetensors")
     shape = formulas.LlamaShape(32, 64, 2, 4, 2, 300)
-    hessians, factors = keeps_matrices(method)
-    assert (hessians, factors) == {
-        "sparsegpt_ties": (False, False),
-        "regmean": (True, False),
-        "sparsegpt_regmean": (True, True),
-    }[method]
-    assert entry_data_bytes(entry) == formulas.cache_bytes_per_task(shape, hessians, factors)
+    recipe = HAND_RECIPES["regmean (merged)" if method == "regmean" else method]
+    work = projection.Workload(1, 4, 16, output_bytes=4)
+    assert projection.cache_bytes(recipe, shape, work, keep) == expected
+    assert entry_data_bytes(entry) == expected
 
 
 def test_child_peak_memory_covers_what_it_allocates() -> None:
@@ -179,3 +203,128 @@ def test_quick_calibration_part_runs(tmp_path: Path) -> None:
     assert {row["verdict"] for row in written["rows"]} <= {PASS, MISS, ""}
     assert len(written["data"]["seconds"]["cached"]) == 1
     assert "pre-pass" in (tmp_path / "results.txt").read_text(encoding="utf-8")
+
+
+# The projection on HAND_SHAPE, 3 experts of 2 windows of 4 tokens, batch 1, bfloat16. Per
+# block: linears 576 weights (above) + 2 norms of 8 = 592; Grams of the groups (widths 8, 8, 8,
+# 16): 64 + 64 + 64 + 256 = 448 floats; (out, in) of q, k, v, o, gate, up, down: (8, 8),
+# (4, 8), (4, 8), (8, 8), (16, 8), (16, 8), (8, 16).
+HAND_WORK = projection.Workload(experts=3, samples=2, seq_len=4, batch=1)
+HAND_RECIPES = {recipe.label: recipe for recipe in projection.RECIPES}
+
+
+def test_projected_disk_matches_a_hand_count() -> None:
+    merged = HAND_RECIPES["regmean (merged)"]
+    # 2 layers x 576 merged weights x 2 bytes, whatever the number of experts.
+    assert projection.cache_bytes(merged, HAND_SHAPE, HAND_WORK) == 2304
+    # keep_statistics: per task and layer 448 Gram floats + 3 x (8 + 8 + 8 + 16) vector floats.
+    assert projection.cache_bytes(merged, HAND_SHAPE, HAND_WORK, keep=True) == 3 * 2 * 568 * 4
+    # sparsegpt_ties: the vectors only, per task.
+    ties = HAND_RECIPES["sparsegpt_ties"]
+    assert projection.cache_bytes(ties, HAND_SHAPE, HAND_WORK) == 3 * 2 * 120 * 4
+
+
+def test_projected_memory_matches_a_hand_count() -> None:
+    merged = HAND_RECIPES["regmean (merged)"]
+    # Blocks of the base and the 3 experts (592 x 2 bytes each); 3 tasks x 8 tokens x 8 float32
+    # activations; 3 tasks' Grams of a block; down_proj's float64 sums, 16 x 16 + 8 x 16.
+    host = {"blocks": 4 * 1184, "activations": 768, "block_grams": 3 * 1792, "solve": 3072}
+    assert projection.prepass_host_terms(merged, HAND_SHAPE, HAND_WORK) == host
+    # The GPU holds one batch (1 x 4 tokens x (8 + 16) bfloat16 values), not the activations.
+    gpu = projection.prepass_gpu_terms(merged, HAND_SHAPE, HAND_WORK)
+    assert sum(gpu.values()) == 4736 + 192 + 5376 + 3072
+    finetuned = HAND_RECIPES["regmean (finetuned)"]  # the 3 experts' blocks only
+    assert sum(projection.prepass_host_terms(finetuned, HAND_SHAPE, HAND_WORK).values()) == 12768
+    # sparsegpt_ties: one task at a time through the base; the down group's factorisation.
+    ties = projection.prepass_host_terms(HAND_RECIPES["sparsegpt_ties"], HAND_SHAPE, HAND_WORK)
+    assert ties == {"blocks": 1184, "activations": 256, "block_grams": 1792, "factorisation": 3072}
+
+
+def test_projected_flops_and_minutes_match_a_hand_count() -> None:
+    merged = HAND_RECIPES["regmean (merged)"]
+    flops = projection.prepass_flops(merged, HAND_SHAPE, HAND_WORK)
+    # Forward: 2 x 1152 weights x 24 tokens x 5 passes. Grams: 2 x 8 tokens x 448 x 2 layers x
+    # 3 tasks. Solve per layer: sum of d^3 / 3 + 2 out d^2 x (1 + 3 tasks) over the 7 matrices.
+    solve_per_layer = (6 * 8**3 + 16**3) / 3 + 8 * (8 * 64 * 2 + 4 * 64 * 2 + 16 * 64 * 2 + 8 * 256)
+    assert flops == {
+        "bf16": 276480,
+        "fp32": 43008,
+        "fp64": pytest.approx(2 * solve_per_layer),
+    }
+    accelerator = projection.Accelerator("hand", 1e3, 1e2, 10, utilisation=0.5, memory_bytes=1)
+    expected = (276480 / 500 + 43008 / 50 + 2 * solve_per_layer / 5) / 60
+    assert projection.minutes(flops, accelerator) == pytest.approx(expected)
+    # compensate adds each task's re-fit, 2 out d^2 per matrix and layer, in float64.
+    sparse = projection.prepass_flops(HAND_RECIPES["sparsegpt_regmean"], HAND_SHAPE, HAND_WORK)
+    assert sparse["fp64"] - flops["fp64"] == pytest.approx(3 * 2 * 11264)
+    # sparsegpt_ties: one pass per task; each task factorises its groups (d^3 each), float32.
+    ties = projection.prepass_flops(HAND_RECIPES["sparsegpt_ties"], HAND_SHAPE, HAND_WORK)
+    assert ties == {"bf16": 55296, "fp32": 43008 + 3 * 2 * (3 * 512 + 4096), "fp64": 0}
+
+
+def test_llama_8b_projection_is_flat_in_the_experts() -> None:
+    merged = HAND_RECIPES["regmean (merged)"]
+    shape = projection.LLAMA31_8B
+    two, five = (projection.Workload(n, 128, 512) for n in (2, 5))
+    # 32 layers x (4096 x (4096 + 2 x 1024) + 4096^2 + 3 x 4096 x 14336) bfloat16 weights.
+    linears = 32 * (4096 * 6144 + 4096**2 + 3 * 4096 * 14336) * 2
+    assert projection.cache_bytes(merged, shape, five) == linears == 13_958_643_712
+    assert projection.cache_bytes(merged, shape, two) == linears
+    grams = 32 * 4 * (3 * 4096**2 + 14336**2)  # the issue's "about 33 GB per task"
+    assert projection.cache_bytes(merged, shape, five, keep=True) > 5 * grams > 160 * 10**9
+
+
+def test_more_experts_take_turns_over_the_domains() -> None:
+    assert expert_domains(5) == {
+        "prose": "prose",
+        "code": "code",
+        "prose_2": "prose",
+        "code_2": "code",
+        "prose_3": "prose",
+    }
+
+
+def test_rows_near_one_pass_within_the_tolerance() -> None:
+    result = PartResult("part", "title")
+    result.add("a", "", "", 1.019, near=0.02)
+    result.add("b", "", "", 0.97, near=0.02)
+    assert [row.verdict for row in result.rows] == [PASS, MISS]
+
+
+def _in_process(command: list[str], env: object = None, timeout_s: float = 0) -> MeasuredRun:
+    """``run_measured`` without the subprocess: ``python -m MODULE ARGS`` run in this
+    interpreter (each start-up costs ~9 s here, and the part starts 19)."""
+    start, stderr = time.perf_counter(), io.StringIO()
+    assert command[1] == "-m", command
+    with patch.object(sys, "argv", [command[2], *command[3:]]), redirect_stderr(stderr):
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_module(command[2], run_name="__main__", alter_sys=True)
+    assert exited.value.code in (0, None), stderr.getvalue()[-2000:]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MeasuredRun(time.perf_counter() - start, peak, {}, "", stderr.getvalue())
+
+
+def test_quick_experts_part_has_every_method_at_both_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks.perf import experts
+    from benchmarks.perf.__main__ import main
+    from benchmarks.perf.experts_summary import METHODS
+
+    monkeypatch.setattr(experts, "run_measured", _in_process)
+    assert main(["--quick", "--only", "experts", "--out", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "experts.json").read_text(encoding="utf-8"))
+    metrics = [row["metric"] for row in written["rows"]]
+    for method in METHODS:
+        for count in experts.EXPERT_COUNTS:
+            label = f"{method.label}, {count} experts"
+            assert f"merge wall (warm cache), {label}" in metrics
+            assert f"output data, {label}" in metrics
+            if method.calibrated:
+                assert f"pre-pass wall, {label}" in metrics
+                assert f"cache data, {label}" in metrics
+    assert set(written["data"]["counts"]) == {"2", "5"}
+    for row in written["rows"]:
+        if row["metric"].startswith("output data"):
+            assert row["verdict"] == PASS  # every merge wrote one float32 model
+    assert len(written["data"]["projection"]) == 2 * len(projection.RECIPES)

@@ -3,7 +3,13 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 from mergekit_sparsegpt.capture.architecture import decoder_layers
-from mergekit_sparsegpt.capture.blocks import capture_layer_hessians
+from mergekit_sparsegpt.capture.blocks import (
+    _ArgumentRecorder,
+    _Block,
+    _BlockRunner,
+    capture_layer_hessians,
+)
+from mergekit_sparsegpt.capture.memory import activation_bytes
 from mergekit_sparsegpt.capture.model import empty_model
 
 
@@ -150,3 +156,116 @@ def test_capture_matches_eval_forward_for_dropout_and_per_layer_masks(config):
                 rtol=1e-4,
                 atol=1e-5 * expected.abs().max(),
             )
+
+
+class _DeviceRecorder(torch.nn.Module):
+    """A stand-in block on a stand-in compute device: records where each batch arrives and
+    answers 2 x its input rows (from a host copy: a meta batch carries no values)."""
+
+    def __init__(self, inputs: torch.Tensor, batch_size: int):
+        super().__init__()
+        self.inputs, self.batch_size = inputs.clone(), batch_size
+        self.devices: list[torch.device] = []
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor]:
+        start = len(self.devices) * self.batch_size
+        self.devices.append(hidden_states.device)
+        assert hidden_states.shape[1:] == self.inputs.shape[1:]
+        return (2 * self.inputs[start : start + len(hidden_states)],)
+
+
+def _runner(full_model, windows: dict, batch_size: int = 4) -> _BlockRunner:
+    state = full_model.state_dict()
+    return _BlockRunner(empty_model(_config()), state.__getitem__, windows, "cpu", batch_size)
+
+
+def _windows(samples: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 97, (samples, 16), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_batches_run_on_the_compute_device_while_the_activations_stay_on_the_host(
+    full_model, in_place
+):
+    runner = _runner(full_model, {"a": _windows(10, 1)})
+    runner.device = torch.device("meta")  # a compute device that is not the host
+    hidden = runner.hidden["a"]
+    original = hidden.clone()
+    block = _DeviceRecorder(hidden, runner.batch_size)
+    outputs = runner.run(_Block(0, "model.layers.0", block), "a", in_place=in_place)
+    assert block.devices == [torch.device("meta")] * 3  # batches of 4, 4 and 2
+    assert outputs.device == hidden.device == runner.hidden["a"].device == torch.device("cpu")
+    torch.testing.assert_close(outputs, 2 * original, rtol=0, atol=0)
+    assert (outputs is hidden) == in_place  # in place: the activations are held once
+    assert torch.equal(runner.hidden["a"], outputs if in_place else original)
+
+
+def test_recorded_hidden_states_go_to_the_host_as_each_batch_is_recorded():
+    recorded, calls = [], []
+    recorder = _ArgumentRecorder(
+        torch.nn.Identity(), calls, last=False, hidden=recorded, host="meta"
+    )
+    batch = torch.randn(2, 3, 4)
+    passed = recorder(batch, "mask", position=1)
+    assert passed is batch  # the model goes on with it on the compute device
+    assert [t.device for t in recorded] == [torch.device("meta")]
+    assert recorded[0].shape == batch.shape and calls == [(("mask",), {"position": 1})]
+
+
+def test_the_runner_keeps_every_task_on_the_host_and_says_how_much(full_model):
+    runner = _runner(full_model, {"a": _windows(10, 1), "b": _windows(6, 2)})
+    assert {task: h.device.type for task, h in runner.hidden.items()} == {"a": "cpu", "b": "cpu"}
+    # [samples, seq_len, hidden_size] float32 activations per task.
+    assert runner.activation_bytes == (10 + 6) * 16 * 32 * 4
+    assert activation_bytes(10, 16, 32, torch.bfloat16) == 10 * 16 * 32 * 2
+    # On the CPU nothing is copied: a block run in place writes into the same tensor.
+    before = runner.hidden["a"]
+    blocks = runner.blocks("layers", progress=False)
+    assert runner.run(next(blocks), "a", in_place=True) is before
+    blocks.close()
+
+
+def test_resume_inputs_stay_on_the_host_and_are_overwritten_in_place(full_model):
+    windows = _windows(6, 3)
+    state = full_model.state_dict()
+    skeleton = empty_model(_config())
+    runs = list(capture_layer_hessians(skeleton, state.__getitem__, windows, batch_size=4))
+    saved, outputs = [], []
+    for _ in capture_layer_hessians(
+        empty_model(_config()),
+        state.__getitem__,
+        windows,
+        batch_size=4,
+        block_done=lambda index, hidden: saved.append(hidden.clone()),
+    ):
+        pass
+    resume = saved[0].clone()  # block 1's inputs
+    resumed = list(
+        capture_layer_hessians(
+            empty_model(_config()),
+            state.__getitem__,
+            windows,
+            batch_size=4,
+            resume=(1, resume),
+            block_done=lambda index, hidden: outputs.append(hidden),
+        )
+    )
+    assert len(resumed) == 2 and all(hidden is resume for hidden in outputs)
+    assert torch.equal(resume, saved[-1])  # the last block's outputs, written over the inputs
+    for ours, theirs in zip(resumed, runs[1:], strict=True):
+        assert all(torch.equal(ours.hessians[g], theirs.hessians[g]) for g in theirs.hessians)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_activations_stay_on_the_host_and_the_hessians_match_the_cpu(full_model):
+    windows = {"a": _windows(10, 1)}
+    state = full_model.state_dict()
+    runner = _BlockRunner(empty_model(_config()), state.__getitem__, windows, "cuda", 4)
+    assert runner.hidden["a"].device.type == "cpu"
+    cpu = list(capture_layer_hessians(empty_model(_config()), state.__getitem__, windows["a"]))
+    cuda = capture_layer_hessians(
+        empty_model(_config()), state.__getitem__, windows["a"], device="cuda"
+    )
+    for ours, theirs in zip(cuda, cpu, strict=True):
+        for group, expected in theirs.hessians.items():
+            torch.testing.assert_close(ours.hessians[group].cpu(), expected, rtol=1e-3, atol=1e-4)

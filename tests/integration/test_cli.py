@@ -160,7 +160,7 @@ def test_calibrate_help_takes_config_and_merge_flags(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Usage: mergekit-sparsegpt calibrate [OPTIONS] CONFIG_FILE\n")
     assert "OUT_PATH" not in proc.stdout
-    assert _options(proc.stdout) == _options(mergekit_yaml_help)
+    assert _options(proc.stdout) == _options(mergekit_yaml_help) | {"--export"}
 
 
 def test_group_help_lists_commands_without_importing_torch(
@@ -254,11 +254,19 @@ def recorders(monkeypatch: pytest.MonkeyPatch) -> dict:
         events.append(("prepare", merge_config, options))
         if behaviour["raise"] is not None:
             raise behaviour["raise"]
-        return types.SimpleNamespace(tasks={"task-a": None, "task-b": None})
+        return types.SimpleNamespace(tasks={"task-a": None, "task-b": None}, merged=None)
+
+    def export_statistics(merge_config, options, directory, ranks):
+        assert ranks.world_size == 1
+        events.append(("export", merge_config, options, directory))
+        return [Path(directory) / "finetuned"]
 
     fake_prepass = types.ModuleType("mergekit_sparsegpt.prepass.run")
     fake_prepass.prepare_statistics = prepare_statistics
     monkeypatch.setitem(sys.modules, "mergekit_sparsegpt.prepass.run", fake_prepass)
+    fake_export = types.ModuleType("mergekit_sparsegpt.prepass.export_folders")
+    fake_export.export_statistics = export_statistics
+    monkeypatch.setitem(sys.modules, "mergekit_sparsegpt.prepass.export_folders", fake_export)
     monkeypatch.setattr(registration, "install", install)
     monkeypatch.setattr(MergeOptions, "apply_global_options", apply_global_options)
     return {"events": events, "behaviour": behaviour}
@@ -289,6 +297,23 @@ def test_calibrate_builds_config_and_options(tmp_path: Path, recorders: dict) ->
     assert (options.lazy_unpickle, options.random_seed, options.num_threads) == (True, 7, 2)
     assert options.device == "cpu"
     assert "2 task(s)" in result.stderr
+
+
+def test_calibrate_export_writes_folders_instead_of_only_the_cache(
+    tmp_path: Path, recorders: dict
+) -> None:
+    config = tmp_path / "merge.yml"
+    config.write_text(CONFIG_YAML, encoding="utf-8")
+
+    result = _calibrate([str(config), "--export", str(tmp_path / "shared"), "--lazy-unpickle"])
+
+    assert result.exit_code == 0, result.output
+    events = recorders["events"]
+    assert [event[0] for event in events] == ["apply", "install", "export"]
+    _, merge_config, options, directory = events[2]
+    assert merge_config.merge_method == "sparsegpt_ties" and options.lazy_unpickle
+    assert directory == str(tmp_path / "shared")
+    assert f"Statistics of 1 model(s) exported to {tmp_path / 'shared'}." in result.stderr
 
 
 def test_calibrate_quiet_prints_nothing(tmp_path: Path, recorders: dict) -> None:

@@ -217,7 +217,7 @@ def test_sparsegpt_regmean_is_trim_then_solve(importance, compensate):
         stats = context.tasks[(model, f"{model}.txt")].statistics[LINEAR]
         mask = _trimmed(tau, stats, density[model], importance)
         trimmed[model] = (
-            compensated_trim(tau, stats.cholesky_factor, mask) if compensate else tau * mask
+            compensated_trim(tau, stats.upper_factor(), mask) if compensate else tau * mask
         )
     expected = _reference(group.base.tensor, trimmed, _grams(context), 0.8, 1.0)
     torch.testing.assert_close(merged.to(F64), expected, rtol=1e-5, atol=1e-6)
@@ -286,7 +286,11 @@ def _weights(path) -> dict[str, torch.Tensor]:
 
 
 def test_merge_matches_reference_and_reports_each_path(tiny_models, tmp_path):
-    config = regmean_config(tiny_models, cache_dir=str(tmp_path / "cache"), alpha=0.7)
+    # keep_statistics: the context then holds each task's Grams, which the reference reads
+    # (the default's solved linears give the same merge: tests/prepass/test_solving.py).
+    config = regmean_config(
+        tiny_models, cache_dir=str(tmp_path / "cache"), alpha=0.7, keep_statistics=True
+    )
     _run(config, tmp_path / "out")
     logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(
         input_ids=torch.tensor([[1, 2, 3, 4]])
@@ -338,10 +342,11 @@ def test_cache_entry_with_hessians_serves_a_trim_only_merge_but_not_the_reverse(
         tmp_path / "ties_first",
     )
     assert len(computed) == 2
-    _run(regmean_config(tiny_models, cache_dir=cache), tmp_path / "regmean")
+    _run(regmean_config(tiny_models, cache_dir=cache, keep_statistics=True), tmp_path / "regmean")
     assert len(computed) == 4  # the ties entries lack the Hessians
     other = str(tmp_path / "cache2")
-    _run(regmean_config(tiny_models, "sparsegpt_regmean", cache_dir=other), tmp_path / "sr")
+    kept = regmean_config(tiny_models, "sparsegpt_regmean", cache_dir=other, keep_statistics=True)
+    _run(kept, tmp_path / "sr")
     assert len(computed) == 6
     _run(
         sparsegpt_config(tiny_models, cache_dir=other, hessian_source="finetuned"),

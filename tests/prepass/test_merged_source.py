@@ -227,7 +227,10 @@ main(["calibrate", sys.argv[1]])
 
 
 def test_two_runs_sharing_a_cache_compute_the_merged_statistics_once(tiny_models, tmp_path):
-    config = regmean_config(tiny_models, hessian_source="merged", cache_dir=str(tmp_path / "c"))
+    # Every task's entry (keep_statistics), all computed by one process under their locks.
+    config = regmean_config(
+        tiny_models, hessian_source="merged", cache_dir=str(tmp_path / "c"), keep_statistics=True
+    )
     config_path = tmp_path / "config.yml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

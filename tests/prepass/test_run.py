@@ -313,12 +313,17 @@ def test_compensate_with_rescale_warns(tiny_models, tmp_path, caplog):
 # --- whole matrices (RegMean, compensate): kept in the cache file and read per tensor ---
 
 MATRIX_MERGES = {  # name -> (config, whole matrices per Hessian group)
-    "regmean": (lambda models, cache: regmean_config(models, cache_dir=str(cache)), 1),
+    # keep_statistics: the per-task Grams, read at merge time (by default RegMean's pre-pass
+    # caches the solved linears instead: tests/prepass/test_solving.py).
+    "regmean": (
+        lambda models, cache: regmean_config(models, cache_dir=str(cache), keep_statistics=True),
+        1,
+    ),
     "sparsegpt_regmean, compensate": (
         lambda models, cache: regmean_config(
-            models, "sparsegpt_regmean", cache_dir=str(cache), compensate=True
+            models, "sparsegpt_regmean", cache_dir=str(cache), compensate=True, keep_statistics=True
         ),
-        2,
+        1,  # H only: the re-fit's factor is derived from it
     ),
     "sparsegpt_ties, compensate": (
         lambda models, cache: _config(models, cache, compensate=True, importance="sparsegpt"),
@@ -432,10 +437,19 @@ def test_whole_matrices_in_memory_stay_bounded(tiny_models, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
+@pytest.mark.parametrize(
+    "keep_statistics, names",
+    [
+        (True, r"Hessian statistics of model \S+ with calibration '\S+'"),
+        (False, r"The solved linears of this merge, needed for model\.layers\.\S+"),
+    ],
+)
 def test_cache_entry_lost_during_the_merge_is_one_clear_error(
-    tiny_models, tmp_path, monkeypatch, damage
+    tiny_models, tmp_path, monkeypatch, damage, keep_statistics, names
 ):
-    config = regmean_config(tiny_models, cache_dir=str(tmp_path / "cache"))
+    config = regmean_config(
+        tiny_models, cache_dir=str(tmp_path / "cache"), keep_statistics=keep_statistics
+    )
     original = prepass.prepare_statistics
 
     def damaging_prepass(*args, **kwargs):
@@ -451,7 +465,7 @@ def test_cache_entry_lost_during_the_merge_is_one_clear_error(
     with pytest.raises(ValueError) as raised:
         _merge(config, tmp_path / "out")
     message = str(raised.value)
-    assert re.search(r"Hessian statistics of model \S+ with calibration '\S+'", message)
+    assert re.search(names, message)
     assert re.search(re.escape(f"cache entry {tmp_path / 'cache'}/") + r"\w+\.safetensors", message)
     assert "Delete that cache entry and rerun the merge" in message
     assert not (tmp_path / "out").exists()

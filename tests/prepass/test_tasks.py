@@ -10,7 +10,7 @@ from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.methods.registry import plugin_method
 from mergekit_sparsegpt.prepass.plan import plan_tensors
 from mergekit_sparsegpt.prepass.run import prepare_statistics
-from mergekit_sparsegpt.prepass.tasks import calibration_tasks
+from mergekit_sparsegpt.prepass.tasks import calibration_tasks, uses_exported_statistics
 from mergekit_sparsegpt.prepass.validate import validate_parameters
 
 install()
@@ -72,3 +72,22 @@ def test_default_hessian_source_per_method(tiny_models, tmp_path, method, forwar
     assert settings.hessian_source == forward
     tasks, _ = calibration_tasks(planned, settings)
     assert {str(task.forward_model) for task in tasks} == {str(tiny_models.base)}
+
+
+def test_a_model_with_a_statistics_folder_is_a_task_read_from_it(tiny_models, tmp_path):
+    """Its key is the one the kernels look it up by (no calibration: ""), its forward model
+    the one the folder's statistics were measured in."""
+    config = sparsegpt_config(tiny_models, hessian_source="base")
+    first = config["models"][0]
+    del first["parameters"]["calibration"]
+    first["parameters"]["statistics"] = str(tmp_path / "folder")
+    planned = plan_tensors(MergeConfiguration.model_validate(config), MergeOptions(quiet=True))
+    settings = validate_parameters(planned, plugin_method("sparsegpt_ties"))
+    tasks, _ = calibration_tasks(planned, settings)
+    by_model = {str(task.key[0]): task for task in tasks}
+    exported = by_model[first["model"]]
+    assert exported.key[1] == "" and exported.statistics == str(tmp_path / "folder")
+    assert str(exported.forward_model) == str(tiny_models.base)
+    calibrated = by_model[config["models"][1]["model"]]
+    assert calibrated.statistics is None and calibrated.key[1]
+    assert uses_exported_statistics(tasks) and not uses_exported_statistics([calibrated])

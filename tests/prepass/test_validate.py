@@ -87,7 +87,23 @@ BAD_INPUTS = [
         "no calibration",
         "regmean",
         lambda c: c["models"][0]["parameters"].pop("calibration"),
-        "has no 'calibration'",
+        "has no 'calibration'.*or `statistics: <folder>`",
+    ),
+    (
+        "calibration and statistics",
+        "regmean",
+        lambda c: _set_first_model(c, statistics="./exported/expert"),
+        r"Model \S+ has both 'calibration' and 'statistics'",
+    ),
+    (
+        "statistics under RegMean++",
+        "regmean",
+        lambda c: (
+            c["parameters"].update(hessian_source="merged"),
+            c["models"][0]["parameters"].pop("calibration"),
+            _set_first_model(c, statistics="./exported/expert"),
+        ),
+        "has `statistics:`, but hessian_source: merged",
     ),
 ]
 

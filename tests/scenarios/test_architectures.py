@@ -351,7 +351,9 @@ def test_hessians_equal_hooks_on_a_full_forward(family, tmp_path):
     """The statistics the merge reads (by mergekit's tensor names, through the cache) hold, for
     every matrix, the Hessian of its input on a full forward of the real model; an expert's
     Hessian comes from the tokens routed to it only."""
-    config = _merge_config(family, "regmean", tmp_path / "cache", hessian_source="finetuned")
+    config = _merge_config(
+        family, "regmean", tmp_path / "cache", hessian_source="finetuned", keep_statistics=True
+    )
     context = prepass.prepare_statistics(
         MergeConfiguration.model_validate(config), MergeOptions(quiet=True)
     )

@@ -341,7 +341,8 @@ ROWS = [
         lambda b: _without_calibration(b.config()),
         r"^Model {model0} has no 'calibration' parameter\. Every merged model needs calibration "
         r"text: add `calibration: <file or dataset>` to its parameters \(or a default under the "
-        r"top-level `parameters:`\)\.$",
+        r"top-level `parameters:`\), or `statistics: <folder>` exported by `mergekit-sparsegpt "
+        r"calibrate --export`\.$",
     ),
     # --- parameters ---
     Row(
@@ -735,12 +736,15 @@ def test_truncated_cache_entry_is_reported_and_recomputed(
     assert "Ignoring" not in caplog.text
 
 
-@pytest.mark.parametrize("method", ["sparsegpt_ties", "regmean"])
+@pytest.mark.parametrize("method", ["sparsegpt_ties", "regmean", "regmean, kept"])
 def test_cache_entry_deleted_during_the_merge(tiny_models, tmp_path, monkeypatch, method):
     """Without whole matrices the statistics are all in memory and the merge completes; with
-    them (RegMean, compensate) it stops naming the entry, the model and the calibration."""
+    them (RegMean's kept statistics, compensate) it stops naming the entry, the model and the
+    calibration; RegMean's solved linears, naming the entry and the tensor."""
     bad = Bad(tiny_models, tmp_path, monkeypatch)
-    config = bad.config(method)
+    config = bad.config(method.split(",")[0])
+    if method == "regmean, kept":
+        config["parameters"]["keep_statistics"] = True
     original = prepass.prepare_statistics
 
     def then_delete(*args: Any, **kwargs: Any) -> Any:
@@ -757,8 +761,13 @@ def test_cache_entry_deleted_during_the_merge(tiny_models, tmp_path, monkeypatch
         return
     with pytest.raises(ValueError) as raised:
         _merge(config, out)
+    needs = (
+        r"Hessian statistics of model \S+ with calibration '\S+', needed for \S+"
+        if method == "regmean, kept"
+        else r"The solved linears of this merge, needed for \S+"
+    )
     pattern = (
-        r"^Hessian statistics of model \S+ with calibration '\S+', needed for \S+: cache entry "
+        rf"^{needs}: cache entry "
         rf"{re.escape(str(bad.cache))}/[0-9a-f]{{64}}\.safetensors can no longer be read \(.+\)\. "
         r"Delete that cache entry and rerun the merge; the pre-pass will recompute it\.$"
     )

@@ -63,23 +63,29 @@ def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, met
 
 @pytest.mark.parametrize("method", ["regmean", "sparsegpt_regmean"])
 def test_stock_cli_runs_regmean_and_second_run_reuses_cache(tiny_models, tmp_path, method):
+    """regmean by default (the solved linears: one entry, reused by the same merge);
+    sparsegpt_regmean with keep_statistics (every task's entry, reused with another alpha)."""
+    kept = method == "sparsegpt_regmean"
     cache = tmp_path / "cache"
     config = tmp_path / "a.yml"
-    config.write_text(yaml.safe_dump(regmean_config(tiny_models, method)))
+    config.write_text(yaml.safe_dump(regmean_config(tiny_models, method, keep_statistics=kept)))
     first = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out1"), cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "Hessians of" in first.stderr
+    assert ("Hessians of" if kept else "Solved linears written to cache") in first.stderr
     assert "RegMean solve: 14 tensors" in first.stderr
     assert "task arithmetic x nongram_scale:" in first.stderr
     assert "how the RegMean systems were solved: cholesky" in first.stderr
     _assert_loads_with_finite_logits(tmp_path / "out1")
-    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert len(list(cache.glob("*.safetensors"))) == (2 if kept else 1)
 
-    config.write_text(yaml.safe_dump(regmean_config(tiny_models, method, alpha=0.5)))
+    shared = {"alpha": 0.5} if kept else {}
+    again = regmean_config(tiny_models, method, keep_statistics=kept, **shared)
+    config.write_text(yaml.safe_dump(again))
     second = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out2"), cache=cache)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "Hessians of" not in second.stderr
-    assert second.stderr.count("from cache") == 2
+    assert "Hessians of" not in second.stderr and "written to cache" not in second.stderr
+    assert second.stderr.count("from cache") == (2 if kept else 1)
+    assert "RegMean solve: 14 tensors" in second.stderr
     _assert_loads_with_finite_logits(tmp_path / "out2")
 
 

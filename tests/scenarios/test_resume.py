@@ -461,3 +461,60 @@ def test_an_entry_of_an_older_format_is_named_and_recomputed(
             f"read (format {cache_keys.FORMAT_VERSION}); recomputing. Delete it to free the space."
         ) in said
     assert len(sorted(cache_dir.glob("*.safetensors"))) == 2 * len(old_entries)
+
+
+def _solving_config_file(models: Family, directory: Path, source: str) -> Path:
+    """RegMean's default storage: the pass that solves as it goes (finetuned: the lockstep
+    pass through each expert; merged: RegMean++'s)."""
+    config = _config(models, directory / "cache")
+    config["merge_method"] = "regmean"
+    for entry in config["models"]:
+        del entry["parameters"]["density"]
+    del config["parameters"]["compensate"]
+    config["parameters"]["hessian_source"] = source
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _blocks(run: Calibration) -> list[int]:
+    return [
+        event["index"]
+        for event in map(json.loads, run.events.read_text().splitlines())
+        if event["event"] == "block"
+    ]
+
+
+@pytest.mark.parametrize("source", ["finetuned", "merged"])
+def test_a_killed_solving_prepass_resumes_after_its_last_finished_block(
+    deep_models, tmp_path, source
+):
+    reference_config = _solving_config_file(deep_models, tmp_path / "reference", source)
+    reference_run = Calibration(reference_config, "reference")
+    assert reference_run.finish() == 0, reference_run.stderr[-3000:]
+    # finetuned: each block once per task; merged: once per input group too
+    runs = _blocks(reference_run)
+    assert sorted(set(runs)) == list(range(BLOCKS)) and runs == sorted(runs)
+
+    config = _solving_config_file(deep_models, tmp_path / "ours", source)
+    cache_dir = config.parent / "cache"
+    interrupted = Calibration(config, "interrupted", pause="checkpoint:2")
+    interrupted.wait_for("stdout", "PAUSED checkpoint:2")
+    assert interrupted.stop(signal.SIGKILL) == -signal.SIGKILL
+    before = [index for index in runs if index < 2]
+    assert _blocks(interrupted) == before  # blocks 0 and 1, each task, then the kill
+    assert not list(cache_dir.glob("*.safetensors"))
+    (checkpoint,) = cache_dir.glob("*.checkpoint")
+
+    resumed = Calibration(config, "resumed")
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert f"Solving this merge: resuming at block 2 from checkpoint {checkpoint}" in resumed.stderr
+    assert _blocks(resumed) == [index for index in runs if index >= 2]
+    ours, expected = _entries(cache_dir), _entries(reference_config.parent / "cache")
+    assert set(ours) == set(expected) and len(expected) == 1
+    for name, (metadata, tensors) in expected.items():
+        assert ours[name][0] == metadata  # the same key and report records
+        assert set(ours[name][1]) == set(tensors)
+        assert all(torch.equal(ours[name][1][key], value) for key, value in tensors.items())
+    assert _only_entries(cache_dir) == _only_entries(reference_config.parent / "cache")

@@ -4,6 +4,7 @@ import logging
 import struct
 import weakref
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from statistics_helpers import (
     K,
     Q,
     in_memory_statistics,
+    sample_layers,
     sample_statistics,
     save_statistics,
     streamed_statistics,
@@ -124,7 +126,9 @@ def test_lazy_statistics_equal_the_in_memory_ones(tmp_path, keep_factors):
                 assert torch.equal(getattr(ours, field), value), (name, field)
             else:
                 assert getattr(ours, field) == value, (name, field)
-        assert (ours.cholesky_factor is None) == (not keep_factors)
+        # With H kept the factor never is: it is recomputed from H, the same either way.
+        assert ours.cholesky_factor is None and ours.hessian is not None
+        assert torch.equal(ours.upper_factor(), theirs.upper_factor()), name
 
 
 def test_only_the_most_recent_groups_are_kept_in_memory(tmp_path, monkeypatch):
@@ -143,7 +147,7 @@ def test_only_the_most_recent_groups_are_kept_in_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(entries, "RECENT_GROUPS", 2)
     query = loaded.for_weight(Q.format(0))
     assert loaded.for_weight(K.format(0)).hessian is query.hessian  # q and k share a group
-    released = [weakref.ref(query.hessian), weakref.ref(query.cholesky_factor)]
+    released = [weakref.ref(query.hessian)]
     del query
     loaded.for_weight(DOWN.format(0))
     loaded.for_weight(Q.format(0))  # still one of the two most recent
@@ -216,3 +220,55 @@ def test_an_entry_that_is_not_this_versions_is_rejected_saying_why(tmp_path, cap
     assert [r.getMessage() for r in caplog.records] == [
         f"Ignoring statistics cache {path}: {reason}; recomputing."
     ]
+
+
+FORMAT4_ENTRY = Path(__file__).parent / "data" / "entry_format4.safetensors"
+FORMAT4_PAYLOAD = {
+    "format": 4,
+    "model": "org/model@main",
+    "weights": "wwwwwwww",
+    "config": "cccccccc",
+    "tokens": "tttttttt",
+    "token_shape": [2, 8],
+    "dampening": 0.01,
+    "factors": True,
+    "hessians": True,
+}
+
+
+def test_an_entry_with_both_matrices_stored_still_serves_its_factor_and_hessian(tmp_path):
+    """Entries written before H alone was kept hold the factor too; it is used as stored."""
+    entry = tmp_path / FORMAT4_ENTRY.name
+    entry.write_bytes(FORMAT4_ENTRY.read_bytes())
+    raw = load_file(FORMAT4_ENTRY)
+    loaded = entries.load_statistics(entry, FORMAT4_PAYLOAD)
+    assert loaded is not None
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
+        stats = loaded.for_weight(name)
+        assert torch.equal(stats.cholesky_factor, raw[f"{name}::cholesky_factor"])
+        assert torch.equal(stats.hessian, raw[f"{name}::hessian"])
+        assert stats.upper_factor() is stats.cholesky_factor
+        # What H alone gives instead: the same factor (to the rounding of the BLAS that wrote it).
+        recomputed = replace(stats, cholesky_factor=None).upper_factor()
+        torch.testing.assert_close(recomputed, stats.cholesky_factor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_entry_for_factors_and_hessians_stores_the_hessian_only(tmp_path, streamed):
+    payload = {**PAYLOAD, "factors": True, "hessians": True}
+    path = tmp_path / "entry.safetensors"
+    if streamed:
+        with resumable.EntryWriter(path, payload) as writer:
+            writer.commit(streamed_statistics(writer, keep_factors=True))
+    else:
+        save_statistics(path, in_memory_statistics(keep_factors=True), payload)
+    stored = load_file(path)
+    assert sum(key.endswith("::hessian") for key in stored) == 4
+    assert not any(key.endswith("::cholesky_factor") for key in stored)
+    loaded = entries.load_statistics(path, payload)
+    for layer in sample_layers():
+        for group, hessian in layer.hessians.items():
+            factor = hessian_statistics(hessian, 0.01, keep_factor=True).cholesky_factor
+            stats = loaded.for_weight(group)
+            assert stats.cholesky_factor is None
+            assert torch.equal(stats.upper_factor(), factor), group

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -125,3 +127,92 @@ def test_whole_hessian_is_kept_only_on_request_undamped_and_with_dead_columns():
     assert torch.equal(stats.hessian_diagonal, plain.hessian_diagonal)
     assert stats.hessian_diagonal[2] == 1  # the inverse statistics still use the diag-1 trick
     assert "hessian" in stats.tensors() and "hessian" not in plain.tensors()
+
+
+def _gram(columns: int, samples: int, dead: int) -> torch.Tensor:
+    """A Gram matrix with column ``dead`` dead; rank deficient (Cholesky fails undamped) when
+    ``samples`` < ``columns``."""
+    inputs = torch.randn(samples, columns, generator=torch.Generator().manual_seed(columns))
+    inputs[:, dead] = 0
+    return 2 / samples * inputs.T @ inputs
+
+
+def _rank_one_with_dead_column() -> torch.Tensor:
+    hessian = torch.ones(4, 4)
+    hessian[3, 3] = 0
+    return hessian
+
+
+@pytest.mark.parametrize(
+    "hessian, dampening, escalated",
+    [
+        (_gram(24, 60, dead=5), 0.01, False),
+        (_gram(24, 6, dead=5), 0.0, True),
+        (_rank_one_with_dead_column(), 0.0, True),
+    ],
+    ids=["dead column", "ladder escalated", "rank one with a dead column"],
+)
+def test_factor_recomputed_from_the_hessian_is_bit_identical_to_the_kept_one(
+    hessian, dampening, escalated
+):
+    kept = hessian_statistics(hessian, dampening, keep_factor=True)
+    assert kept.inverse_path == "cholesky" and (kept.damping > dampening) == escalated
+    assert (hessian.diagonal() == 0).any()
+    both = hessian_statistics(hessian, dampening, keep_factor=True, keep_hessian=True)
+    assert both.cholesky_factor is None and torch.equal(both.hessian, hessian)  # H only
+    assert both.damping == kept.damping
+    assert torch.equal(both.upper_factor(), kept.cholesky_factor)
+    assert kept.upper_factor() is kept.cholesky_factor
+    assert torch.equal(both.hessian, hessian)  # recomputing works on a copy
+    # And it is the factor: U^T U = (H with dead columns at 1 + ridge)^-1, in float64.
+    revived = hessian.double().clone()
+    revived.diagonal()[revived.diagonal() == 0] = 1
+    damped = revived + both.damping * revived.diagonal().mean() * torch.eye(len(revived)).double()
+    upper = both.upper_factor().double()
+    assert torch.equal(upper, upper.triu())
+    torch.testing.assert_close(
+        upper.T @ upper @ damped, torch.eye(len(upper)).double(), atol=1e-3, rtol=0
+    )
+
+
+def test_factor_is_none_without_matrices_or_after_the_pseudo_inverse(monkeypatch):
+    hessian = _gram(6, 30, dead=1)
+    assert hessian_statistics(hessian).upper_factor() is None
+    assert hessian_statistics(hessian, keep_factor=True).upper_factor() is not None
+    assert hessian_statistics(hessian, keep_hessian=True).upper_factor() is not None
+
+    def failing_cholesky(matrix, upper=False):
+        return matrix, torch.tensor(1)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_cholesky)
+    pinv = hessian_statistics(hessian, keep_factor=True, keep_hessian=True)
+    assert pinv.inverse_path == "pinv" and pinv.upper_factor() is None
+
+
+def test_a_hessian_whose_factor_cannot_be_recomputed_is_a_clear_error():
+    stats = hessian_statistics(torch.eye(3), keep_hessian=True)
+    corrupt = replace(stats, hessian=-torch.eye(3), damping=0.0)
+    with pytest.raises(HessianError, match="cannot be recomputed"):
+        corrupt.upper_factor()
+
+
+def test_factor_is_recomputed_at_the_damping_reached_when_h_inverse_had_no_factor(monkeypatch):
+    """The ladder also climbs when Cholesky of H^-1 (not of H) fails: the first time, here."""
+    real = torch.linalg.cholesky_ex
+    failures = []
+
+    def first_upper_fails(matrix, upper=False):
+        factor, info = real(matrix, upper=upper)
+        if upper and not failures:
+            failures.append(True)
+            return factor, torch.ones_like(info)
+        return factor, info
+
+    hessian = _gram(16, 40, dead=3)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", first_upper_fails)
+    kept = hessian_statistics(hessian, 0.01, keep_factor=True)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
+    assert kept.inverse_path == "cholesky" and kept.damping == hessian_module.DAMPING_LADDER[1]
+    both = hessian_statistics(hessian, 0.01, keep_hessian=True)
+    recomputed = replace(both, damping=kept.damping)  # as its entry would have recorded
+    assert torch.equal(recomputed.upper_factor(), kept.cholesky_factor)
