@@ -137,6 +137,52 @@ def together(ranks: Ranks) -> Iterator[None]:
             )
 
 
+def all_reduced(layer: LayerHessians, ranks: Ranks) -> LayerHessians:
+    """One set of Hessians over the windows of every rank (the identity in one process)."""
+    return layer if ranks.world_size == 1 else _all_reduced(layer, ranks)
+
+
+def gathered_on_main(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor | None:
+    """Every rank's ``tensor`` (this rank's share of one task's windows) concatenated in rank
+    order on the main rank, so it is what one process holds; None on the other ranks. The
+    tensors travel on the rank's collective device and come back where ``tensor`` was."""
+    if ranks.world_size == 1:
+        return tensor
+    lengths = _gathered(len(tensor), ranks)
+    moved = tensor.to(_collective_device())
+    padded = moved.new_zeros((max(lengths), *tensor.shape[1:]))
+    padded[: len(tensor)] = moved
+    pieces = [torch.empty_like(padded) for _ in lengths] if ranks.main else None
+    dist.gather(padded, pieces, dst=0)
+    if pieces is None:
+        return None
+    joined = torch.cat([piece[:n] for piece, n in zip(pieces, lengths, strict=True)])
+    return joined.to(tensor.device)
+
+
+def share_of_main(tensor: torch.Tensor | None, ranks: Ranks) -> torch.Tensor:
+    """This rank's contiguous share (as ``shard_windows`` cuts) of the main rank's ``tensor``
+    (every window of one task); the other ranks pass None and receive theirs, on the CPU."""
+    if ranks.world_size == 1:
+        assert tensor is not None
+        return tensor
+    shape, dtype = decided_by_main((tensor.shape, tensor.dtype) if ranks.main else None, ranks)
+    whole = (
+        tensor.to(_collective_device())
+        if ranks.main and tensor is not None
+        else torch.empty(shape, dtype=dtype, device=_collective_device())
+    )
+    dist.broadcast(whole, src=0)
+    return whole.tensor_split(ranks.world_size)[ranks.rank].to("cpu").clone()
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must be for the process group's collectives: NCCL's GPU, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduced_layers(layers: Iterable[LayerHessians], ranks: Ranks) -> Iterator[LayerHessians]:
     """Each block's Hessians over the windows of every rank."""
     if ranks.world_size == 1:
@@ -154,7 +200,7 @@ def all_reduced_layers(layers: Iterable[LayerHessians], ranks: Ranks) -> Iterato
                 f"Calibration processes disagree on the number of blocks: {finished}"
             )
         assert layer is not None
-        yield _all_reduced(layer, ranks)
+        yield all_reduced(layer, ranks)
 
 
 def _all_reduced(layer: LayerHessians, ranks: Ranks) -> LayerHessians:

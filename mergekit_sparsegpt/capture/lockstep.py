@@ -17,6 +17,7 @@ import torch
 
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
 from mergekit_sparsegpt.capture.blocks import _Block, _BlockRunner
+from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks, all_reduced, together
 from mergekit_sparsegpt.capture.hooks import HessianHooks, error_source
 from mergekit_sparsegpt.capture.model import TensorSource
 
@@ -40,6 +41,7 @@ def capture_lockstep_hessians(
     resume: tuple[int, Mapping[Hashable, torch.Tensor]] | None = None,
     block_finished: Callable[[int, dict[Hashable, torch.Tensor]], None] | None = None,
     held: Callable[[int], None] | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> None:
     """Call ``block_done(index, hessians)`` for each decoder block, first block first, with
     every task's Hessians of that block (task -> its linears' Hessians).
@@ -50,11 +52,15 @@ def capture_lockstep_hessians(
     (k, inputs)`` starts at block ``k`` with every task's saved inputs (the embedding pass still
     runs: it records each block's other arguments). ``held(bytes)`` is told the host memory
     every task's activations take, once they exist.
+
+    With several ``ranks`` each holds its share of every task's windows, and each task's
+    Hessians are all-reduced: every rank's ``block_done`` receives the same Hessians.
     """
-    runners = [
-        _BlockRunner(model.skeleton, model.load_tensor, model.windows, device, batch_size)
-        for model in models
-    ]
+    with together(ranks):
+        runners = [
+            _BlockRunner(model.skeleton, model.load_tensor, model.windows, device, batch_size)
+            for model in models
+        ]
     depths = {len(runner.layers) for runner in runners}
     if len(depths) != 1:
         raise ValueError(f"the forward models have different depths {sorted(depths)}")
@@ -70,7 +76,7 @@ def capture_lockstep_hessians(
         for index, runner in enumerate(runners)
     ]
     for index in range(first, depths.pop()):
-        block_done(index, _block_hessians(runners, blocks, device))
+        block_done(index, _block_hessians(runners, blocks, device, ranks))
         if block_finished is not None:
             block_finished(index, {t: h for r in runners for t, h in r.hidden.items()})
     for model_blocks in blocks:
@@ -78,16 +84,22 @@ def capture_lockstep_hessians(
 
 
 def _block_hessians(
-    runners: list[_BlockRunner], blocks: list[Iterator[_Block]], device: torch.device | str
+    runners: list[_BlockRunner],
+    blocks: list[Iterator[_Block]],
+    device: torch.device | str,
+    ranks: Ranks,
 ) -> dict[Hashable, LayerHessians]:
     """Every task's Hessians of the next block, each model's block materialised in turn."""
     hessians: dict[Hashable, LayerHessians] = {}
     for runner, model_blocks in zip(runners, blocks, strict=True):
-        block = next(model_blocks)  # materialised here, released below
+        with together(ranks):
+            block = next(model_blocks)  # materialised here, released below
         for task in runner.hidden:
             source = error_source(runner.load_tensor)
-            with HessianHooks(block.module, block.prefix, device, source=source) as hooks:
-                runner.run(block, task, in_place=True)
-            hessians[task] = hooks.result()
+            with together(ranks):
+                with HessianHooks(block.module, block.prefix, device, source=source) as hooks:
+                    runner.run(block, task, in_place=True)
+                layer = hooks.result()
+            hessians[task] = all_reduced(layer, ranks)
         block.unload()
     return hessians

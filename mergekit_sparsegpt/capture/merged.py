@@ -12,6 +12,13 @@ from accelerate.utils import set_module_tensor_to_device
 from mergekit_sparsegpt.capture.accumulate import LayerHessians, tensor_of
 from mergekit_sparsegpt.capture.architecture import hooked_tensors
 from mergekit_sparsegpt.capture.blocks import _Block, _BlockRunner, _run_layer
+from mergekit_sparsegpt.capture.distributed import (
+    SINGLE_PROCESS,
+    Ranks,
+    all_reduced,
+    decided_by_main,
+    together,
+)
 from mergekit_sparsegpt.capture.hooks import HessianHooks
 from mergekit_sparsegpt.capture.model import TensorSource
 
@@ -31,6 +38,7 @@ def capture_merged_hessians(
     held: Callable[[int], None] | None = None,
     resume: tuple[int, Mapping[Hashable, torch.Tensor]] | None = None,
     block_finished: Callable[[int, dict[Hashable, torch.Tensor]], None] | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> None:
     """Capture every task's Hessians on the inputs the *merged* model gives each linear.
 
@@ -46,8 +54,12 @@ def capture_merged_hessians(
     ``block_finished(index, outputs)`` and ``resume = (k, inputs)`` are as for
     ``capture_lockstep_hessians``: the merged linears of the blocks before ``k`` are done, and
     a task's inputs of block ``k`` carry everything they did.
+
+    With several ``ranks`` each holds its share of every task's windows; each unit's Hessians
+    are all-reduced, so every rank merges the same unit and holds the same merged block.
     """
-    runner = _BlockRunner(model, load_tensor, windows, device, batch_size)
+    with together(ranks):
+        runner = _BlockRunner(model, load_tensor, windows, device, batch_size)
     if held is not None:  # told the host memory the activations take, once they exist
         held(runner.activation_bytes)
     first = 0
@@ -57,18 +69,25 @@ def capture_merged_hessians(
     block_source = functools.partial(_zeros_for_hooked, load_tensor)
     for block in runner.blocks(description, progress, first, block_source):
         hooked = {f"{block.prefix}.{name}": name for name in hooked_tensors(block.module)}
-        for unit in _merge_units(runner, block):
+        with together(ranks):
+            units = _merge_units(runner, block)
+        for unit in decided_by_main(units, ranks):  # a rank's batch may miss an expert
             hessians = {}
             for task in windows:
-                with HessianHooks(block.module, block.prefix, device, only=unit) as hooks:
-                    runner.run(block, task)
-                hessians[task] = hooks.result()
-            for name, value in merge_group(hessians).items():
+                with together(ranks):
+                    with HessianHooks(block.module, block.prefix, device, only=unit) as hooks:
+                        runner.run(block, task)
+                    layer = hooks.result()
+                hessians[task] = all_reduced(layer, ranks)
+            with together(ranks):
+                merged = merge_group(hessians)
+            for name, value in merged.items():
                 set_module_tensor_to_device(
                     block.module, hooked[name], device, value=value, dtype=runner.dtype
                 )
-        for task in windows:
-            runner.run(block, task, in_place=True)
+        with together(ranks):
+            for task in windows:
+                runner.run(block, task, in_place=True)
         if block_finished is not None:
             block_finished(block.index, dict(runner.hidden))
 

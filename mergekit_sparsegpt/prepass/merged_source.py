@@ -34,6 +34,7 @@ from transformers import PretrainedConfig
 
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
 from mergekit_sparsegpt.capture.architecture import decoder_layers
+from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks, shard_windows
 from mergekit_sparsegpt.capture.merged import capture_merged_hessians
 from mergekit_sparsegpt.capture.model import TensorSource, empty_model
 from mergekit_sparsegpt.methods.base import PluginMethod
@@ -165,9 +166,10 @@ def merged_model_statistics(
     settings: PrepassSettings,
     options: MergeOptions,
     readers: Mapping[ModelReference, TensorSource],
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> dict[TaskKey, TaskStatistics]:
     """Every task's statistics with the merged model as the forward model, from the cache when
-    every task's entry is there."""
+    every task's entry is there (with several ``ranks``: on the main rank; {} on the others)."""
     shared = merge_payload(planned, method, windows, settings, options, hessian_source=MERGED)
     cache_dir = settings.cache_dir or default_cache_dir()
     entries = {}
@@ -175,12 +177,13 @@ def merged_model_statistics(
         payload = {**shared, "task": _task_name(task.key)}
         entries[task.key] = Entry(cache_path(cache_dir, payload), payload)
     config = planned[0].base_model.config(options.trust_remote_code)  # type: ignore[union-attr]
-    joint = JointPass(planned, method, config, windows, settings, options, readers)
+    joint = JointPass(planned, method, config, windows, settings, options, readers, ranks)
     # Every task's entry comes from one joint pass: all their locks are held, in one order.
     found = get_or_compute(
         entries,
         Steps(lambda: _cached(entries, options), joint.compute, prepare=joint.prepare),
         lambda lock: _say_waiting(lock, options),
+        ranks,
     )
     return dict(found or {})
 
@@ -206,7 +209,8 @@ UnitSink = Callable[[dict[Hashable, LayerHessians], dict[str, torch.Tensor]], No
 
 class JointPass:
     """Every task's statistics from one forward pass through the merged model, which is
-    merged unit by unit as it goes (``capture_merged_hessians``)."""
+    merged unit by unit as it goes (``capture_merged_hessians``). With several ``ranks`` each
+    runs its share of every task's windows (``shards``) and every rank builds the same merge."""
 
     def __init__(
         self,
@@ -217,11 +221,16 @@ class JointPass:
         settings: PrepassSettings,
         options: MergeOptions,
         readers: Mapping[ModelReference, TensorSource],
+        ranks: Ranks = SINGLE_PROCESS,
     ) -> None:
         self.planned, self.method, self.config, self.windows = planned, method, config, windows
-        self.settings, self.options, self.readers = settings, options, readers
+        self.settings, self.options, self.readers, self.ranks = settings, options, readers, ranks
 
     def prepare(self) -> None:
+        self.shards = {
+            key: shard_windows(task_windows, self.ranks, str(key[0]))  # type: ignore[index]
+            for key, task_windows in self.windows.items()
+        }
         self.model = empty_model(self.config, self.options.trust_remote_code)
         layers_prefix, _ = decoder_layers(self.model)
         self.statistics = {key: TaskStatistics.empty(layers_prefix) for key in self.windows}
@@ -239,12 +248,13 @@ class JointPass:
         capture_merged_hessians(
             self.model,
             self.merged,
-            self.windows,
+            self.shards,
             merge_group,
-            device=self.options.device or "cpu",
+            device=self.ranks.device(self.options.device),
             batch_size=self.settings.calibration_batch_size,
-            progress=not self.options.quiet,
+            progress=not self.options.quiet and self.ranks.main,
             description=f"RegMean++ Hessians through the merged model ({len(self.windows)} tasks)",
+            ranks=self.ranks,
             **progress,
         )
 
@@ -255,10 +265,9 @@ class JointPass:
 
         def keep(hessians: dict[Hashable, LayerHessians], _: dict[str, torch.Tensor]) -> None:
             for key, layer in hessians.items():
-                writer = writers[key]
-                assert writer is not None  # one process: the main rank
+                writer = writers[key]  # None on ranks other than the main one
                 for group in layer.hessians:
-                    self.statistics[key].move_matrices(group, writer.add)
+                    self.statistics[key].move_matrices(group, writer.add if writer else _drop)
 
         self.run(keep)
         return self.statistics
@@ -284,6 +293,10 @@ def merge_unit(
     values = {name: merged(name) for name in tensors}
     keep(hessians, values)
     return values
+
+
+def _drop(name: str, matrix: torch.Tensor) -> None:
+    """Where whole matrices go that this process does not store (only the main rank caches)."""
 
 
 def _say_waiting(lock: Path, options: MergeOptions) -> None:

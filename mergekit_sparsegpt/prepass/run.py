@@ -18,7 +18,12 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from tqdm.auto import tqdm
 
-from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks, launched_ranks
+from mergekit_sparsegpt.capture.distributed import (
+    SINGLE_PROCESS,
+    Ranks,
+    decided_by_main,
+    launched_ranks,
+)
 from mergekit_sparsegpt.methods.context import CardFacts, MergeContext, PlannedTensor, activated
 from mergekit_sparsegpt.prepass.checked_merge import checked_merge
 from mergekit_sparsegpt.prepass.local_paths import spelled_as_local
@@ -77,33 +82,31 @@ def _prepare_statistics(
     settings = resolve_seq_len(settings, tasks, options, ranks)
     windows = all_task_windows(tasks, settings, options)
     facts = CardFacts(method.spec.name, planned, window_shapes(windows))
-    per_task = per_task_reason(method, planned, settings, tasks, ranks)
+    per_task = per_task_reason(method, planned, settings, tasks)
     if per_task is None:
         base = planned[0].base_model
         dtype = storage_dtype(merge_config, readers[base], planned[0].inputs[base])
         entry = solved_entry(planned, method, windows, settings, options, dtype)
-        merged = cached_solved_linears(entry, options)
-        kept = kept_statistics(tasks, windows, settings, options) if merged is None else None
-        if kept is not None:
-            say(options, "Every task's statistics are in the cache: merging from them")
-            return MergeContext(hessian_inputs, tasks=kept, card_facts=facts)
-        if merged is None:
+        # Only the main rank reads the cache; the others follow what it found.
+        merged = cached_solved_linears(entry, options) if ranks.main else None
+        kept = None
+        if merged is None and ranks.main:
+            kept = kept_statistics(tasks, windows, settings, options)
+        if decided_by_main(kept is not None, ranks):
+            if ranks.main:
+                say(options, "Every task's statistics are in the cache: merging from them")
+            return MergeContext(hessian_inputs, tasks=kept or {}, card_facts=facts)
+        if not decided_by_main(merged is not None, ranks):
             solving = SolvingPass(
-                planned, method, windows, tasks, settings, options, readers, dtype
+                planned, method, windows, tasks, settings, options, readers, dtype, ranks
             )
             merged = merged_linears(entry, solving)
         return MergeContext(hessian_inputs, tasks={}, card_facts=facts, merged=merged)
     if per_task and ranks.main:
         say(options, f"Caching every task's statistics, not the solved linears: {per_task}")
     if settings.hessian_source == MERGED:
-        if ranks.world_size > 1:
-            raise ValueError(
-                "hessian_source: merged builds the merge while it calibrates and runs in one "
-                "process only: run it without torchrun, or calibrate with hessian_source: "
-                "finetuned or base"
-            )
         statistics = merged_model_statistics(
-            planned, method, tasks, windows, settings, options, readers
+            planned, method, tasks, windows, settings, options, readers, ranks
         )
     else:
         computed = {

@@ -21,7 +21,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
-from mergekit_sparsegpt.capture.distributed import Ranks
+from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks, together
 from mergekit_sparsegpt.capture.lockstep import ForwardModel, capture_lockstep_hessians
 from mergekit_sparsegpt.capture.model import TensorSource, empty_model
 from mergekit_sparsegpt.capture.weights import CheckpointReader
@@ -47,6 +47,7 @@ from mergekit_sparsegpt.statistics.merged_linears import (
     load_merged_linears,
     read_merged_linears,
 )
+from mergekit_sparsegpt.statistics.rank_checkpoint import RankCheckpoint
 from mergekit_sparsegpt.statistics.resumable import EntryWriter
 from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
@@ -57,7 +58,6 @@ def per_task_reason(
     planned: list[PlannedTensor],
     settings: PrepassSettings,
     tasks: list[CalibrationTask],
-    ranks: Ranks,
 ) -> str | None:
     """Why this merge keeps every task's statistics instead of solving in the pre-pass
     ("": the user asked for it), or None when the pre-pass solves the linears."""
@@ -67,8 +67,6 @@ def per_task_reason(
         return ""
     if uses_exported_statistics(tasks):
         return "models read exported statistics (statistics:)"
-    if ranks.world_size > 1:
-        return "torchrun calibrates each task on its own"
     moved = [t.output_name for t in planned if any(n != t.output_name for n in t.inputs.values())]
     if moved:
         return f"{moved[0]} comes from another tensor of a model (slices with layer offsets)"
@@ -135,8 +133,9 @@ def kept_statistics(
     return found
 
 
-def merged_linears(entry: Entry, solving: SolvingPass) -> MergedLinears:
-    """Every linear of the merge solved, from the cache or computed by ``solving`` and cached."""
+def merged_linears(entry: Entry, solving: SolvingPass) -> MergedLinears | None:
+    """Every linear of the merge solved, from the cache or computed by ``solving`` and cached
+    (None on ranks other than the main one: they help compute, the main rank caches)."""
     options = solving.options
 
     def cached() -> dict[str, MergedLinears] | None:
@@ -153,10 +152,10 @@ def merged_linears(entry: Entry, solving: SolvingPass) -> MergedLinears:
             read=read_merged_linears,
         ),
         lambda lock: say(options, f"Waiting for {lock}: another process is solving this merge"),
+        solving.ranks,
         resumable=True,
     )
-    assert found is not None  # one process: the main rank
-    return found[KIND]  # type: ignore[return-value]
+    return None if found is None else found[KIND]  # type: ignore[return-value]
 
 
 @dataclass
@@ -171,6 +170,7 @@ class SolvingPass:
     options: MergeOptions
     readers: Mapping[ModelReference, TensorSource]
     dtype: torch.dtype  # of the stored linears: the merge's output dtype
+    ranks: Ranks = SINGLE_PROCESS  # each runs its share of every task's windows
 
     def prepare(self) -> None:
         base = self.planned[0].base_model
@@ -184,17 +184,18 @@ class SolvingPass:
             self.settings,
             self.options,
             self.readers,
+            self.ranks,
         )
         self.joint.prepare()
         self.reports: dict[str, dict[str, Any]] = {}
 
     def compute(self, writers: Mapping[str, EntryWriter | None]) -> dict[str, MergedLinears]:
-        writer = writers[KIND]
-        assert writer is not None  # one process: the main rank
+        writer = writers[KIND]  # None on ranks other than the main one
 
         def keep(hessians: dict[Hashable, LayerHessians], values: dict[str, torch.Tensor]) -> None:
             for name, value in values.items():
-                writer.add(name, value.to(self.dtype).contiguous())
+                if writer is not None:
+                    writer.add(name, value.to(self.dtype).contiguous())
                 self.reports[name] = self.joint.context.report[name]
             for key, layer in hessians.items():
                 for group in layer.hessians:
@@ -211,29 +212,34 @@ class SolvingPass:
         statistics, merged = self.joint.statistics, self.joint.merged
 
         def block_done(_: int, hessians: dict[Hashable, LayerHessians]) -> None:
-            merge_unit(statistics, merged, self.settings, hessians, keep, False)
+            with together(self.ranks):
+                merge_unit(statistics, merged, self.settings, hessians, keep, False)
 
         capture_lockstep_hessians(
             self._forward_models(),
             block_done,
-            device=self.options.device or "cpu",
+            device=self.ranks.device(self.options.device),
             batch_size=self.settings.calibration_batch_size,
-            progress=not self.options.quiet,
+            progress=not self.options.quiet and self.ranks.main,
+            ranks=self.ranks,
             description=f"RegMean Hessians, solved block by block ({len(self.windows)} tasks)",
             **progress.arguments(),
         )
 
     def say_held(self, size: int) -> None:
+        if not self.ranks.main:  # each rank holds its share; the main rank speaks for all
+            return
+        share = ", this process's share of the windows" if self.ranks.world_size > 1 else ""
         say(
             self.options,
             f"Every task's calibration activations are held on the host: {size / 2**30:.2f} GiB "
-            f"({size:,} bytes, {len(self.windows)} tasks)",
+            f"({size:,} bytes, {len(self.windows)} tasks{share})",
         )
 
     def _forward_models(self) -> list[ForwardModel]:
         by_model: dict[ModelReference, dict[Hashable, torch.Tensor]] = {}
         for task in self.tasks:
-            by_model.setdefault(task.forward_model, {})[task.key] = self.windows[task.key]
+            by_model.setdefault(task.forward_model, {})[task.key] = self.joint.shards[task.key]
         trust = self.options.trust_remote_code
         return [
             ForwardModel(empty_model(model.config(trust), trust), self.readers[model], windows)
@@ -245,34 +251,37 @@ class _Progress:
     """What a solving pass tells its capture besides the work: where an interrupted run
     stopped (``resume``), where to checkpoint (``block_finished``) and what to say (``held``)."""
 
-    def __init__(self, solving: SolvingPass, writer: EntryWriter) -> None:
-        self.solving, self.writer = solving, writer
+    def __init__(self, solving: SolvingPass, writer: EntryWriter | None) -> None:
+        self.solving = solving
+        self.checkpoint = RankCheckpoint(writer, solving.ranks)
         self.order = list(solving.windows)  # the checkpoint's activations, one per task
 
     def arguments(self) -> dict[str, Any]:
         return {
-            "resume": self._resume(),
-            "block_finished": self._block_finished if self.writer.resumable else None,
+            "resume": self._resume() if self.checkpoint.resumable else None,
+            "block_finished": self._block_finished if self.checkpoint.resumable else None,
             "held": self.solving.say_held,
         }
 
     def _resume(self) -> tuple[int, dict[Hashable, torch.Tensor]] | None:
-        resumed = self.writer.take_resume_point()
+        resumed = self.checkpoint.resume_point()
         if resumed is None or not isinstance(resumed.activations, list):
             return None
-        assert isinstance(resumed.statistics, MergedLinears)
-        self.solving.reports.update(resumed.statistics.reports)
-        say(
-            self.solving.options,
-            f"Solving this merge: resuming at block {resumed.next_block} from checkpoint "
-            f"{self.writer.checkpoint}",
-        )
+        writer = self.checkpoint.writer
+        if writer is not None:  # the main rank, which alone keeps the reports
+            assert isinstance(resumed.statistics, MergedLinears)
+            self.solving.reports.update(resumed.statistics.reports)
+            say(
+                self.solving.options,
+                f"Solving this merge: resuming at block {resumed.next_block} from checkpoint "
+                f"{writer.checkpoint}",
+            )
         return resumed.next_block, dict(zip(self.order, resumed.activations, strict=True))
 
     def _block_finished(self, index: int, outputs: dict[Hashable, torch.Tensor]) -> None:
         activations = [outputs[key] for key in self.order]
         reports = MergedLinears(dict(self.solving.reports))
-        self.writer.block_finished(index, activations, reports)
+        self.checkpoint.block_finished(index, activations, reports)
 
 
 def _drop(name: str, matrix: torch.Tensor) -> None:

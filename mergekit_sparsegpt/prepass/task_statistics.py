@@ -43,6 +43,7 @@ from mergekit_sparsegpt.statistics.keys import (
     statistics_payload,
     tokens_fingerprint,
 )
+from mergekit_sparsegpt.statistics.rank_checkpoint import RankCheckpoint
 from mergekit_sparsegpt.statistics.resumable import EntryWriter, remove_checkpoint
 from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
@@ -93,7 +94,7 @@ def _cached_or_computed(
             options,
             writer.add if writer else _discard,
             ranks,
-            checkpoint=writer if writer and writer.resumable else None,
+            checkpoint=RankCheckpoint(writer, ranks),
         )
         return {"task": statistics}
 
@@ -113,8 +114,7 @@ def _cached_or_computed(
         ),
         lambda lock: say(options, f"Waiting for {lock}: {waiting}"),
         ranks,
-        # Each rank holds activations of its own windows: only one process can resume.
-        resumable=ranks.world_size == 1,
+        resumable=True,
     )
     return None if found is None else found["task"]
 
@@ -190,27 +190,30 @@ def compute_statistics(
     options: MergeOptions,
     store_matrix: Callable[[str, torch.Tensor], None],
     ranks: Ranks = SINGLE_PROCESS,
-    checkpoint: EntryWriter | None = None,
+    checkpoint: RankCheckpoint | None = None,
 ) -> TaskStatistics:
     """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists.
 
     With several ranks, ``windows`` is this rank's share and the Hessians are summed over all.
-    A resumable ``checkpoint`` writer supplies the blocks an interrupted run finished (they do
-    not run again) and is offered each block this run finishes.
+    A resumable ``checkpoint`` supplies the blocks an interrupted run finished (they do not run
+    again) and is offered each block this run finishes.
     """
     model_ref = task.forward_model
     load_tensor = CheckpointReader(model_ref, config.model_type)
     model = empty_model(config, options.trust_remote_code)
     layers_prefix, blocks = decoder_layers(model)
     description = f"Hessians of {model_ref} on {Path(task.key[1]).name}"
-    resumed = checkpoint.take_resume_point() if checkpoint else None
-    statistics = resumed.statistics if resumed else TaskStatistics.empty(layers_prefix)
+    resumed = checkpoint.resume_point() if checkpoint else None
+    statistics = TaskStatistics.empty(layers_prefix)
     if resumed and checkpoint:
-        say(
-            options,
-            f"{description}: resuming at block {resumed.next_block} of {len(blocks)} "
-            f"from checkpoint {checkpoint.checkpoint}",
-        )
+        if resumed.statistics is not None:  # the main rank's: the others' are not cached
+            statistics = resumed.statistics  # type: ignore[assignment]
+        if checkpoint.writer is not None:
+            say(
+                options,
+                f"{description}: resuming at block {resumed.next_block} of {len(blocks)} "
+                f"from checkpoint {checkpoint.writer.checkpoint}",
+            )
     layers = capture_layer_hessians(
         model,
         load_tensor,
@@ -222,7 +225,7 @@ def compute_statistics(
         resume=(resumed.next_block, resumed.activations) if resumed else None,
         block_done=(
             (lambda index, outputs: checkpoint.block_finished(index, outputs, statistics))
-            if checkpoint
+            if checkpoint and checkpoint.resumable
             else None
         ),
     )

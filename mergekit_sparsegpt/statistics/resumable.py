@@ -88,8 +88,9 @@ class EntryWriter:
     renamed into place.
 
     A ``resumable`` writer (one process, holding ``entry_lock``) keeps everything it writes in
-    the entry's checkpoint directory, the side file included, and ``block_finished`` saves the
-    statistics so far with the next block's input there. It opens a checkpoint a previous run
+    the entry's checkpoint directory, the side file included, and ``checkpoint_block`` saves the
+    statistics so far with the next block's input there when ``checkpoint_due`` (see
+    ``rank_checkpoint``, which every process of a run calls). It opens a checkpoint a previous run
     left (``resume_point``), or discards one that does not match with a message. ``commit``
     removes the checkpoint; an interruption or an unexpected error keeps it for a rerun, while a
     ``ValueError`` (these inputs' own fault, met again by a rerun) removes it. A writer that is
@@ -153,13 +154,17 @@ class EntryWriter:
         point, self.resume_point = self.resume_point, None
         return point
 
-    def block_finished(
-        self, index: int, activations: Activations, statistics: EntryContents
+    def checkpoint_due(self) -> bool:
+        """Whether the schedule asks for a checkpoint now (never for a writer that cannot
+        resume)."""
+        return self._schedule is not None and self._schedule.due()
+
+    def checkpoint_block(
+        self, index: int, activations: Activations, statistics: EntryContents, started: float
     ) -> None:
-        """Block ``index`` is in ``statistics`` and gave ``activations``: checkpoint it if due."""
-        if self._schedule is None or not self._schedule.due():
-            return
-        started = time.monotonic()
+        """Checkpoint block ``index`` now; the write's cost, counted from ``started`` (the
+        monotonic time its preparation began), sets when the next one is due."""
+        assert self._schedule is not None
         size = self.save_checkpoint(index + 1, statistics, activations)
         cost = time.monotonic() - started
         self._schedule.written(cost)

@@ -15,6 +15,7 @@ from merge_configs import regmean_config, sparsegpt_config
 from safetensors import safe_open
 
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
+from mergekit_sparsegpt.statistics.checkpoint import CHECKPOINT_OVERHEAD_VARIABLE
 from mergekit_sparsegpt.capture.distributed import (
     Ranks,
     _all_reduced,
@@ -26,21 +27,49 @@ from mergekit_sparsegpt.capture.distributed import (
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
-def _calibrate(config: dict, workdir: Path, processes: int) -> subprocess.CompletedProcess:
+# ``calibrate`` with the main rank killed (SIGKILL) right after it writes the resume checkpoint
+# before block TEST_KILL_AFTER: torchrun then stops the other rank too.
+KILLING_DRIVER = """
+import os, signal, sys
+from mergekit_sparsegpt.integration import cli
+from mergekit_sparsegpt.statistics import resumable
+
+save = resumable.EntryWriter.save_checkpoint
+def killing_save(self, next_block, *args, **kwargs):
+    size = save(self, next_block, *args, **kwargs)
+    if next_block == int(os.environ.get("TEST_KILL_AFTER", "-1")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return size
+resumable.EntryWriter.save_checkpoint = killing_save
+cli.main(sys.argv[1:])
+"""
+
+
+def _calibrate(
+    config: dict, workdir: Path, processes: int, kill_after: int | None = None
+) -> subprocess.CompletedProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.yml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
-        + ["--standalone", "-m"]
+        + ["--standalone"]
         if processes > 1
-        else [sys.executable, "-m"]
+        else [sys.executable]
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
+    driver = workdir / "driver.py"
+    driver.write_text(KILLING_DRIVER, encoding="utf-8")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPOSITORY),
+        CHECKPOINT_OVERHEAD_VARIABLE: "1",  # a checkpoint after every block
+        "TEST_KILL_AFTER": str(kill_after if kill_after is not None else -1),
+    }
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(name, None)
     return subprocess.run(
-        [*launcher, "mergekit_sparsegpt.integration.cli", "calibrate", str(config_path)],
+        [*launcher, str(driver), "calibrate", str(config_path)],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -109,11 +138,66 @@ def test_merge_under_torchrun_is_refused(tiny_models, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_merged_hessian_source_is_refused_with_several_processes(tiny_models, tmp_path):
-    config = regmean_config(tiny_models, hessian_source="merged", cache_dir=str(tmp_path / "c"))
-    proc = _calibrate(config, tmp_path / "run", 2)
-    assert proc.returncode != 0
-    assert "hessian_source: merged builds the merge while it calibrates" in proc.stderr
+@pytest.mark.parametrize("source", ["finetuned", "merged"])
+def test_two_gloo_processes_solve_the_merge_one_process_would(tiny_models, tmp_path, source):
+    """RegMean's default storage under torchrun: the lockstep pass (finetuned) and RegMean++
+    (merged) with each task's 7 windows split 4 + 3, every unit's Hessians all-reduced."""
+    caches = {}
+    for processes in (1, 2):
+        cache_dir = tmp_path / f"cache{processes}"
+        config = regmean_config(
+            tiny_models,
+            calibration_samples=7,
+            cache_dir=str(cache_dir),
+            hessian_source=source,
+            # alpha 1 (exact least squares) amplifies the sums' rounding by the Grams'
+            # condition number, huge for this tiny model's o_proj (heads sharing a KV head).
+            alpha=0.9,
+        )
+        proc = _calibrate(config, tmp_path / f"run{processes}", processes)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr.count("Solved linears of the merge ready") == 1
+        caches[processes] = _entries(cache_dir)
+    single, double = caches[1], caches[2]
+    assert len(single) == 1 and set(single) == set(double)  # the same key: a merge reuses it
+    (name,) = single
+    assert set(single[name]) == set(double[name]) and single[name]
+    for key, value in single[name].items():
+        error = (double[name][key].double() - value.double()).norm() / value.double().norm()
+        assert error < 1e-4, f"{key}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("method", ["sparsegpt_ties", "regmean"])
+def test_a_killed_torchrun_prepass_resumes_after_its_last_finished_block(
+    tiny_models, tmp_path, method
+):
+    """The checkpoint gathers every rank's activations; the rerun hands each rank its share
+    and runs only the blocks left. sparsegpt_ties: one entry per task (whole matrices streamed
+    for compensate); regmean: RegMean++ solving the merge."""
+    if method == "regmean":
+        config = regmean_config(tiny_models, hessian_source="merged", calibration_samples=7)
+    else:
+        config = sparsegpt_config(tiny_models, calibration_samples=7, compensate=True)
+    caches = {}
+    for name, kill_after in (("reference", None), ("resumed", 1)):
+        cache_dir = tmp_path / f"cache_{name}"
+        config["parameters"]["cache_dir"] = str(cache_dir)
+        if kill_after is not None:
+            killed = _calibrate(config, tmp_path / "killed", 2, kill_after)
+            assert killed.returncode != 0
+            assert not list(cache_dir.glob("*.safetensors"))
+            assert list(cache_dir.glob("*.checkpoint/state.safetensors"))
+        proc = _calibrate(config, tmp_path / name, 2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("resuming at block 1" in proc.stderr) == (kill_after is not None), proc.stderr
+        assert not list(cache_dir.glob("*.checkpoint"))
+        caches[name] = _entries(cache_dir)
+    reference, resumed = caches["reference"], caches["resumed"]
+    assert set(resumed) == set(reference) and reference
+    for name, tensors in reference.items():
+        assert set(resumed[name]) == set(tensors)
+        for key, value in tensors.items():
+            assert torch.equal(resumed[name][key], value), key
 
 
 def test_launched_ranks_read_torchrun_environment(monkeypatch):
