@@ -15,7 +15,6 @@ from merge_configs import regmean_config, sparsegpt_config
 from safetensors import safe_open
 
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
-from mergekit_sparsegpt.statistics.checkpoint import CHECKPOINT_OVERHEAD_VARIABLE
 from mergekit_sparsegpt.capture.distributed import (
     Ranks,
     _all_reduced,
@@ -23,6 +22,7 @@ from mergekit_sparsegpt.capture.distributed import (
     shard_windows,
     together,
 )
+from mergekit_sparsegpt.statistics.checkpoint import CHECKPOINT_OVERHEAD_VARIABLE
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
