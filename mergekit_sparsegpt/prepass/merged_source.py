@@ -39,10 +39,12 @@ from mergekit_sparsegpt.capture.merged import capture_merged_hessians
 from mergekit_sparsegpt.capture.model import TensorSource, empty_model
 from mergekit_sparsegpt.methods.base import PluginMethod
 from mergekit_sparsegpt.methods.context import MergeContext, PlannedTensor, TaskKey, activated
+from mergekit_sparsegpt.prepass.messages import say
 from mergekit_sparsegpt.prepass.model_identity import identity
 from mergekit_sparsegpt.prepass.plan import MERGED, CalibrationTask, PrepassSettings
 from mergekit_sparsegpt.prepass.task_statistics import hessian_errors_explained
 from mergekit_sparsegpt.statistics.cache_dir import default_cache_dir
+from mergekit_sparsegpt.statistics.checkpoint import ResumePoint
 from mergekit_sparsegpt.statistics.entries import load_statistics
 from mergekit_sparsegpt.statistics.keys import (
     cache_path,
@@ -51,6 +53,7 @@ from mergekit_sparsegpt.statistics.keys import (
     statistics_payload,
     tokens_fingerprint,
 )
+from mergekit_sparsegpt.statistics.rank_checkpoint import CheckpointSet
 from mergekit_sparsegpt.statistics.resumable import EntryWriter
 from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
@@ -184,6 +187,7 @@ def merged_model_statistics(
         Steps(lambda: _cached(entries, options), joint.compute, prepare=joint.prepare),
         lambda lock: _say_waiting(lock, options),
         ranks,
+        resumable=True,
     )
     return dict(found or {})
 
@@ -261,7 +265,8 @@ class JointPass:
     def compute(
         self, writers: Mapping[TaskKey, EntryWriter | None]
     ) -> dict[TaskKey, TaskStatistics]:
-        """Each task's statistics, its whole matrices streamed to its own entry."""
+        """Each task's statistics, its whole matrices streamed to its own entry; resumed
+        after the last block every entry's checkpoint holds."""
 
         def keep(hessians: dict[Hashable, LayerHessians], _: dict[str, torch.Tensor]) -> None:
             for key, layer in hessians.items():
@@ -269,7 +274,21 @@ class JointPass:
                 for group in layer.hessians:
                     self.statistics[key].move_matrices(group, writer.add if writer else _drop)
 
-        self.run(keep)
+        checkpoints = CheckpointSet(writers, self.ranks)
+        resumed = checkpoints.resume_point()
+        if resumed is not None and self.ranks.main:
+            self.statistics.update({k: p.statistics for k, p in resumed[1].items()})  # type: ignore[misc]
+            say(self.options, f"RegMean++ statistics: resuming at block {resumed[0]}")
+
+        def block_finished(index: int, outputs: dict[Hashable, torch.Tensor]) -> None:
+            contents = {key: self.statistics[key] for key in writers}
+            checkpoints.block_finished(index, outputs, contents)  # type: ignore[arg-type]
+
+        self.run(
+            keep,
+            resume=None if resumed is None else (resumed[0], _activations(resumed[1])),
+            block_finished=block_finished if checkpoints.resumable else None,
+        )
         return self.statistics
 
 
@@ -293,6 +312,10 @@ def merge_unit(
     values = {name: merged(name) for name in tensors}
     keep(hessians, values)
     return values
+
+
+def _activations(points: Mapping[Any, ResumePoint]) -> dict[Hashable, torch.Tensor]:
+    return {key: point.activations for key, point in points.items()}  # type: ignore[misc]
 
 
 def _drop(name: str, matrix: torch.Tensor) -> None:

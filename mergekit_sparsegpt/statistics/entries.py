@@ -102,13 +102,22 @@ def read_statistics(path: Path, payload: dict[str, Any]) -> TaskStatistics:
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata() or {}
         check_identity(metadata, key)
-        vectors, shapes = {}, {}
-        for name in handle.keys():
-            if split_tensor_key(name)[1] in OPTIONAL_MATRICES:
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
-            else:
-                vectors[name] = handle.get_tensor(name)
+        vectors, shapes = vectors_and_matrix_shapes(handle)
     return TaskStatistics.from_tensors(vectors, metadata, CachedMatrices(path, key, shapes))
+
+
+def vectors_and_matrix_shapes(
+    handle: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """An open statistics file's per-column vectors, read, and the shapes of its whole
+    matrices, which stay in the file until a kernel asks for them."""
+    vectors, shapes = {}, {}
+    for name in handle.keys():
+        if split_tensor_key(name)[1] in OPTIONAL_MATRICES:
+            shapes[name] = tuple(handle.get_slice(name).get_shape())
+        else:
+            vectors[name] = handle.get_tensor(name)
+    return vectors, shapes
 
 
 def check_identity(metadata: dict[str, str], key: str) -> None:

@@ -28,6 +28,7 @@ from mergekit_sparsegpt.statistics.entries import (
     CachedMatrices,
     raw_bytes,
     safetensors_header,
+    vectors_and_matrix_shapes,
     write_tensors,
 )
 from mergekit_sparsegpt.statistics.hessian import OPTIONAL_MATRICES
@@ -269,12 +270,7 @@ def read_folder(folder: str | os.PathLike[str]) -> tuple[Manifest, TaskStatistic
         require_regular(path)
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
-            vectors, shapes = {}, {}
-            for name in handle.keys():
-                if split_tensor_key(name)[1] in OPTIONAL_MATRICES:
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-                else:
-                    vectors[name] = handle.get_tensor(name)
+            vectors, shapes = vectors_and_matrix_shapes(handle)
         if metadata.get("key") != _identity(manifest)["key"]:
             raise ValueError(f"it does not belong to {MANIFEST_FILE}")
         stored = CachedMatrices(path, metadata["key"], shapes)

@@ -10,6 +10,8 @@ resumes whatever the number of processes the interrupted run had.
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable, Mapping
+from typing import Generic, TypeVar
 
 import torch
 
@@ -22,6 +24,8 @@ from mergekit_sparsegpt.capture.distributed import (
 )
 from mergekit_sparsegpt.statistics.checkpoint import Activations, ResumePoint
 from mergekit_sparsegpt.statistics.resumable import EntryContents, EntryWriter
+
+K = TypeVar("K", bound=Hashable)
 
 
 class RankCheckpoint:
@@ -54,11 +58,22 @@ class RankCheckpoint:
     ) -> None:
         """Block ``index`` is done and gave ``activations`` (this rank's share): checkpoint
         ``contents`` (the main rank's) with every rank's activations, if due."""
+        if self.due():
+            self.write(index, activations, contents)
+
+    def due(self) -> bool:
+        """Whether the main rank's schedule asks for a checkpoint now."""
         if not self.resumable:
-            return
-        due = decided_by_main(self.writer is not None and self.writer.checkpoint_due(), self.ranks)
-        if not due:
-            return
+            return False
+        return decided_by_main(self.writer is not None and self.writer.checkpoint_due(), self.ranks)
+
+    def restart(self, reason: str) -> None:
+        """Start from the first block after all, discarding the checkpoint found."""
+        if self.writer is not None:
+            self.writer.restart(reason)
+
+    def write(self, index: int, activations: Activations, contents: EntryContents | None) -> None:
+        """Checkpoint block ``index`` now (every rank calls it, or none)."""
         started = time.monotonic()
         gathered = [gathered_on_main(tensor, self.ranks) for tensor in _listed(activations)]
         if self.writer is None:
@@ -66,6 +81,41 @@ class RankCheckpoint:
         assert contents is not None and all(tensor is not None for tensor in gathered)
         whole = gathered if isinstance(activations, list) else gathered[0]
         self.writer.checkpoint_block(index, whole, contents, started)  # type: ignore[arg-type]
+
+
+class CheckpointSet(Generic[K]):
+    """The checkpoints of entries one pass computes together (RegMean++ with
+    ``keep_statistics``: every task's entry). They are written together, on one schedule (the
+    first entry's), and resumed only together: a run killed between two of their writes left
+    them at different blocks, and then every one starts from the first block."""
+
+    def __init__(self, writers: Mapping[K, EntryWriter | None], ranks: Ranks) -> None:
+        self.members = {key: RankCheckpoint(writer, ranks) for key, writer in writers.items()}
+        self.resumable = all(member.resumable for member in self.members.values())
+
+    def resume_point(self) -> tuple[int, dict[K, ResumePoint]] | None:
+        """The block every entry's checkpoint stopped before, with each entry's resume point."""
+        if not self.resumable:
+            return None
+        points = {key: member.resume_point() for key, member in self.members.items()}
+        blocks = {None if point is None else point.next_block for point in points.values()}
+        if len(blocks) == 1 and None not in blocks:
+            return blocks.pop(), points  # type: ignore[return-value]
+        if blocks != {None}:
+            for member in self.members.values():
+                member.restart(f"the checkpoints of this pass's entries stop at blocks {blocks}")
+        return None
+
+    def block_finished(
+        self,
+        index: int,
+        activations: Mapping[K, Activations],
+        contents: Mapping[K, EntryContents | None],
+    ) -> None:
+        """Block ``index`` is done: checkpoint every entry, if due."""
+        if next(iter(self.members.values())).due():
+            for key, member in self.members.items():
+                member.write(index, activations[key], contents[key])
 
 
 def _count(activations: Activations) -> int | None:

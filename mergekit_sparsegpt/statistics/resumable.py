@@ -154,6 +154,23 @@ class EntryWriter:
         point, self.resume_point = self.resume_point, None
         return point
 
+    def restart(self, reason: str) -> None:
+        """Discard the checkpoint this writer opened (``reason`` says why, as a warning): the
+        run starts from the first block, and nothing of the checkpoint's stays."""
+        assert self.checkpoint is not None
+        LOG.warning(
+            "Discarding pre-pass checkpoint %s: %s; starting from the first block.",
+            self.checkpoint,
+            reason,
+        )
+        self.resume_point = None
+        self._added = {}
+        self._checkpointed = None
+        with writing(self.path):
+            self._side.seek(0)
+            self._side.truncate()
+            (self.checkpoint / _STATE_FILE).unlink(missing_ok=True)
+
     def checkpoint_due(self) -> bool:
         """Whether the schedule asks for a checkpoint now (never for a writer that cannot
         resume)."""

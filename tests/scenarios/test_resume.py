@@ -463,15 +463,19 @@ def test_an_entry_of_an_older_format_is_named_and_recomputed(
     assert len(sorted(cache_dir.glob("*.safetensors"))) == 2 * len(old_entries)
 
 
-def _solving_config_file(models: Family, directory: Path, source: str) -> Path:
+def _solving_config_file(
+    models: Family, directory: Path, source: str, keep_statistics: bool = False
+) -> Path:
     """RegMean's default storage: the pass that solves as it goes (finetuned: the lockstep
-    pass through each expert; merged: RegMean++'s)."""
+    pass through each expert; merged: RegMean++'s); ``keep_statistics``: every task's entry."""
     config = _config(models, directory / "cache")
     config["merge_method"] = "regmean"
     for entry in config["models"]:
         del entry["parameters"]["density"]
     del config["parameters"]["compensate"]
     config["parameters"]["hessian_source"] = source
+    if keep_statistics:
+        config["parameters"]["keep_statistics"] = True
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "config.yml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -515,6 +519,38 @@ def test_a_killed_solving_prepass_resumes_after_its_last_finished_block(
     assert set(ours) == set(expected) and len(expected) == 1
     for name, (metadata, tensors) in expected.items():
         assert ours[name][0] == metadata  # the same key and report records
+        assert set(ours[name][1]) == set(tensors)
+        assert all(torch.equal(ours[name][1][key], value) for key, value in tensors.items())
+    assert _only_entries(cache_dir) == _only_entries(reference_config.parent / "cache")
+
+
+def test_a_killed_regmean_plus_plus_pass_keeping_statistics_resumes_every_task(
+    deep_models, tmp_path
+):
+    """RegMean++ with keep_statistics writes every task's entry in one pass: each entry has
+    its own checkpoint, written together, and the rerun resumes them together."""
+    reference_config = _solving_config_file(deep_models, tmp_path / "reference", "merged", True)
+    reference_run = Calibration(reference_config, "reference")
+    assert reference_run.finish() == 0, reference_run.stderr[-3000:]
+    runs = _blocks(reference_run)
+
+    config = _solving_config_file(deep_models, tmp_path / "ours", "merged", True)
+    cache_dir = config.parent / "cache"
+    # Killed while block 2's matrices are written: both tasks' checkpoints hold blocks 0 and 1.
+    interrupted = Calibration(config, "interrupted", pause="matrix:2:down_proj")
+    interrupted.wait_for("stdout", "PAUSED matrix:2:down_proj")
+    assert interrupted.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert not list(cache_dir.glob("*.safetensors"))
+    assert len(list(cache_dir.glob("*.checkpoint/state.safetensors"))) == 2
+
+    resumed = Calibration(config, "resumed")
+    assert resumed.finish() == 0, resumed.stderr[-3000:]
+    assert "RegMean++ statistics: resuming at block 2" in resumed.stderr
+    assert _blocks(resumed) == [index for index in runs if index >= 2]
+    ours, expected = _entries(cache_dir), _entries(reference_config.parent / "cache")
+    assert set(ours) == set(expected) and len(expected) == 2
+    for name, (metadata, tensors) in expected.items():
+        assert ours[name][0] == metadata
         assert set(ours[name][1]) == set(tensors)
         assert all(torch.equal(ours[name][1][key], value) for key, value in tensors.items())
     assert _only_entries(cache_dir) == _only_entries(reference_config.parent / "cache")
