@@ -89,17 +89,14 @@ class Formulas:
         assert method.recipe is not None
         return projection.cache_bytes(method.recipe, self.shape, self.work)
 
-    def host_terms(self, method: Method) -> dict[str, int]:
-        """The pre-pass's peak RSS by term: its fixed part, ``projection``'s host terms, and
-        one batch's temporaries (on the CPU they are host memory)."""
+    def host_bound(self, method: Method) -> int:
+        """The pre-pass's peak RSS: its fixed part, then ``projection``'s host RAM, the block
+        stage with one batch's temporaries (on the CPU they are host memory)."""
         assert method.recipe is not None
-        return {
-            "warm_calibrate": self.overhead_bytes,
-            **projection.prepass_host_terms(method.recipe, self.shape, self.work),
-            "batch_temporaries": formulas.batch_temporary_bytes(
-                self.shape, self.work.batch, self.work.seq_len
-            ),
-        }
+        batch = formulas.batch_temporary_bytes(self.shape, self.work.batch, self.work.seq_len)
+        return self.overhead_bytes + projection.prepass_host_bytes(
+            method.recipe, self.shape, self.work, extra=batch
+        )
 
     def output_bytes(self) -> int:
         return formulas.model_params(self.shape) * self.work.output_bytes
@@ -154,7 +151,7 @@ def _add_memory_rows(
                 f"ties merge {size(ties)}",
                 ratio(peak, ties),
             )
-            bound = sum(predicted[runs.experts].host_terms(method).values())
+            bound = predicted[runs.experts].host_bound(method)
             result.add(
                 f"pre-pass peak RSS vs formula, {_label(method, runs)}",
                 size(peak),
@@ -266,7 +263,15 @@ def _count_data(runs: CountRuns, predicted: Formulas) -> dict[str, Any]:
         "cache": {label: vars(use) for label, use in runs.caches.items()},
         "output": {label: vars(use) for label, use in runs.outputs.items()},
         "predicted_cache_bytes": {m.label: predicted.cache_bytes(m) for m in CALIBRATED},
-        "predicted_host_terms": {m.label: predicted.host_terms(m) for m in CALIBRATED},
+        "predicted_host_bytes": {m.label: predicted.host_bound(m) for m in CALIBRATED},
+        "predicted_block_stage_terms": {
+            m.label: projection.prepass_host_terms(m.recipe, predicted.shape, predicted.work)  # type: ignore[arg-type]
+            for m in CALIBRATED
+        },
+        "predicted_embedding_stage_bytes": {
+            m.label: projection.embedding_stage_bytes(m.recipe, predicted.shape, predicted.work)  # type: ignore[arg-type]
+            for m in CALIBRATED
+        },
         "predicted_output_bytes": predicted.output_bytes(),
     }
 

@@ -161,24 +161,52 @@ def tasks_held(recipe: Recipe, experts: int) -> int:
 
 
 def solve_bytes(shape: LlamaShape) -> int:
-    """The largest matrix's float64 sums: lhs [in, in] and rhs [out, in]."""
-    return SOLVE_BYTES * max(d * d + out * d for out, d in block_matrices(shape))
+    """The largest matrix's float64 solve: lhs [in, in] with its ridged copy and Cholesky
+    factor, the right-hand side and the solution [out, in]."""
+    return SOLVE_BYTES * max(3 * d * d + 2 * out * d for out, d in block_matrices(shape))
+
+
+def merge_input_bytes(shape: LlamaShape, experts: int) -> int:
+    """The kernel's inputs for the largest matrix, in float32: the base's and every expert's
+    weight, and every task vector."""
+    return FLOAT32_BYTES * (2 * experts + 1) * max(out * d for out, d in block_matrices(shape))
 
 
 def prepass_host_terms(recipe: Recipe, shape: LlamaShape, work: Workload) -> dict[str, int]:
-    """Host RAM of the pre-pass, by term: the blocks being read, every held task's activations,
-    the held tasks' Grams of one block, and the solve's sums (TIES: the widest group's
-    factorisation instead). Interpreter and libraries, and one batch's temporaries, come on top
-    (the ``experts`` part measures the former and adds ``formulas.batch_temporary_bytes``)."""
+    """Host RAM of the pre-pass's block stage, by term: the blocks being read, every held task's
+    activations, the held tasks' Grams of one block, and the solve with the kernel's inputs
+    (TIES: the widest group's factorisation instead). Interpreter and libraries, and one batch's
+    temporaries, come on top (the ``experts`` part measures the former and adds
+    ``formulas.batch_temporary_bytes``); the embedding stage before it is
+    ``embedding_stage_bytes``."""
     tasks = tasks_held(recipe, work.experts)
     gram = GRAM_BYTES * sum(width**2 for width in hessian_group_widths(shape))
-    working = solve_bytes(shape) if recipe.solves_in_prepass else factorisation_bytes(shape)
-    return {
+    terms = {
         "blocks": models_read(recipe, work.experts) * block_params(shape) * work.weight_bytes,
         "activations": tasks * work.tokens_per_task * shape.hidden * ACTIVATION_BYTES,
         "block_grams": tasks * gram,
-        "solve" if recipe.solves_in_prepass else "factorisation": working,
     }
+    if not recipe.solves_in_prepass:
+        return {**terms, "factorisation": factorisation_bytes(shape)}
+    return {**terms, "solve": solve_bytes(shape), "merge_inputs": merge_input_bytes(shape, tasks)}
+
+
+def embedding_stage_bytes(recipe: Recipe, shape: LlamaShape, work: Workload) -> int:
+    """Host RAM of the stage before the first block, which runs the embedding. RegMean++ first
+    merges the embedding with the method's kernel, as mergekit's merge does: every model's
+    embedding and every task vector in float32, the merged value, and the model's copy of it.
+    Otherwise each model's embedding is read, and copied into the model, one model at a time."""
+    embedding = shape.vocab * shape.hidden
+    if recipe.lockstep and recipe.source == MERGED:
+        return FLOAT32_BYTES * (2 * work.experts + 3) * embedding
+    return 2 * embedding * work.weight_bytes
+
+
+def prepass_host_bytes(recipe: Recipe, shape: LlamaShape, work: Workload, extra: int = 0) -> int:
+    """The pre-pass's host RAM: the larger of its embedding stage and its block stage (with
+    ``extra`` on top of the latter: one batch's temporaries); the two never coexist."""
+    block_stage = sum(prepass_host_terms(recipe, shape, work).values()) + extra
+    return max(block_stage, embedding_stage_bytes(recipe, shape, work))
 
 
 def prepass_gpu_terms(recipe: Recipe, shape: LlamaShape, work: Workload) -> dict[str, int]:
@@ -187,6 +215,7 @@ def prepass_gpu_terms(recipe: Recipe, shape: LlamaShape, work: Workload) -> dict
     solve's sums or the factorisation (they run where the Grams are). The activations stay on
     the host and move batch by batch."""
     host = prepass_host_terms(recipe, shape, work)
+    host.pop("merge_inputs", None)  # the kernel reads the checkpoints on the host
     batch_values = work.batch * work.seq_len * (shape.hidden + shape.intermediate)
     return {**host, "activations": 0, "batch": batch_values * work.weight_bytes}
 
@@ -281,7 +310,7 @@ def project(
         recipe=recipe.label,
         disk_bytes=cache_bytes(recipe, shape, work),
         disk_kept_bytes=cache_bytes(recipe, shape, work, keep=True),
-        host_bytes=sum(prepass_host_terms(recipe, shape, work).values()),
+        host_bytes=prepass_host_bytes(recipe, shape, work),
         gpu_bytes=sum(prepass_gpu_terms(recipe, shape, work).values()),
         flops=sum(flops.values()),
         minutes=minutes(flops, accelerator),

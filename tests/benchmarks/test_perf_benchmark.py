@@ -3,6 +3,7 @@ smoke run of its quickest part."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import resource
@@ -227,14 +228,35 @@ def test_projected_disk_matches_a_hand_count() -> None:
 def test_projected_memory_matches_a_hand_count() -> None:
     merged = HAND_RECIPES["regmean (merged)"]
     # Blocks of the base and the 3 experts (592 x 2 bytes each); 3 tasks x 8 tokens x 8 float32
-    # activations; 3 tasks' Grams of a block; down_proj's float64 sums, 16 x 16 + 8 x 16.
-    host = {"blocks": 4 * 1184, "activations": 768, "block_grams": 3 * 1792, "solve": 3072}
+    # activations; 3 tasks' Grams of a block; down_proj's float64 solve, 3 x 16 x 16 (lhs, its
+    # ridged copy, its factor) + 2 x 8 x 16 (rhs, solution); the kernel's float32 inputs for
+    # the largest matrix (128 weights): 4 models' and 3 task vectors.
+    host = {
+        "blocks": 4 * 1184,
+        "activations": 768,
+        "block_grams": 3 * 1792,
+        "solve": 8 * (3 * 256 + 2 * 128),
+        "merge_inputs": 4 * 7 * 128,
+    }
     assert projection.prepass_host_terms(merged, HAND_SHAPE, HAND_WORK) == host
-    # The GPU holds one batch (1 x 4 tokens x (8 + 16) bfloat16 values), not the activations.
+    # Before the blocks, RegMean++ merges the embedding (10 x 8): 4 models' and 3 task vectors
+    # in float32, the merged value and the model's copy. Here the block stage is larger.
+    assert projection.embedding_stage_bytes(merged, HAND_SHAPE, HAND_WORK) == 4 * 9 * 80
+    assert projection.prepass_host_bytes(merged, HAND_SHAPE, HAND_WORK) == sum(host.values())
+    assert (
+        projection.prepass_host_bytes(merged, HAND_SHAPE, HAND_WORK, extra=5)
+        == sum(host.values()) + 5
+    )
+    wide = dataclasses.replace(HAND_SHAPE, vocab=1000)  # now the embedding stage is
+    assert projection.prepass_host_bytes(merged, wide, HAND_WORK) == 4 * 9 * 8000
+    # The GPU holds one batch (1 x 4 tokens x (8 + 16) bfloat16 values), not the activations,
+    # and not the kernel's inputs, which it reads on the host.
     gpu = projection.prepass_gpu_terms(merged, HAND_SHAPE, HAND_WORK)
-    assert sum(gpu.values()) == 4736 + 192 + 5376 + 3072
+    assert sum(gpu.values()) == 4736 + 192 + 5376 + 8192
     finetuned = HAND_RECIPES["regmean (finetuned)"]  # the 3 experts' blocks only
-    assert sum(projection.prepass_host_terms(finetuned, HAND_SHAPE, HAND_WORK).values()) == 12768
+    assert sum(projection.prepass_host_terms(finetuned, HAND_SHAPE, HAND_WORK).values()) == 21472
+    # Each expert's embedding read and copied into the model, one at a time (bfloat16).
+    assert projection.embedding_stage_bytes(finetuned, HAND_SHAPE, HAND_WORK) == 2 * 80 * 2
     # sparsegpt_ties: one task at a time through the base; the down group's factorisation.
     ties = projection.prepass_host_terms(HAND_RECIPES["sparsegpt_ties"], HAND_SHAPE, HAND_WORK)
     assert ties == {"blocks": 1184, "activations": 256, "block_grams": 1792, "factorisation": 3072}
