@@ -209,13 +209,20 @@ def prepass_host_bytes(recipe: Recipe, shape: LlamaShape, work: Workload, extra:
     return max(block_stage, embedding_stage_bytes(recipe, shape, work))
 
 
+def accelerator_host_bytes(recipe: Recipe, shape: LlamaShape, work: Workload) -> int:
+    """Host RAM of a pre-pass on an accelerator: every held task's activations, which stay on
+    the host, and the larger of the embedding stage and the blocks being read (each read on
+    the host, then moved to the accelerator, where the Grams and the solve are)."""
+    terms = prepass_host_terms(recipe, shape, work)
+    return terms["activations"] + max(terms["blocks"], embedding_stage_bytes(recipe, shape, work))
+
+
 def prepass_gpu_terms(recipe: Recipe, shape: LlamaShape, work: Workload) -> dict[str, int]:
     """GPU memory of the pre-pass, by term: the blocks being read, one batch (hidden states and
     the MLP's intermediate, in the forward dtype), the held tasks' Grams of one block, and the
     solve's sums or the factorisation (they run where the Grams are). The activations stay on
     the host and move batch by batch."""
     host = prepass_host_terms(recipe, shape, work)
-    host.pop("merge_inputs", None)  # the kernel reads the checkpoints on the host
     batch_values = work.batch * work.seq_len * (shape.hidden + shape.intermediate)
     return {**host, "activations": 0, "batch": batch_values * work.weight_bytes}
 
@@ -310,7 +317,7 @@ def project(
         recipe=recipe.label,
         disk_bytes=cache_bytes(recipe, shape, work),
         disk_kept_bytes=cache_bytes(recipe, shape, work, keep=True),
-        host_bytes=prepass_host_bytes(recipe, shape, work),
+        host_bytes=accelerator_host_bytes(recipe, shape, work),
         gpu_bytes=sum(prepass_gpu_terms(recipe, shape, work).values()),
         flops=sum(flops.values()),
         minutes=minutes(flops, accelerator),

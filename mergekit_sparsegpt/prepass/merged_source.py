@@ -122,7 +122,10 @@ def merge_payload(
 
 
 class MergedTensors:
-    """The merge's value of any tensor, computed by the method's own kernel."""
+    """The merge's value of any tensor, computed by the method's own kernel: on the host when
+    called as a tensor source (embeddings and norms: the statistics-free rule), on
+    ``solve_device`` through ``solved`` (the linears the pass has Hessians of: their RegMean
+    solve runs where the Grams were captured, the accelerator under ``--cuda``)."""
 
     def __init__(
         self,
@@ -130,20 +133,28 @@ class MergedTensors:
         method: PluginMethod,
         context: MergeContext,
         readers: Mapping[ModelReference, TensorSource],
+        solve_device: torch.device | str = "cpu",
     ):
         self.by_name = {t.output_name: t for t in planned}
         self.method = method
         self.context = context
         self.readers = readers
+        self.solve_device = solve_device
 
     def __call__(self, name: str) -> torch.Tensor:
+        return self.merge_on(name, "cpu")
+
+    def solved(self, name: str) -> torch.Tensor:
+        return self.merge_on(name, self.solve_device)
+
+    def merge_on(self, name: str, device: torch.device | str) -> torch.Tensor:
         tensor = self.by_name.get(name)
         if tensor is None:
             raise ValueError(f"hessian_source: {MERGED}: the merge plan has no tensor {name!r}")
         entries = [
             TensorEntry(
                 id=model,
-                tensor=self.readers[model](input_name).to(torch.float32),
+                tensor=self.readers[model](input_name).to(device, torch.float32),
                 is_base=model == tensor.base_model,
             )
             for model, input_name in tensor.inputs.items()
@@ -240,7 +251,13 @@ class JointPass:
         self.statistics = {key: TaskStatistics.empty(layers_prefix) for key in self.windows}
         hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in self.planned}
         self.context = MergeContext(hessian_inputs=hessian_inputs, tasks=self.statistics)
-        self.merged = MergedTensors(self.planned, self.method, self.context, self.readers)
+        self.merged = MergedTensors(
+            self.planned,
+            self.method,
+            self.context,
+            self.readers,
+            self.ranks.device(self.options.device),
+        )
 
     def run(self, keep: UnitSink, **progress: Any) -> None:
         """The pass; ``progress`` goes to ``capture_merged_hessians`` (held, resume,
@@ -309,7 +326,7 @@ def merge_unit(
                 layer, settings.dampening, settings.keep_factors, keep_hessians=True
             )
     tensors = next(iter(hessians.values())).tensor_names()
-    values = {name: merged(name) for name in tensors}
+    values = {name: merged.solved(name) for name in tensors}
     keep(hessians, values)
     return values
 

@@ -249,10 +249,12 @@ def test_projected_memory_matches_a_hand_count() -> None:
     )
     wide = dataclasses.replace(HAND_SHAPE, vocab=1000)  # now the embedding stage is
     assert projection.prepass_host_bytes(merged, wide, HAND_WORK) == 4 * 9 * 8000
-    # The GPU holds one batch (1 x 4 tokens x (8 + 16) bfloat16 values), not the activations,
-    # and not the kernel's inputs, which it reads on the host.
+    # The GPU holds one batch (1 x 4 tokens x (8 + 16) bfloat16 values), not the activations.
     gpu = projection.prepass_gpu_terms(merged, HAND_SHAPE, HAND_WORK)
-    assert sum(gpu.values()) == 4736 + 192 + 5376 + 8192
+    assert sum(gpu.values()) == 4736 + 192 + 5376 + 8192 + 3584
+    # The host then holds the activations and the larger of the embedding stage and the blocks.
+    assert projection.accelerator_host_bytes(merged, HAND_SHAPE, HAND_WORK) == 768 + 4736
+    assert projection.accelerator_host_bytes(merged, wide, HAND_WORK) == 768 + 4 * 9 * 8000
     finetuned = HAND_RECIPES["regmean (finetuned)"]  # the 3 experts' blocks only
     assert sum(projection.prepass_host_terms(finetuned, HAND_SHAPE, HAND_WORK).values()) == 21472
     # Each expert's embedding read and copied into the model, one at a time (bfloat16).

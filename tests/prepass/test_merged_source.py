@@ -256,3 +256,37 @@ def test_two_runs_sharing_a_cache_compute_the_merged_statistics_once(tiny_models
     assert second_err.count("(merged model) from cache") == 2
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2
     assert not list((tmp_path / "c").glob("*.lock"))
+
+
+def test_linears_are_solved_on_the_pass_device_and_the_rest_merged_on_the_host():
+    """Under --cuda the RegMean solve runs where the Grams are (the accelerator); embeddings
+    and norms, merged without statistics, stay on the host. ``meta`` stands in for the GPU:
+    a tensor left on the CPU would show here."""
+    from types import SimpleNamespace
+
+    from mergekit.common import ModelReference
+    from mergekit.merge_methods.base import ParameterScope
+
+    from mergekit_sparsegpt.methods.context import MergeContext, PlannedTensor
+    from mergekit_sparsegpt.prepass.merged_source import MergedTensors
+
+    base, expert = ModelReference.parse("base"), ModelReference.parse("expert")
+    seen: dict[str, set[str]] = {}
+
+    def merge_group(group, **parameters):
+        seen[group.metadata.name] = {entry.tensor.device.type for entry in group.entries}
+        return group.entries[0].tensor
+
+    weight = SimpleNamespace(name="weight", scope=ParameterScope.NON_BASE)
+    method = SimpleNamespace(spec=SimpleNamespace(parameters=[weight]), merge_group=merge_group)
+    names = ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight")
+    planned = [
+        PlannedTensor(name, {base: name, expert: name}, base, {}, {expert: {"weight": 1.0}})
+        for name in names
+    ]
+    readers = {model: (lambda name: torch.ones(2, 3)) for model in (base, expert)}
+    context = MergeContext(hessian_inputs={}, tasks={})
+    merged = MergedTensors(planned, method, context, readers, solve_device="meta")
+    assert merged.solved(names[0]).device.type == "meta"
+    assert merged(names[1]).device.type == "cpu"
+    assert seen == {names[0]: {"meta"}, names[1]: {"cpu"}}
