@@ -103,8 +103,10 @@ def hessian_statistics(
     if not keep_hessian:
         return statistics
     # RegMean solves with the true Gram matrix: no damping, and a dead column stays dead so it
-    # gets no say in the merge (the diag-1 trick above is only for inverting).
-    return replace(statistics, hessian=hessian.to(torch.float32).clone())
+    # gets no say in the merge (the diag-1 trick above is only for inverting). The caller's
+    # matrix itself, not a copy: a capture is done with its Grams, and RegMean's pre-pass holds
+    # every task's Grams of a block, which a copy would double.
+    return replace(statistics, hessian=hessian.to(torch.float32))
 
 
 def _inverse_statistics(
