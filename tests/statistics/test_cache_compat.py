@@ -26,6 +26,8 @@ PAYLOAD = {
 }
 ENTRY = Path(__file__).parent / "data" / "entry_format4.safetensors"
 ENTRY_PAYLOAD = {**PAYLOAD, "hessians": True}
+
+
 class _FixedConfig:
     def __init__(self, **changes):
         self.settings = {
