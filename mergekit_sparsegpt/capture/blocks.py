@@ -260,8 +260,8 @@ def capture_layer_hessians(
     runner = _BlockRunner(model, load_tensor, {_TASK: windows}, device, batch_size)
     first = 0
     if resume is not None:  # the embedding pass still ran: it records every block's arguments
-        dtype = runner.hidden[_TASK].dtype
-        first, runner.hidden[_TASK] = resume[0], resume[1].to(device=runner.host, dtype=dtype)
+        first = resume[0]
+        runner.resume({_TASK: resume[1]})
     for block in runner.blocks(description, progress, first):
         with HessianHooks(
             block.module, block.prefix, device, source=error_source(load_tensor)

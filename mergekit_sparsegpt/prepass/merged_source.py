@@ -56,7 +56,7 @@ from mergekit_sparsegpt.statistics.keys import (
 from mergekit_sparsegpt.statistics.rank_checkpoint import CheckpointSet
 from mergekit_sparsegpt.statistics.resumable import EntryWriter
 from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
-from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics, discard_matrix
 
 
 def check_merged_source(planned: list[PlannedTensor], method: PluginMethod) -> None:
@@ -289,7 +289,9 @@ class JointPass:
             for key, layer in hessians.items():
                 writer = writers[key]  # None on ranks other than the main one
                 for group in layer.hessians:
-                    self.statistics[key].move_matrices(group, writer.add if writer else _drop)
+                    self.statistics[key].move_matrices(
+                        group, writer.add if writer else discard_matrix
+                    )
 
         checkpoints = CheckpointSet(writers, self.ranks)
         resumed = checkpoints.resume_point()
@@ -333,10 +335,6 @@ def merge_unit(
 
 def _activations(points: Mapping[Any, ResumePoint]) -> dict[Hashable, torch.Tensor]:
     return {key: point.activations for key, point in points.items()}  # type: ignore[misc]
-
-
-def _drop(name: str, matrix: torch.Tensor) -> None:
-    """Where whole matrices go that this process does not store (only the main rank caches)."""
 
 
 def _say_waiting(lock: Path, options: MergeOptions) -> None:

@@ -50,7 +50,7 @@ from mergekit_sparsegpt.statistics.merged_linears import (
 from mergekit_sparsegpt.statistics.rank_checkpoint import RankCheckpoint
 from mergekit_sparsegpt.statistics.resumable import EntryWriter
 from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
-from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics, discard_matrix
 
 
 def per_task_reason(
@@ -199,7 +199,7 @@ class SolvingPass:
                 self.reports[name] = self.joint.context.report[name]
             for key, layer in hessians.items():
                 for group in layer.hessians:
-                    self.joint.statistics[key].move_matrices(group, _drop)
+                    self.joint.statistics[key].move_matrices(group, discard_matrix)
 
         progress = _Progress(self, writer)
         if self.settings.hessian_source == MERGED:
@@ -282,7 +282,3 @@ class _Progress:
         activations = [outputs[key] for key in self.order]
         reports = MergedLinears(dict(self.solving.reports))
         self.checkpoint.block_finished(index, activations, reports)
-
-
-def _drop(name: str, matrix: torch.Tensor) -> None:
-    """Where a task's whole matrices go once its linears are solved: nowhere."""

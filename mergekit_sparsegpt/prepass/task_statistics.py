@@ -46,7 +46,7 @@ from mergekit_sparsegpt.statistics.keys import (
 from mergekit_sparsegpt.statistics.rank_checkpoint import RankCheckpoint
 from mergekit_sparsegpt.statistics.resumable import EntryWriter, remove_checkpoint
 from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
-from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics, discard_matrix
 
 
 def task_statistics(
@@ -92,7 +92,7 @@ def _cached_or_computed(
             shard[0],
             settings,
             options,
-            writer.add if writer else _discard,
+            writer.add if writer else discard_matrix,
             ranks,
             checkpoint=RankCheckpoint(writer, ranks),
         )
@@ -176,10 +176,6 @@ def _cached_statistics(
             "Delete it to free the space.",
         )
     return None
-
-
-def _discard(name: str, matrix: torch.Tensor) -> None:
-    """Where ranks other than the main one put whole matrices: only the main rank caches."""
 
 
 def compute_statistics(

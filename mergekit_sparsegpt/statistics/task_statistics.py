@@ -63,6 +63,11 @@ class TensorStatistics:
     samples: tuple[int, ...]
 
 
+def discard_matrix(name: str, matrix: torch.Tensor) -> None:
+    """A ``store_matrix`` that keeps nothing: for whole matrices this process does not store
+    (ranks other than the main one; RegMean's Grams once their linears are solved)."""
+
+
 @dataclass
 class TaskStatistics:
     """Statistics of one task: one model run forward on one calibration set.
