@@ -150,14 +150,16 @@ def cache_bytes_per_task(shape: LlamaShape, hessians: bool, factors: bool) -> in
     """Tensor data of one task's cache entry (the safetensors header comes on top).
 
     Every Hessian group keeps three float32 vectors of d_in; RegMean adds the whole H and
-    ``compensate`` the whole Cholesky factor U, d_in x d_in each.
+    ``compensate`` the whole Cholesky factor U, d_in x d_in each. Besides the blocks' groups:
+    the output head's (d_in = hidden) and the token counts (one float32 per vocabulary entry).
     """
     whole_matrices = int(hessians) + int(factors)
-    per_block = sum(
-        VECTORS_PER_GROUP * width + whole_matrices * width**2
-        for width in hessian_group_widths(shape)
-    )
-    return FLOAT32_BYTES * shape.layers * per_block
+
+    def group(width: int) -> int:
+        return VECTORS_PER_GROUP * width + whole_matrices * width**2
+
+    per_block = sum(group(width) for width in hessian_group_widths(shape))
+    return FLOAT32_BYTES * (shape.layers * per_block + group(shape.hidden) + shape.vocab)
 
 
 # Llama-2-7B: MHA (kv heads = heads), untied lm_head.

@@ -122,9 +122,12 @@ def block_matrices(shape: LlamaShape) -> tuple[tuple[int, int], ...]:
 
 
 def merged_linears_bytes(shape: LlamaShape, output_bytes: int) -> int:
-    """Default RegMean storage: one entry per merge, every decoder linear's merged weight in the
-    output dtype, whatever the number of experts."""
-    return shape.layers * block_linear_params(shape) * output_bytes
+    """Default RegMean storage: one entry per merge, every decoder linear's merged weight, the
+    output head's and the token embedding's, in the output dtype, whatever the number of
+    experts."""
+    return (
+        shape.layers * block_linear_params(shape) + 2 * shape.vocab * shape.hidden
+    ) * output_bytes
 
 
 def kept_statistics_bytes(shape: LlamaShape, experts: int, factors: bool = False) -> int:

@@ -32,6 +32,8 @@ IMPORTANCES = ("wanda", "obs", "sparsegpt", "design_note")
 # Name filters of the tensors without a Hessian in a Llama: both layer norms and the final norm
 # match "norm".
 NONGRAM_KINDS = ("embed_tokens", "lm_head", "norm")
+# The rules before issue 16: the token embedding and lm_head merged by the method's stock rule.
+STOCK_REST = {"embedding_rule": "stock", "lm_head_statistics": False}
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,52 @@ VARIANTS: dict[str, Variant] = {
     "sparsegpt_dare[compensate,rescale=false]": Variant(
         "sparsegpt_dare", {"compensate": True, "rescale": False}, seeds=SEEDS, plotted=False
     ),
+    # Issue 16: the tensors outside the decoder linears. "stock-rest" rows pin the rules before
+    # it (embeddings and lm_head by the stock rule); the plain rows take the defaults (lm_head
+    # by its Hessian, the token embedding by its counts); "head" / "tokens" rows add one.
+    **{
+        f"regmean[{source}{suffix}]": Variant(
+            "regmean", {"hessian_source": source, **extra}, uses_density=False, weight=1.0
+        )
+        for source in ("merged", "finetuned")
+        for suffix, extra in (
+            (",stock-rest", STOCK_REST),
+            (",head", {"embedding_rule": "stock"}),
+            (",tokens", {"lm_head_statistics": False}),
+            (",new", {}),
+        )
+    },
+    **{
+        f"regmean[merged,smoothing={value}]": Variant(
+            "regmean",
+            {"hessian_source": "merged", "token_smoothing": value},
+            uses_density=False,
+            weight=1.0,
+            plotted=False,
+        )
+        for value in (0.1, 2.0)
+    },
+    **{
+        f"sparsegpt_regmean[wanda,compensate,merged{suffix}]": Variant(
+            "sparsegpt_regmean",
+            {"importance": "wanda", "compensate": True, "hessian_source": "merged", **extra},
+            weight=1.0,
+        )
+        for suffix, extra in ((",stock-rest", STOCK_REST), (",new", {}))
+    },
+    **{
+        f"sparsegpt_ties[wanda,base{suffix}]": Variant(
+            "sparsegpt_ties", {"importance": "wanda", "hessian_source": "base", **extra}
+        )
+        for suffix, extra in (
+            (",stock-rest", STOCK_REST),
+            (",head", {"embedding_rule": "stock"}),
+            (",tokens", {"lm_head_statistics": False}),
+            (",new", {}),
+            (",energy,stock-rest", {**STOCK_REST, "combine": "energy"}),
+            (",energy", {"combine": "energy"}),
+        )
+    },
 }
 # The row the "plain averaging keeps every expert's gain" check reads.
 AVERAGING = "task_arithmetic"

@@ -46,7 +46,7 @@ from mergekit_sparsegpt.calibration.source import CalibrationSource
 from mergekit_sparsegpt.calibration.texts import read_calibration_texts
 from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.demo.tiny import load_model
-from mergekit_sparsegpt.methods.regmean import regmean_delta
+from mergekit_sparsegpt.methods.solve import regmean_delta
 
 MODES = ("own", "merged_block", "merged")
 # A Llama block's linears in the order the forward pass reaches them; linears in one stage read

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
 from mergekit_sparsegpt.capture.architecture import decoder_layers
+from mergekit_sparsegpt.capture.head import capture_head_hessians
 from mergekit_sparsegpt.capture.hooks import HessianHooks, error_source
 from mergekit_sparsegpt.capture.memory import (
     activation_bytes,
@@ -168,6 +169,7 @@ class _BlockRunner:
         host: torch.device | str = HOST,
     ):
         map_large_allocations()
+        self.model = model
         self.load_tensor = load_tensor
         self.device = device
         self.host = host
@@ -246,7 +248,8 @@ def capture_layer_hessians(
     resume: tuple[int, torch.Tensor] | None = None,
     block_done: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[LayerHessians]:
-    """Yield each decoder block's linear-input Hessians, first block first.
+    """Yield each decoder block's linear-input Hessians, first block first, then the output
+    head's (``capture.head``; a resumed run past the last block yields only the head's).
 
     ``load_tensor(name)`` returns a checkpoint tensor by its state-dict name; ``windows`` is
     [samples, seq_len] token ids.
@@ -262,12 +265,13 @@ def capture_layer_hessians(
     if resume is not None:  # the embedding pass still ran: it records every block's arguments
         first = resume[0]
         runner.resume({_TASK: resume[1]})
+    source = error_source(load_tensor)
     for block in runner.blocks(description, progress, first):
-        with HessianHooks(
-            block.module, block.prefix, device, source=error_source(load_tensor)
-        ) as hooks:
+        with HessianHooks(block.module, block.prefix, device, source=source) as hooks:
             hidden = runner.run(block, _TASK, in_place=True)
         block.unload()
         yield hooks.result()
+        del hooks  # the block's Grams: the consumer has taken them
         if block_done is not None:
             block_done(block.index, hidden)
+    yield from capture_head_hessians(runner, [_TASK], source).values()

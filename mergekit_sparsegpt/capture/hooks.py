@@ -115,7 +115,7 @@ class HessianHooks:
         self._accumulate(matrix, inputs, where)
 
     def _accumulate(self, group: str, inputs: torch.Tensor, where: str) -> None:
-        _check_finite(inputs, where, self.source)
+        check_finite_activations(inputs, where, self.source)
         if group not in self.accumulators:
             self.accumulators[group] = HessianAccumulator(inputs.shape[-1], self.device)
         self.accumulators[group].add_batch(inputs, sequences=self._sequences)
@@ -172,7 +172,7 @@ def error_source(load_tensor: TensorSource) -> str:
     return f"Model {model}: " if model is not None else ""
 
 
-def _check_finite(inputs: torch.Tensor, where: str, source: str = "") -> None:
+def check_finite_activations(inputs: torch.Tensor, where: str, source: str = "") -> None:
     """Inf/NaN inputs would make the Hessian non-finite; say where they first appear."""
     finite = torch.isfinite(inputs)
     if finite.all():

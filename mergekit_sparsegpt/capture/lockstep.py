@@ -18,6 +18,7 @@ import torch
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
 from mergekit_sparsegpt.capture.blocks import _Block, _BlockRunner
 from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks, all_reduced, together
+from mergekit_sparsegpt.capture.head import capture_head_hessians
 from mergekit_sparsegpt.capture.hooks import HessianHooks, error_source
 from mergekit_sparsegpt.capture.model import TensorSource
 
@@ -44,7 +45,8 @@ def capture_lockstep_hessians(
     ranks: Ranks = SINGLE_PROCESS,
 ) -> None:
     """Call ``block_done(index, hessians)`` for each decoder block, first block first, with
-    every task's Hessians of that block (task -> its linears' Hessians).
+    every task's Hessians of that block (task -> its linears' Hessians); then once more, with
+    index = the depth, with every task's Hessian of the output head (``capture.head``).
 
     At most one block is materialised at a time; each task's block outputs become its inputs of
     the next block. ``block_finished(index, outputs)`` follows each ``block_done`` with every
@@ -75,12 +77,22 @@ def capture_lockstep_hessians(
         runner.blocks(description, progress and index == 0, first)
         for index, runner in enumerate(runners)
     ]
-    for index in range(first, depths.pop()):
+    depth = depths.pop()
+    for index in range(first, depth):
         block_done(index, _block_hessians(runners, blocks, device, ranks))
         if block_finished is not None:
             block_finished(index, {t: h for r in runners for t, h in r.hidden.items()})
     for model_blocks in blocks:
         next(model_blocks, None)  # each runner's last release
+    heads: dict[Hashable, LayerHessians] = {}
+    for runner in runners:
+        with together(ranks):
+            found = capture_head_hessians(
+                runner, list(runner.hidden), error_source(runner.load_tensor)
+            )
+        heads.update({task: all_reduced(layer, ranks) for task, layer in found.items()})
+    if heads:
+        block_done(depth, heads)
 
 
 def _block_hessians(

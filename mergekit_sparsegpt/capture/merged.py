@@ -19,6 +19,7 @@ from mergekit_sparsegpt.capture.distributed import (
     decided_by_main,
     together,
 )
+from mergekit_sparsegpt.capture.head import capture_head_hessians
 from mergekit_sparsegpt.capture.hooks import HessianHooks
 from mergekit_sparsegpt.capture.model import TensorSource
 
@@ -49,7 +50,8 @@ def capture_merged_hessians(
     the group merged, ``merge_group`` receives each task's Hessians of that group and returns
     the group's merged weights, which the block then holds. Each block's output is the next
     block's input. Linears not merged yet hold zeros: they run after the group, so their value
-    cannot reach its inputs.
+    cannot reach its inputs. The output head is the last unit: its input is the merged final
+    norm's output.
 
     ``block_finished(index, outputs)`` and ``resume = (k, inputs)`` are as for
     ``capture_lockstep_hessians``: the merged linears of the blocks before ``k`` are done, and
@@ -90,6 +92,12 @@ def capture_merged_hessians(
                 runner.run(block, task, in_place=True)
         if block_finished is not None:
             block_finished(block.index, dict(runner.hidden))
+    with together(ranks):
+        heads = capture_head_hessians(runner, list(windows))
+    if heads:
+        hessians = {task: all_reduced(layer, ranks) for task, layer in heads.items()}
+        with together(ranks):
+            merge_group(hessians)
 
 
 def _zeros_for_hooked(

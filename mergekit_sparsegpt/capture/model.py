@@ -24,12 +24,16 @@ def empty_model(config: PretrainedConfig, trust_remote_code: bool = False) -> to
     return model.eval()
 
 
-def output_head_prefix(model: torch.nn.Module) -> str | None:
-    head = model.get_output_embeddings()
-    for name, module in model.named_modules():
-        if module is head:
+def module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    """``module``'s name in ``model`` (None when it is not one of its modules)."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
             return name
     return None
+
+
+def output_head_prefix(model: torch.nn.Module) -> str | None:
+    return module_name(model, model.get_output_embeddings())
 
 
 # Checkpoint dtypes the calibration forward runs in as stored; any other (float8) runs in float32.

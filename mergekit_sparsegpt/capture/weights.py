@@ -13,7 +13,7 @@ import json
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -230,6 +230,11 @@ class CheckpointReader:
         self._sources: dict[str, Callable[[], torch.Tensor]] = {
             key: (lambda key=key: self(key)) for key in self.index.tensor_paths
         }
+
+    @property
+    def tensor_names(self) -> Collection[str]:
+        """The names of the checkpoint's tensors."""
+        return self.index.tensor_paths.keys()
 
     def stored(self, name: str) -> StoredTensor | None:
         """Where ``name`` is stored; None unless it is in a safetensors shard."""

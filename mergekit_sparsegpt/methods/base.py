@@ -16,12 +16,13 @@ from mergekit import merge_methods
 from mergekit.merge_methods.base import GroupMergeMethod, TensorGroup
 
 from mergekit_sparsegpt.methods.context import (
+    FALLBACK,
     MergeContext,
     active_context,
     kernel_statistics,
     solved_linear,
 )
-from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
+from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
 
 
 class PluginMethod(GroupMergeMethod):
@@ -72,7 +73,26 @@ class PluginMethod(GroupMergeMethod):
         if found is None:
             return self.merge_without_statistics(group, parameters)
         context, name, statistics = found
-        return self.merge_with_statistics(group, parameters, context, name, statistics)
+        if any(isinstance(stats, TokenStatistics) for stats in statistics.values()):
+            return self.merge_tokens(group, parameters, context, name, statistics)  # type: ignore[arg-type]
+        roles = context.roles
+        if not parameters["lm_head_statistics"] and roles is not None and name == roles.head:
+            context.record(name, FALLBACK, group.base.tensor, reason="lm_head_statistics: false")
+            return self.merge_without_statistics(group, parameters)
+        return self.merge_with_statistics(group, parameters, context, name, statistics)  # type: ignore[arg-type]
+
+    def merge_tokens(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        tokens: dict[Any, TokenStatistics],
+    ) -> torch.Tensor:
+        """The token embedding merged from every model's token counts; by default the stock
+        rule, recorded as such."""
+        context.record(name, FALLBACK, group.base.tensor, reason="no token rule for this method")
+        return self.merge_without_statistics(group, parameters)
 
     @abstractmethod
     def merge_without_statistics(

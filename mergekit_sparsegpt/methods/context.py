@@ -19,15 +19,19 @@ from mergekit.common import ModelReference
 
 from mergekit_sparsegpt.statistics.merged_linears import MergedLinears
 from mergekit_sparsegpt.statistics.task_statistics import (
+    ModelRoles,
     StoredMatricesError,
     TaskStatistics,
     TensorStatistics,
+    TokenStatistics,
 )
 
 if TYPE_CHECKING:
     from mergekit.merge_methods.base import TensorGroup
 
 TaskKey = tuple[ModelReference, str]  # (model whose task vector it is, calibration source)
+# The report path of a tensor merged by the method's stock rule.
+FALLBACK = "fallback"
 
 
 @dataclass
@@ -43,6 +47,8 @@ class MergeContext:
     card_facts: CardFacts | None = None
     # The linears the pre-pass already solved (RegMean): their values replace the kernel's.
     merged: MergedLinears | None = None
+    # Where the base model keeps its token embedding and head: the report's tensor kinds.
+    roles: ModelRoles | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def tensor_statistics_for(
@@ -73,19 +79,42 @@ class MergeContext:
                 "pre-pass will recompute it."
             ) from None
 
+    def token_statistics_for(
+        self, output_name: str, model: ModelReference, calibration: str | None
+    ) -> TokenStatistics | None:
+        """The token embedding's statistics for ``model``'s contribution when ``output_name``
+        is that embedding and its tokens were counted; None otherwise."""
+        task = self.tasks.get((model, calibration or ""))
+        if task is None:
+            return None
+        return task.for_tokens(self.hessian_inputs.get(output_name, {}).get(model, output_name))
+
     def record(
         self,
         tensor: str,
         path: str,
-        parameters: int,
+        value: torch.Tensor,
         models: dict[str, Any] | None = None,
         **details: Any,
     ) -> None:
-        """Count ``tensor`` under ``path``; ``details`` (e.g. RegMean's solve) go to the report."""
+        """Count ``tensor`` (of the base's ``value``) under ``path``; ``details`` (e.g. RegMean's
+        solve) go to the report, with the tensor's kind."""
+        kind = self.tensor_kind(tensor, value, path)
         with self._lock:
             self.usage[(path, "tensors")] += 1
-            self.usage[(path, "parameters")] += parameters
-            self.report[tensor] = {"path": path, "models": models or {}, **details}
+            self.usage[(path, "parameters")] += value.numel()
+            self.report[tensor] = {"path": path, "kind": kind, "models": models or {}, **details}
+
+    def tensor_kind(self, name: str, value: torch.Tensor, path: str) -> str:
+        """What the tensor is in the model, as the report and the run's summary group them."""
+        roles = self.roles
+        if roles is not None and name == roles.embedding:
+            return "token embedding (tied to the head)" if roles.tied else "token embedding"
+        if roles is not None and name == roles.head:
+            return "output head"
+        if value.dim() >= 2:
+            return "decoder linear" if path != FALLBACK else "other matrix"
+        return "bias" if name.endswith("bias") else "norm or scale"
 
 
 _active: MergeContext | None = None
@@ -117,13 +146,17 @@ def active_context(method_name: str) -> MergeContext:
     return _active
 
 
+KernelStatistics = dict[Any, TensorStatistics | None] | dict[Any, TokenStatistics]
+
+
 def kernel_statistics(
     method_name: str, group: TensorGroup, calibration: dict[Any, str]
-) -> tuple[MergeContext, str, dict[Any, TensorStatistics | None]] | None:
-    """The active context, the tensor's name, and every merged model's statistics for it.
+) -> tuple[MergeContext, str, KernelStatistics] | None:
+    """The active context, the tensor's name, and every merged model's statistics for it:
+    its Hessians, or for the token embedding every model's ``TokenStatistics``.
 
-    None when no model has a Hessian for the tensor (embeddings, norms, lm_head): the tensor is
-    then recorded under the "fallback" path, and the kernel applies its stock rule. Inputs with
+    None when no model has statistics for the tensor (norms, biases): the tensor is then
+    recorded under the "fallback" path, and the kernel applies its stock rule. Inputs with
     inf/NaN entries are refused here: they would silently make the merged tensor inf/NaN.
     """
     _check_finite(group)
@@ -134,7 +167,13 @@ def kernel_statistics(
         for entry in group.non_base
     }
     if all(stats is None for stats in statistics.values()):
-        context.record(name, "fallback", group.base.tensor.numel())
+        tokens = {
+            entry.id: context.token_statistics_for(name, entry.id, calibration[entry.id])
+            for entry in group.non_base
+        }
+        if all(stats is not None for stats in tokens.values()):
+            return context, name, tokens  # type: ignore[return-value]
+        context.record(name, FALLBACK, group.base.tensor)
         return None
     layouts = {stats.layout for stats in statistics.values() if stats is not None}
     if len(layouts) > 1:
@@ -154,7 +193,7 @@ def solved_linear(context: MergeContext, group: TensorGroup) -> torch.Tensor | N
     name = group.metadata.name or "<unnamed tensor>"
     base = group.base.tensor
     if name not in context.merged:
-        context.record(name, "fallback", base.numel())
+        context.record(name, FALLBACK, base)
         return None
     record = dict(context.merged.reports[name])
     path, models = record.pop("path"), record.pop("models", {})
@@ -170,7 +209,8 @@ def solved_linear(context: MergeContext, group: TensorGroup) -> torch.Tensor | N
             f"The solved linears of this merge hold {name} with shape {tuple(value.shape)}, "
             f"but the base model's is {tuple(base.shape)}: delete that cache entry and rerun"
         )
-    context.record(name, path, base.numel(), models, **record)
+    record.pop("kind", None)  # recomputed: entries of earlier versions have none
+    context.record(name, path, base, models, **record)
     return value.to(device=base.device, dtype=base.dtype)
 
 

@@ -65,6 +65,12 @@ PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("cache_dir", str | None, ParameterScope.SHARED, default=None),
 )
 
+# Read by every method's kernel: false merges the output head by the stock rule, as if it had
+# no Hessian (its Hessian is captured all the same).
+HEAD_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("lm_head_statistics", bool, ParameterScope.SHARED, default=True),
+)
+
 IMPORTANCE = Choice(
     "importance", tuple(sorted(COLUMN_WEIGHTS)), DEFAULT_IMPORTANCE, validate_importance
 )

@@ -14,7 +14,10 @@ per-input-column average weighted by w_i G_i[c, c]). G_i is the Hessian the pre-
 accumulates, (2/n) X X^T over n calibration sequences; every task runs the same number of
 equally long windows, so that scale is common to all models and cancels.
 
-Tensors without a Hessian (embeddings, norms, lm_head, biases) get plain task arithmetic:
+The output head (``lm_head``) has a Hessian like any linear (its input: the final norm's
+output) and is solved the same way (``lm_head_statistics: false``: task arithmetic instead).
+The token embedding is RegMean on its one-hot input, a per-token count-weighted mean
+(``methods.tokens``). Tensors without statistics (norms, biases) get plain task arithmetic:
 mergekit's own ``task_arithmetic`` with ``lambda = nongram_scale`` and normalize off, i.e.
 W = W_base + nongram_scale * sum_i w_i tau_i (not divided by sum_i w_i; with n models at
 weight 1, nongram_scale = 1/n is their plain average). ``lambda`` does not apply to them.
@@ -25,8 +28,7 @@ weight 1, nongram_scale = 1/n is their plain average). ``lambda`` does not apply
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
@@ -42,15 +44,28 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_sparsegpt.methods.base import PluginMethod
-from mergekit_sparsegpt.methods.context import MergeContext
+from mergekit_sparsegpt.methods.context import FALLBACK, MergeContext
 from mergekit_sparsegpt.methods.parameters import (
+    HEAD_PARAMETERS,
     PREPASS_PARAMETERS,
     TRIM_PARAMETERS,
     check_finite,
     check_trim,
 )
-from mergekit_sparsegpt.statistics.hessian import HessianStatistics, first_cholesky
-from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
+from mergekit_sparsegpt.methods.solve import (
+    SOLVE_PATHS,
+    model_grams,
+    regmean_delta,
+    solve_details,
+)
+from mergekit_sparsegpt.methods.tokens import (
+    TIED_PARAMETERS,
+    TOKEN_PARAMETERS,
+    check_token_parameters,
+    count_weighted_delta,
+    token_rule_refusal,
+)
+from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
 from mergekit_sparsegpt.trim.trim import matrix_views, trim_task_vectors
 
 REGMEAN_PARAMETERS: tuple[ParameterSpec, ...] = (
@@ -88,84 +103,6 @@ REGMEAN_PREPASS_PARAMETERS = (
     KEEP_STATISTICS,
 )
 
-# The Gram matrices are stored in float32, so directions whose curvature is within rounding of
-# zero are noise: solving exactly along them would put arbitrary values into the merged weights
-# (off the calibration inputs). A squared Cholesky pivot below this fraction of the mean
-# diagonal marks the system as numerically singular.
-PIVOT_FLOOR = 1e-6
-# Ridge steps, relative to the mean diagonal, tried in turn after an unsafe exact solve; each is
-# above PIVOT_FLOOR, so a positive semi-definite system passes at the first. Then pinv.
-SOLVE_DAMPING_LADDER = (1e-5, 1e-4, 1e-3, 1e-2)
-SOLVE_PATHS = ("cholesky", "damped", "pinv")
-
-
-@dataclass(frozen=True)
-class Solve:
-    """The merged task vector (float64) and how the linear system was solved."""
-
-    delta: torch.Tensor
-    path: str  # one of SOLVE_PATHS
-    damping: float  # ridge added, relative to the mean diagonal (0 unless path == "damped")
-
-
-def regularised_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """alpha * G + (1 - alpha) * diag(G), in float64."""
-    regularised = gram.to(torch.float64, copy=True).mul_(alpha)
-    regularised.diagonal().copy_(gram.diagonal())  # alpha g + (1 - alpha) g = g
-    return regularised
-
-
-def regmean_delta(
-    task_vectors: Sequence[torch.Tensor],
-    grams: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    alpha: float,
-) -> Solve:
-    """(sum_i w_i tau_i G~_i) (sum_i w_i G~_i)^-1 for task vectors tau_i [out, in]."""
-    out_features, in_features = task_vectors[0].shape
-    device = task_vectors[0].device
-    lhs = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
-    rhs = torch.zeros(out_features, in_features, dtype=torch.float64, device=device)
-    # Accumulated one model at a time: at most three [in, in] matrices live at once.
-    for tau, gram, weight in zip(task_vectors, grams, weights, strict=True):
-        regularised = regularised_gram(gram.to(device), alpha)
-        lhs.add_(regularised, alpha=weight)
-        rhs.addmm_(tau.to(torch.float64), regularised, alpha=weight)
-        del regularised
-    return solve_right(rhs, lhs)
-
-
-def solve_right(rhs: torch.Tensor, lhs: torch.Tensor) -> Solve:
-    """X with X @ lhs = rhs for a symmetric ``lhs``: Cholesky, then ridge steps, then pinv."""
-    scale = lhs.diagonal().mean().item()
-    if math.isfinite(scale) and scale > 0:
-        dampings = (0.0, *SOLVE_DAMPING_LADDER)
-        ridges = [damping * scale for damping in dampings]
-        start = 0
-        while (found := first_cholesky(lhs, ridges[start:])) is not None:
-            step, lower = found
-            start += step + 1
-            solution = _cholesky_solve(rhs, lower, PIVOT_FLOOR * scale)
-            if solution is not None:
-                damping = dampings[start - 1]
-                return Solve(solution, "damped" if damping else "cholesky", damping)
-    # Reached for an all-zero system (a linear no calibration token reached in any model):
-    # the minimum-norm solution is a zero task vector, i.e. the base weight.
-    inverse = torch.linalg.pinv(lhs, hermitian=True, rtol=PIVOT_FLOOR)
-    return Solve(rhs @ inverse, "pinv", 0.0)
-
-
-def _cholesky_solve(
-    rhs: torch.Tensor, lower: torch.Tensor, pivot_floor: float
-) -> torch.Tensor | None:
-    """The solution from the (ridged) system's factor ``lower``, or None when that system is
-    not safely positive definite."""
-    if lower.diagonal().square().min().item() < pivot_floor:
-        return None
-    # X lhs = rhs  <=>  lhs X^T = rhs^T, since lhs is symmetric: a left solve.
-    solution = torch.cholesky_solve(rhs.T, lower).T
-    return solution if torch.isfinite(solution).all() else None
-
 
 @dataclass(frozen=True)
 class RegMeanMerge(PluginMethod):
@@ -191,7 +128,11 @@ class RegMeanMerge(PluginMethod):
     @property
     def summary_paths(self) -> tuple[tuple[str, str], ...]:
         """(report path, label) of every way a tensor can be merged, for the run summary."""
-        return (("regmean", "RegMean solve"), ("fallback", "task arithmetic x nongram_scale"))
+        return (
+            ("regmean", "RegMean solve"),
+            ("tokens", "RegMean on token counts"),
+            ("fallback", "task arithmetic x nongram_scale"),
+        )
 
     @cached_property
     def spec(self) -> MergeMethodSpec:
@@ -200,7 +141,12 @@ class RegMeanMerge(PluginMethod):
             name=self.method_name,
             pretty_name=self.method_pretty_name,
             reference_url=self.method_reference_url,
-            parameters=REGMEAN_PARAMETERS + trimming + REGMEAN_PREPASS_PARAMETERS,
+            parameters=REGMEAN_PARAMETERS
+            + TOKEN_PARAMETERS
+            + TIED_PARAMETERS
+            + HEAD_PARAMETERS
+            + trimming
+            + REGMEAN_PREPASS_PARAMETERS,
             contract=InputContract(base=BasePolicy.REQUIRED),
         )
 
@@ -217,6 +163,7 @@ class RegMeanMerge(PluginMethod):
                 "diagonal only)"
             )
         check_finite(shared, "lambda", "nongram_scale")
+        check_token_parameters(shared)
 
     def merge_without_statistics(
         self, group: TensorGroup, parameters: Mapping[str, Any]
@@ -232,7 +179,9 @@ class RegMeanMerge(PluginMethod):
         statistics: dict[Any, TensorStatistics | None],
     ) -> torch.Tensor:
         base = group.base.tensor
-        grams = [_grams(group, entry.id, statistics[entry.id], name) for entry in group.non_base]
+        grams = [
+            model_grams(group, entry.id, statistics[entry.id], name) for entry in group.non_base
+        ]
         layout = next(stats.layout for stats in statistics.values() if stats is not None)
         task_vectors, report = self._task_vectors(group, statistics, parameters, name)
         # Each [out, in] matrix (each expert of a fused MoE tensor) is a system of its own.
@@ -248,7 +197,42 @@ class RegMeanMerge(PluginMethod):
             for index in range(len(grams[0]))
         ]
         delta = layout.assemble([solve.delta for solve in solves])
-        context.record(name, "regmean", base.numel(), report, solve=_solve_details(solves))
+        context.record(name, "regmean", base, report, solve=solve_details(solves))
+        return base + (parameters["lambda"] * delta).to(base.dtype)
+
+    def merge_tokens(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        tokens: dict[Any, TokenStatistics],
+    ) -> torch.Tensor:
+        """The token embedding by its counts (``methods.tokens``); a tied one also by the
+        head's solve, as ``tied_embeddings`` says. The task vectors are not trimmed."""
+        base = group.base.tensor
+        reason = token_rule_refusal(parameters, tokens, base)
+        if reason is not None:
+            context.record(name, FALLBACK, base, reason=reason)
+            return self.task_arithmetic(group, parameters)
+        task_vectors = [entry.tensor - base for entry in group.non_base]
+        weights = [parameters["weight"][entry.id] for entry in group.non_base]
+        counts = [tokens[entry.id].counts for entry in group.non_base]
+        heads = [tokens[entry.id].head for entry in group.non_base]
+        rule = parameters["tied_embeddings"] if all(heads) else "tokens"
+        delta = torch.zeros_like(base, dtype=torch.float32)
+        details: dict[str, Any] = {"rule": rule}
+        if rule in ("tokens", "blend"):
+            smoothing = parameters["token_smoothing"]
+            delta += count_weighted_delta(task_vectors, counts, weights, smoothing)
+        if rule in ("head", "blend"):
+            grams = [model_grams(group, e.id, tokens[e.id].head, name)[0] for e in group.non_base]
+            solve = regmean_delta(task_vectors, grams, weights, parameters["alpha"])
+            delta += solve.delta.to(torch.float32)
+            details["solve"] = solve_details([solve])
+        if rule == "blend":
+            delta /= 2
+        context.record(name, "tokens", base, **details)
         return base + (parameters["lambda"] * delta).to(base.dtype)
 
     def task_arithmetic(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:
@@ -276,44 +260,6 @@ class RegMeanMerge(PluginMethod):
             group.base.tensor, models, statistics, parameters, name
         )
         return trimmed, report
-
-
-def _solve_details(solves: list[Solve]) -> dict[str, Any]:
-    """The report's solve entry; for fused experts, the least exact path taken by any expert,
-    and each expert's own."""
-    worst = max(solves, key=lambda solve: (SOLVE_PATHS.index(solve.path), solve.damping))
-    details: dict[str, Any] = {"path": worst.path, "damping": worst.damping}
-    if len(solves) > 1:
-        details["experts"] = [{"path": s.path, "damping": s.damping} for s in solves]
-    return details
-
-
-def _grams(
-    group: TensorGroup, model: Any, statistics: TensorStatistics | None, name: str
-) -> list[torch.Tensor]:
-    """The model's whole Hessian of every matrix of this tensor, or one clear error why they
-    cannot be used."""
-    where = f"{name} of model {model}"
-    if statistics is None:
-        raise ValueError(f"{where} has no Hessian, though other models have one for this tensor")
-    matrices = matrix_views(statistics.layout, group.base.tensor, where)
-    pairs = zip(matrices, statistics.matrices, strict=True)
-    return [_gram(matrix, stats, where) for matrix, stats in pairs]
-
-
-def _gram(matrix: torch.Tensor, statistics: HessianStatistics, where: str) -> torch.Tensor:
-    if statistics.hessian is None:
-        raise ValueError(
-            f"{where}: RegMean needs the whole Hessian, which these statistics lack (they were "
-            "computed for another method); delete that statistics cache entry"
-        )
-    columns = statistics.hessian.shape[0]
-    if matrix.shape[1] != columns:
-        raise ValueError(
-            f"{where}: a matrix of shape {tuple(matrix.shape)} does not match a Hessian over "
-            f"{columns} input columns"
-        )
-    return statistics.hessian
 
 
 REGMEAN_METHODS: tuple[RegMeanMerge, ...] = (

@@ -3,7 +3,8 @@
 Each task vector is trimmed to its top-``density`` entries by second-order importance; the
 trimmed vectors are then combined by mergekit's own ``GeneralizedTaskArithmeticMerge`` (weights,
 sign election, normalize, lambda, int8_mask), so only the trimming step is ours. Tensors without a
-Hessian (embeddings, norms, lm_head, biases) go through the stock method untouched. The trimming
+Hessian (embeddings, norms, biases) go through the stock method untouched; the output head has
+one (its input is the final norm's output) and is trimmed like any linear. The trimming
 itself (``trim.trim.trim_task_vectors``) is shared with ``sparsegpt_regmean`` (``regmean.py``).
 """
 
@@ -23,17 +24,29 @@ from mergekit.merge_methods.generalized_task_arithmetic import (
 )
 
 from mergekit_sparsegpt.methods.base import PluginMethod
-from mergekit_sparsegpt.methods.context import MergeContext
+from mergekit_sparsegpt.methods.context import FALLBACK, MergeContext
 from mergekit_sparsegpt.methods.parameters import (
+    HEAD_PARAMETERS,
     PREPASS_PARAMETERS,
     SIGN_FROM,
     SIGN_PARAMETERS,
     TRIM_PARAMETERS,
+    Choice,
     check_finite,
     check_trim,
 )
-from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
+from mergekit_sparsegpt.methods.tokens import (
+    TOKEN_PARAMETERS,
+    check_token_parameters,
+    counts_as_linear,
+    token_rule_refusal,
+)
+from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
 from mergekit_sparsegpt.trim.trim import trim_task_vectors
+
+# How the trimmed task vectors are combined: mergekit's own mean ("mean"), or each model weighted
+# entry by entry by its input energy ("energy": RegMean's alpha = 0 solution on the kept entries).
+COMBINE = Choice("combine", ("mean", "energy"), "mean")
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,11 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
     @property
     def summary_paths(self) -> tuple[tuple[str, str], ...]:
         """(report path, label) of every way a tensor can be merged, for the run summary."""
-        return (("importance", "Hessian importance"), ("fallback", f"stock {self.fallback_method}"))
+        return (
+            ("importance", "Hessian importance"),
+            ("tokens", "token-count importance"),
+            ("fallback", f"stock {self.fallback_method}"),
+        )
 
     @cached_property
     def combine_parameters(self) -> tuple[str, ...]:
@@ -70,6 +87,9 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
             pretty_name=stock.pretty_name,
             reference_url=stock.reference_url,
             parameters=stock.parameters
+            + HEAD_PARAMETERS
+            + TOKEN_PARAMETERS
+            + (COMBINE.spec,)
             + PREPASS_PARAMETERS
             + TRIM_PARAMETERS
             + (SIGN_PARAMETERS if self.consensus_method else ()),
@@ -81,6 +101,8 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
 
     def check_shared(self, shared: dict[str, Any]) -> None:
         check_trim(shared)
+        check_token_parameters(shared)
+        COMBINE.check(shared)
         if self.consensus_method:
             SIGN_FROM.check(shared)
         check_finite(shared, "lambda")
@@ -91,6 +113,26 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
         stock = {p.name: parameters[p.name] for p in self.fallback.spec.parameters}
         return self.fallback.merge_group(group, **stock)
 
+    def merge_tokens(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        tokens: dict[Any, TokenStatistics],
+    ) -> torch.Tensor:
+        """The token embedding trimmed and combined as a linear whose Hessian is diag(counts)
+        (``methods.tokens.counts_as_linear``); never re-fitted: a diagonal Hessian moves no
+        other entry."""
+        reason = token_rule_refusal(parameters, tokens, group.base.tensor)
+        if reason is not None:
+            context.record(name, FALLBACK, group.base.tensor, reason=reason)
+            return self.merge_without_statistics(group, parameters)
+        smoothing = parameters["token_smoothing"]
+        statistics = {m: counts_as_linear(t.counts, smoothing) for m, t in tokens.items()}
+        values = {**parameters, "compensate": False}
+        return self.merge_with_statistics(group, values, context, name, statistics, "tokens")  # type: ignore[arg-type]
+
     def merge_with_statistics(
         self,
         group: TensorGroup,
@@ -98,6 +140,7 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
         context: MergeContext,
         name: str,
         statistics: dict[Any, TensorStatistics | None],
+        path: str = "importance",
     ) -> torch.Tensor:
         base = group.base.tensor
         models = [(entry.id, entry.tensor) for entry in group.non_base]
@@ -105,13 +148,18 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
         trimmed, masks, report = trim_task_vectors(
             base, models, statistics, parameters, name, stock_trim
         )
-        context.record(name, "importance", base.numel(), report)
+        energies = _relative_energies(group, statistics, parameters["combine"])
+        context.record(name, path, base, report, **({"combine": "energy"} if energies else {}))
+        electors = trimmed
         if parameters["compensate"] and parameters.get("sign_from") == "raw":
-            raw = [
+            electors = [
                 vector if mask is None else (entry.tensor - base) * mask
                 for entry, vector, mask in zip(group.non_base, trimmed, masks, strict=True)
             ]
-            return base + self._combine_with_signs_of(raw, trimmed, group, parameters)
+        if electors is not trimmed or energies is not None:
+            return base + self._combine_with_signs_of(
+                electors, trimmed, group, parameters, energies
+            )
         task_vectors = TensorGroup.from_tensors(
             [torch.zeros_like(base), *trimmed],
             ids=[group.base.id, *(entry.id for entry in group.non_base)],
@@ -127,9 +175,12 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
         trimmed: list[torch.Tensor],
         group: TensorGroup,
         parameters: Mapping[str, Any],
+        energies: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The parent's sign election and disjoint mean, with signs elected by ``electors``: its
-        weights on the tensors' device, its ``int8_mask`` for the election's signs."""
+        weights on the tensors' device, its ``int8_mask`` for the election's signs. With
+        ``energies`` (one per model, in the tensor's shape) each model's weight in the mean is
+        scaled entry by entry; the election keeps the plain weights."""
         deltas = torch.stack(trimmed)
         weights = torch.tensor(
             [parameters["weight"][entry.id] for entry in group.non_base],
@@ -137,7 +188,12 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
             device=deltas.device,
         ).reshape(-1, *([1] * (deltas.dim() - 1)))
         mask_dtype = torch.int8 if parameters.get("int8_mask") else deltas.dtype
-        agree = get_mask(torch.stack(electors) * weights, self.consensus_method, mask_dtype)
+        if self.consensus_method is None:  # DARE: no election, every entry counts
+            agree = torch.ones_like(deltas, dtype=mask_dtype)
+        else:
+            agree = get_mask(torch.stack(electors) * weights, self.consensus_method, mask_dtype)
+        if energies is not None:
+            weights = weights * torch.stack(energies).to(deltas.dtype)
         mixed = (deltas * weights * agree).sum(dim=0)
         if parameters["normalize"]:
             divisor = (weights * agree).sum(dim=0)
@@ -167,3 +223,28 @@ SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
         fallback_method="dare_linear",
     ),
 )
+
+
+def _relative_energies(
+    group: TensorGroup, statistics: Mapping[Any, TensorStatistics | None], combine: str
+) -> list[torch.Tensor] | None:
+    """With ``combine: energy``, each model's energy of every entry's input column (its
+    H_i[c, c]; a token's count for the embedding) over the mean of the models' energies, in the
+    tensor's shape; None for the plain mean or when a model has no statistics. Relative, so a
+    disjoint mean is weighted by them and a plain sum (DARE) keeps its scale."""
+    if combine != "energy" or any(stats is None for stats in statistics.values()):
+        return None
+    base = group.base.tensor
+    energies = []
+    for entry in group.non_base:
+        stats = statistics[entry.id]
+        assert stats is not None
+        matrices = stats.layout.matrices(base)
+        columns = [
+            hessian.hessian_diagonal.to(base.device, torch.float32).expand(matrix.shape)
+            for hessian, matrix in zip(stats.matrices, matrices, strict=True)
+        ]
+        energies.append(stats.layout.assemble(columns))
+    mean = torch.stack(energies).mean(dim=0)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))
+    return [energy / mean for energy in energies]

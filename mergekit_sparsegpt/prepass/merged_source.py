@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from mergekit.options import MergeOptions
 from transformers import PretrainedConfig
 
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
-from mergekit_sparsegpt.capture.architecture import decoder_layers
 from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks, shard_windows
 from mergekit_sparsegpt.capture.merged import capture_merged_hessians
 from mergekit_sparsegpt.capture.model import TensorSource, empty_model
@@ -42,7 +41,11 @@ from mergekit_sparsegpt.methods.context import MergeContext, PlannedTensor, Task
 from mergekit_sparsegpt.prepass.messages import say
 from mergekit_sparsegpt.prepass.model_identity import identity
 from mergekit_sparsegpt.prepass.plan import MERGED, CalibrationTask, PrepassSettings
-from mergekit_sparsegpt.prepass.task_statistics import hessian_errors_explained
+from mergekit_sparsegpt.prepass.task_statistics import (
+    empty_statistics,
+    hessian_errors_explained,
+    model_roles,
+)
 from mergekit_sparsegpt.statistics.cache_dir import default_cache_dir
 from mergekit_sparsegpt.statistics.checkpoint import ResumePoint
 from mergekit_sparsegpt.statistics.entries import load_statistics
@@ -140,6 +143,11 @@ class MergedTensors:
         self.context = context
         self.readers = readers
         self.solve_device = solve_device
+
+    @property
+    def tensor_names(self) -> Collection[str]:
+        """The merge's tensors, in the checkpoint's names (mergekit plans in them)."""
+        return self.by_name.keys()
 
     def __call__(self, name: str) -> torch.Tensor:
         return self.merge_on(name, "cpu")
@@ -247,10 +255,16 @@ class JointPass:
             for key, task_windows in self.windows.items()
         }
         self.model = empty_model(self.config, self.options.trust_remote_code)
-        layers_prefix, _ = decoder_layers(self.model)
-        self.statistics = {key: TaskStatistics.empty(layers_prefix) for key in self.windows}
+        self.planned_names = {tensor.output_name for tensor in self.planned}
+        self.statistics = {
+            key: empty_statistics(self.model, task_windows, self.planned_names)
+            for key, task_windows in self.windows.items()
+        }
         hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in self.planned}
-        self.context = MergeContext(hessian_inputs=hessian_inputs, tasks=self.statistics)
+        self.roles = model_roles(self.model, self.planned_names)
+        self.context = MergeContext(
+            hessian_inputs=hessian_inputs, tasks=self.statistics, roles=self.roles
+        )
         self.merged = MergedTensors(
             self.planned,
             self.method,
@@ -328,7 +342,8 @@ def merge_unit(
                 layer, settings.dampening, settings.keep_factors, keep_hessians=True
             )
     tensors = next(iter(hessians.values())).tensor_names()
-    values = {name: merged.solved(name) for name in tensors}
+    # A tied head is no tensor of the merge: its Hessians serve the token embedding's merge.
+    values = {name: merged.solved(name) for name in tensors if name in merged.by_name}
     keep(hessians, values)
     return values
 

@@ -24,6 +24,7 @@ from mergekit_sparsegpt.capture.distributed import (
     decided_by_main,
     launched_ranks,
 )
+from mergekit_sparsegpt.capture.model import empty_model
 from mergekit_sparsegpt.methods.context import CardFacts, MergeContext, PlannedTensor, activated
 from mergekit_sparsegpt.prepass.checked_merge import checked_merge
 from mergekit_sparsegpt.prepass.local_paths import spelled_as_local
@@ -39,7 +40,7 @@ from mergekit_sparsegpt.prepass.solving import (
     storage_dtype,
 )
 from mergekit_sparsegpt.prepass.staged_output import staged_output
-from mergekit_sparsegpt.prepass.task_statistics import task_statistics
+from mergekit_sparsegpt.prepass.task_statistics import model_roles, task_statistics
 from mergekit_sparsegpt.prepass.tasks import (
     all_task_windows,
     calibration_tasks,
@@ -48,6 +49,7 @@ from mergekit_sparsegpt.prepass.tasks import (
 )
 from mergekit_sparsegpt.reporting.model_card import append_to_card, card_section
 from mergekit_sparsegpt.reporting.run_report import usage_summary, write_report
+from mergekit_sparsegpt.statistics.task_statistics import ModelRoles
 from mergekit_sparsegpt.termination import sigterm_as_interrupt
 from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 
@@ -82,6 +84,9 @@ def _prepare_statistics(
     settings = resolve_seq_len(settings, tasks, options, ranks)
     windows = all_task_windows(tasks, settings, options)
     facts = CardFacts(method.spec.name, planned, window_shapes(windows))
+    context = partial(
+        MergeContext, hessian_inputs, card_facts=facts, roles=_roles(planned, options)
+    )
     per_task = per_task_reason(method, planned, settings, tasks)
     if per_task is None:
         base = planned[0].base_model
@@ -95,13 +100,13 @@ def _prepare_statistics(
         if decided_by_main(kept is not None, ranks):
             if ranks.main:
                 say(options, "Every task's statistics are in the cache: merging from them")
-            return MergeContext(hessian_inputs, tasks=kept or {}, card_facts=facts)
+            return context(tasks=kept or {})
         if not decided_by_main(merged is not None, ranks):
             solving = SolvingPass(
                 planned, method, windows, tasks, settings, options, readers, dtype, ranks
             )
             merged = merged_linears(entry, solving)
-        return MergeContext(hessian_inputs, tasks={}, card_facts=facts, merged=merged)
+        return context(tasks={}, merged=merged)
     if per_task and ranks.main:
         say(options, f"Caching every task's statistics, not the solved linears: {per_task}")
     if settings.hessian_source == MERGED:
@@ -116,7 +121,17 @@ def _prepare_statistics(
             )
         }
         statistics = {key: value for key, value in computed.items() if value is not None}
-    return MergeContext(hessian_inputs=hessian_inputs, tasks=statistics, card_facts=facts)
+    return context(tasks=statistics)
+
+
+def _roles(planned: list[PlannedTensor], options: MergeOptions) -> ModelRoles | None:
+    """Where the base model keeps its token embedding and head (for the report)."""
+    base = planned[0].base_model if planned else None
+    if base is None:
+        return None
+    trust = options.trust_remote_code
+    names = {tensor.output_name for tensor in planned}
+    return model_roles(empty_model(base.config(trust), trust), names)
 
 
 def _warn_if_compensated_and_rescaled(planned: list[PlannedTensor]) -> None:

@@ -197,6 +197,8 @@ class SolvingPass:
                 if writer is not None:
                     writer.add(name, value.to(self.dtype).contiguous())
                 self.reports[name] = self.joint.context.report[name]
+            if not values:  # a tied head's Grams wait for the token embedding's merge
+                return
             for key, layer in hessians.items():
                 for group in layer.hessians:
                     self.joint.statistics[key].move_matrices(group, discard_matrix)
@@ -206,6 +208,11 @@ class SolvingPass:
             self.joint.run(keep, **progress.arguments())
         else:
             self._lockstep(keep, progress)
+        # Last: a tied embedding's rule reads the head's Grams, which exist only now.
+        embedding = self.joint.roles.embedding
+        if any(tensor.output_name == embedding for tensor in self.planned):
+            with together(self.ranks):
+                keep({}, {embedding: self.joint.merged.solved(embedding)})  # type: ignore[dict-item]
         return {KIND: MergedLinears(self.reports)}
 
     def _lockstep(self, keep: UnitSink, progress: _Progress) -> None:

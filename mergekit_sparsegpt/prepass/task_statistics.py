@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,11 @@ from mergekit_sparsegpt.capture.distributed import (
     all_reduced_layers,
     shard_windows,
     together,
+)
+from mergekit_sparsegpt.capture.head import (
+    embedding_weight_name,
+    head_weight_name,
+    ties_embeddings,
 )
 from mergekit_sparsegpt.capture.model import empty_model
 from mergekit_sparsegpt.capture.weights import (
@@ -46,7 +51,12 @@ from mergekit_sparsegpt.statistics.keys import (
 from mergekit_sparsegpt.statistics.rank_checkpoint import RankCheckpoint
 from mergekit_sparsegpt.statistics.resumable import EntryWriter, remove_checkpoint
 from mergekit_sparsegpt.statistics.store import Entry, Steps, get_or_compute
-from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics, discard_matrix
+from mergekit_sparsegpt.statistics.task_statistics import (
+    ModelRoles,
+    TaskStatistics,
+    discard_matrix,
+    token_counts,
+)
 
 
 def task_statistics(
@@ -95,6 +105,7 @@ def _cached_or_computed(
             writer.add if writer else discard_matrix,
             ranks,
             checkpoint=RankCheckpoint(writer, ranks),
+            counted=windows,
         )
         return {"task": statistics}
 
@@ -187,20 +198,23 @@ def compute_statistics(
     store_matrix: Callable[[str, torch.Tensor], None],
     ranks: Ranks = SINGLE_PROCESS,
     checkpoint: RankCheckpoint | None = None,
+    counted: torch.Tensor | None = None,
 ) -> TaskStatistics:
     """The task's statistics; each whole matrix goes to ``store_matrix`` as soon as it exists.
 
-    With several ranks, ``windows`` is this rank's share and the Hessians are summed over all.
+    With several ranks, ``windows`` is this rank's share and the Hessians are summed over all;
+    ``counted`` (default ``windows``) are the task's whole windows, whose tokens are counted.
     A resumable ``checkpoint`` supplies the blocks an interrupted run finished (they do not run
     again) and is offered each block this run finishes.
     """
     model_ref = task.forward_model
     load_tensor = CheckpointReader(model_ref, config.model_type)
     model = empty_model(config, options.trust_remote_code)
-    layers_prefix, blocks = decoder_layers(model)
+    _, blocks = decoder_layers(model)
     description = f"Hessians of {model_ref} on {Path(task.key[1]).name}"
     resumed = checkpoint.resume_point() if checkpoint else None
-    statistics = TaskStatistics.empty(layers_prefix)
+    counted = windows if counted is None else counted
+    statistics = empty_statistics(model, counted, load_tensor.tensor_names)
     if resumed and checkpoint:
         if resumed.statistics is not None:  # the main rank's: the others' are not cached
             statistics = resumed.statistics  # type: ignore[assignment]
@@ -236,6 +250,29 @@ def compute_statistics(
                     settings.keep_hessians,
                     store_matrix,
                 )
+    return statistics
+
+
+def model_roles(model: torch.nn.Module, stored: Collection[str] = ()) -> ModelRoles:
+    """Where ``model`` (a skeleton) keeps its token embedding and head, by the checkpoint's names
+    (its tensors ``stored``), and whether they are one tensor."""
+    return ModelRoles(
+        embedding_weight_name(model, stored),
+        head_weight_name(model, stored),
+        ties_embeddings(model),
+    )
+
+
+def empty_statistics(
+    model: torch.nn.Module, windows: torch.Tensor, stored: Collection[str] = ()
+) -> TaskStatistics:
+    """A task's statistics before its first block: where ``model`` keeps its token embedding
+    and head, and the token counts of the task's (whole) ``windows``."""
+    layers_prefix, _ = decoder_layers(model)
+    statistics = TaskStatistics.empty(layers_prefix, model_roles(model, stored))
+    embedding = model.get_input_embeddings()
+    if embedding is not None:
+        statistics.token_counts = token_counts(windows, embedding.weight.shape[0])
     return statistics
 
 

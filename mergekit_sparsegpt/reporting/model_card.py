@@ -132,8 +132,10 @@ def _usage_line(method: PluginMethod, context: MergeContext) -> str:
         f"{label}: {context.usage[(path, 'tensors')]}" for path, label in method.summary_paths
     ]
     return (
-        f"Tensors merged per rule: {'; '.join(counts)}. Tensors without a Hessian (embeddings, "
-        "norms, lm_head, biases) take the stock rule. Per-tensor details: sparsegpt_report.json."
+        f"Tensors merged per rule: {'; '.join(counts)}. The output head has a Hessian like the "
+        "decoder linears, the token embedding its calibration token counts; tensors without "
+        "statistics (norms, biases) take the stock rule. Per-tensor details, with each tensor's "
+        "kind and the reason for every fallback: sparsegpt_report.json."
     )
 
 

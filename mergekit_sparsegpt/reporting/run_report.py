@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from mergekit_sparsegpt.methods.context import MergeContext
 from mergekit_sparsegpt.methods.registry import plugin_method
@@ -21,6 +22,7 @@ def usage_summary(method_name: str, context: MergeContext) -> str:
         tensors = context.usage[(path, "tensors")]
         parameters = context.usage[(path, "parameters")]
         lines.append(f"  {label}: {tensors} tensors, {parameters:,} parameters")
+    lines += _rules_by_kind(context, dict(method.summary_paths))
     solves = [t["solve"]["path"] for t in context.report.values() if "solve" in t]
     if solves:
         counts = ", ".join(f"{path} {solves.count(path)}" for path in method.solve_paths)
@@ -36,3 +38,22 @@ def usage_summary(method_name: str, context: MergeContext) -> str:
         )
         lines.append(f"  per-tensor details: {REPORT_FILE} in the output directory")
     return "\n".join(lines)
+
+
+def _rules_by_kind(context: MergeContext, labels: dict[str, str]) -> list[str]:
+    """One line per tensor kind (decoder linear, output head, token embedding, norm, bias):
+    how many of its tensors took each rule, and why a kind fell back where the report says."""
+    by_kind: dict[str, Counter] = {}
+    reasons: dict[str, set[str]] = {}
+    for record in context.report.values():
+        kind = record.get("kind", "tensor")
+        rule = labels.get(record["path"], record["path"])
+        by_kind.setdefault(kind, Counter())[rule] += 1
+        if "reason" in record:
+            reasons.setdefault(kind, set()).add(record["reason"])
+    lines = ["  by tensor kind:"] if by_kind else []
+    for kind, rules in sorted(by_kind.items()):
+        counted = ", ".join(f"{rule} {count}" for rule, count in sorted(rules.items()))
+        why = f" ({'; '.join(sorted(reasons[kind]))})" if kind in reasons else ""
+        lines.append(f"    {kind}: {counted}{why}")
+    return lines

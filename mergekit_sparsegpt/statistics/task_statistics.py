@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +26,8 @@ from mergekit_sparsegpt.statistics.hessian import (
 
 # Tensor names in the disk form: "<group>::<field>" ("model.layers.0.mlp.up_proj.weight::hessian").
 KEY_SEPARATOR = "::"
+# The disk name of the per-token counts of the task's calibration windows.
+TOKEN_COUNTS = "token_counts"
 
 
 class StoredMatricesError(ValueError):
@@ -63,6 +65,42 @@ class TensorStatistics:
     samples: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class ModelRoles:
+    """Which checkpoint tensors of the calibrated model play the token-indexed roles: the token
+    embedding, the output head (its Hessian is kept under this name), and whether they are one
+    tensor (``tied``)."""
+
+    embedding: str | None
+    head: str | None
+    tied: bool
+
+    def to_json(self) -> list[Any]:
+        return [self.embedding, self.head, self.tied]
+
+    @classmethod
+    def from_json(cls, value: list[Any]) -> ModelRoles:
+        embedding, head, tied = value
+        return cls(embedding, head, bool(tied))
+
+
+@dataclass(frozen=True)
+class TokenStatistics:
+    """The statistics of the token embedding: a linear whose input is one-hot, so its Gram is
+    diag(counts), the calibration windows' count of each token. ``head`` is the output head's
+    statistics when the head is this same tensor (tied embeddings), else None."""
+
+    counts: torch.Tensor  # [vocabulary], float32
+    head: TensorStatistics | None = None
+
+
+def token_counts(windows: torch.Tensor, vocabulary: int) -> torch.Tensor:
+    """How often each token id occurs in ``windows`` [samples, seq_len]: X^T X for the one-hot
+    rows X of the embedding's input (exact in float32 up to 2^24 occurrences of a token)."""
+    counts = torch.bincount(windows.reshape(-1).to(torch.int64), minlength=vocabulary)
+    return counts.to(torch.float32)
+
+
 def discard_matrix(name: str, matrix: torch.Tensor) -> None:
     """A ``store_matrix`` that keeps nothing: for whole matrices this process does not store
     (ranks other than the main one; RegMean's Grams once their linears are solved)."""
@@ -88,10 +126,12 @@ class TaskStatistics:
     samples: dict[str, int]
     matrices: MatrixStore | None = None
     layouts: dict[str, TensorLayout] = dataclass_field(default_factory=dict)
+    roles: ModelRoles | None = None  # where the token embedding and the head are
+    token_counts: torch.Tensor | None = None  # ``token_counts`` of the task's windows
 
     @classmethod
-    def empty(cls, layers_prefix: str) -> TaskStatistics:
-        return cls(layers_prefix, frozenset(), {}, {}, {})
+    def empty(cls, layers_prefix: str, roles: ModelRoles | None = None) -> TaskStatistics:
+        return cls(layers_prefix, frozenset(), {}, {}, {}, roles=roles)
 
     def add_layer(
         self,
@@ -118,7 +158,9 @@ class TaskStatistics:
         self.groups.update(layer.groups)
         self.layouts.update(layer.layouts)
         self.linear_suffixes = self.linear_suffixes | {
-            _block_suffix(name, self.layers_prefix) for name in layer.tensor_names()
+            _block_suffix(name, self.layers_prefix)
+            for name in layer.tensor_names()
+            if name.startswith(self.layers_prefix + ".")
         }
 
     def move_matrices(self, group: str, store_matrix: Callable[[str, torch.Tensor], None]) -> None:
@@ -158,6 +200,15 @@ class TaskStatistics:
             tuple(self.samples.get(group, 0) for group in groups),
         )
 
+    def for_tokens(self, tensor_name: str) -> TokenStatistics | None:
+        """The token embedding's statistics when ``tensor_name`` is that embedding and the
+        counts were taken; None otherwise."""
+        roles = self.roles
+        if roles is None or tensor_name != roles.embedding or self.token_counts is None:
+            return None
+        head = self.for_tensor(roles.head) if roles.tied and roles.head else None
+        return TokenStatistics(self.token_counts, head)
+
     def _with_matrices(self, group: str) -> HessianStatistics:
         stats = self.statistics[group]
         if self.matrices is None or not self.matrices.shapes(group):
@@ -189,7 +240,10 @@ class TaskStatistics:
             # The key stays "method": cache entries of earlier versions must still read.
             "method": {group: stats.inverse_path for group, stats in self.statistics.items()},
             "tensor_layouts": {name: layout.to_json() for name, layout in self.layouts.items()},
+            "roles": None if self.roles is None else self.roles.to_json(),
         }
+        if self.token_counts is not None:
+            tensors[TOKEN_COUNTS] = self.token_counts.contiguous()
         return tensors, {"layout": json.dumps(layout, sort_keys=True)}
 
     @classmethod
@@ -218,6 +272,7 @@ class TaskStatistics:
                 )
                 for group in set(layout["groups"].values())
             }
+            roles = layout.get("roles")
             result = cls(
                 layout["layers_prefix"],
                 frozenset(layout["linear_suffixes"]),
@@ -230,11 +285,18 @@ class TaskStatistics:
                     name: TensorLayout.from_json(value)
                     for name, value in layout.get("tensor_layouts", {}).items()
                 },
+                roles=None if roles is None else ModelRoles.from_json(roles),
+                token_counts=tensors.get(TOKEN_COUNTS),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
             raise ValueError(f"statistics layout is incomplete ({error!r})") from error
         for group, stats in statistics.items():
             _check_statistics(group, stats, {} if matrices is None else matrices.shapes(group))
+        counts = result.token_counts
+        if counts is not None and (
+            counts.dim() != 1 or not torch.isfinite(counts).all() or (counts < 0).any()
+        ):
+            raise ValueError("the token counts are malformed")
         return result
 
 

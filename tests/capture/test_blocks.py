@@ -48,11 +48,13 @@ def full_model():
 
 
 def _reference_hessians(model, windows):
-    """Hooks on every linear of a full forward pass, H = 2/n X^T X in float64."""
+    """Hooks on every linear of a full forward pass (the blocks' and the output head's),
+    H = 2/n X^T X in float64."""
     inputs = {}
     handles = []
+    head = model.get_output_embeddings()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+        if isinstance(module, torch.nn.Linear) and (".layers." in name or module is head):
 
             def hook(_module, args, name=name):
                 inputs.setdefault(f"{name}.weight", []).append(
@@ -75,8 +77,9 @@ def test_layer_by_layer_equals_hooks_on_full_forward(full_model):
     layers = list(
         capture_layer_hessians(empty_model(_config()), state.__getitem__, windows, batch_size=4)
     )
-    assert len(layers) == 3
-    for index, layer in enumerate(layers):
+    assert len(layers) == 4  # the blocks, then the output head (tests/capture/test_head.py)
+    assert layers[3].tensor_names() == ["lm_head.weight"]
+    for index, layer in enumerate(layers[:3]):
         prefix = f"model.layers.{index}"
         # q/k/v read one tensor, gate/up another: they share a Hessian.
         assert (
@@ -129,7 +132,7 @@ def test_linear_that_never_runs_gets_an_empty_hessian(full_model):
         "model.layers.0.unused.weight": torch.ones(2, 5),
         "model.layers.0.unused.bias": torch.zeros(2),
     }
-    (layer,) = capture_layer_hessians(skeleton, state.__getitem__, torch.randint(0, 97, (2, 8)))
+    layer, _head = capture_layer_hessians(skeleton, state.__getitem__, torch.randint(0, 97, (2, 8)))
     assert layer.samples["model.layers.0.unused.weight"] == 0
     assert torch.equal(layer.hessians["model.layers.0.unused.weight"], torch.zeros(5, 5))
 
@@ -147,8 +150,10 @@ def test_capture_matches_eval_forward_for_dropout_and_per_layer_masks(config):
     layers = capture_layer_hessians(
         empty_model(config), model.state_dict().__getitem__, windows, batch_size=4
     )
+    captured = set()
     for layer in layers:
         for weight_name, group in layer.groups.items():
+            captured.add(weight_name)
             expected = reference[weight_name]
             torch.testing.assert_close(
                 layer.hessians[group].double(),
@@ -156,6 +161,8 @@ def test_capture_matches_eval_forward_for_dropout_and_per_layer_masks(config):
                 rtol=1e-4,
                 atol=1e-5 * expected.abs().max(),
             )
+    assert captured == set(reference)  # Gemma2's head is tied: its Hessian is captured too
+    assert "lm_head.weight" in captured
 
 
 class _DeviceRecorder(torch.nn.Module):
@@ -250,10 +257,15 @@ def test_resume_inputs_stay_on_the_host_and_are_overwritten_in_place(full_model)
             block_done=lambda index, hidden: outputs.append(hidden),
         )
     )
-    assert len(resumed) == 2 and all(hidden is resume for hidden in outputs)
+    assert len(resumed) == 3 and all(hidden is resume for hidden in outputs)  # blocks 1, 2, head
     assert torch.equal(resume, saved[-1])  # the last block's outputs, written over the inputs
     for ours, theirs in zip(resumed, runs[1:], strict=True):
         assert all(torch.equal(ours.hessians[g], theirs.hessians[g]) for g in theirs.hessians)
+    # Resumed past the last block (killed during the head's pass): only the head runs.
+    (head,) = capture_layer_hessians(
+        empty_model(_config()), state.__getitem__, windows, batch_size=4, resume=(3, saved[-1])
+    )
+    assert torch.equal(head.hessians["lm_head.weight"], runs[-1].hessians["lm_head.weight"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -40,7 +40,7 @@ def test_accumulator_stays_on_its_device():
 
 def test_hooks_on_a_meta_block_keep_every_hessian_on_its_device(monkeypatch):
     # Meta tensors hold no values to check: the finiteness check reads them.
-    monkeypatch.setattr(hooks, "_check_finite", lambda *_args, **_kwargs: None)
+    monkeypatch.setattr(hooks, "check_finite_activations", lambda *_args, **_kwargs: None)
     prefix, layers = decoder_layers(empty_model(_config()))
     block = layers[0]
     # Never called by the forward pass: its all-zero Hessian is created by ``result``.

@@ -6,7 +6,7 @@ from mergekit.merge_methods.base import TensorGroup
 from mergekit_sparsegpt.integration.registration import register_methods
 from mergekit_sparsegpt.methods.base import PluginMethod
 from mergekit_sparsegpt.methods.registry import PLUGIN_METHODS, is_plugin_method, plugin_method
-from mergekit_sparsegpt.methods.regmean import SOLVE_PATHS
+from mergekit_sparsegpt.methods.solve import SOLVE_PATHS
 
 register_methods()
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.methods.context import MergeContext, activated
-from mergekit_sparsegpt.methods.regmean import solve_right
+from mergekit_sparsegpt.methods.solve import solve_right
 from mergekit_sparsegpt.prepass import run as prepass
 from mergekit_sparsegpt.prepass import task_statistics
 from mergekit_sparsegpt.statistics.hessian import hessian_statistics
@@ -242,7 +242,8 @@ def test_tensors_without_hessian_get_scaled_task_arithmetic_bit_for_bit(method, 
     )
     assert torch.equal(merged, stock)
     assert context.usage[("fallback", "tensors")] == 1
-    assert context.report[name] == {"path": "fallback", "models": {}}
+    kind = "other matrix" if len(shape) == 2 else "norm or scale"  # no roles in this context
+    assert context.report[name] == {"path": "fallback", "kind": kind, "models": {}}
 
 
 def test_statistics_without_the_whole_hessian_are_a_clear_error():
@@ -273,6 +274,7 @@ def test_parameters_and_defaults():
 
 DOWN = "model.layers.{}.mlp.down_proj.weight"
 EMBED = "model.embed_tokens.weight"
+HEAD = "lm_head.weight"
 
 
 def _run(config: dict, out: Path) -> None:
@@ -314,14 +316,40 @@ def test_merge_matches_reference_and_reports_each_path(tiny_models, tmp_path):
     denominator = sum(0.7 * g + 0.3 * torch.diag(torch.diag(g)) for g in grams.values())
     expected = base[name].to(F64) + numerator @ torch.linalg.inv(denominator)
     torch.testing.assert_close(merged[name].to(F64), expected, rtol=1e-4, atol=1e-5)
-    summed = sum(finetuned[m][EMBED] - base[EMBED] for m in finetuned)
-    torch.testing.assert_close(merged[EMBED], base[EMBED] + 0.2 * summed)
+    # The embedding: per row, each task weighted by its count of that token (+ 0.5), in loops.
+    counts = {str(model): task.token_counts for (model, _), task in context.tasks.items()}
+    expected_embedding = base[EMBED].clone().to(F64)
+    for token in range(len(expected_embedding)):
+        row_weights = {m: float(counts[m][token]) + 0.5 for m in finetuned}
+        total = sum(row_weights.values())
+        for m, weight in row_weights.items():
+            tau = (finetuned[m][EMBED][token] - base[EMBED][token]).to(F64)
+            expected_embedding[token] += weight / total * tau
+    torch.testing.assert_close(merged[EMBED].to(F64), expected_embedding, rtol=1e-5, atol=1e-6)
+    assert any(float(c.max()) > 0 for c in counts.values())
+    # The head: a linear like the others, its Gram taken on the final norm's output.
+    head_taus = [finetuned[m][HEAD] - base[HEAD] for m in finetuned]
+    head_grams = [task.for_weight(HEAD).hessian.to(F64) for task in context.tasks.values()]
+    solution = torch.linalg.lstsq(
+        sum(0.7 * g + 0.3 * torch.diag(torch.diag(g)) for g in head_grams),
+        sum(
+            (0.7 * g + 0.3 * torch.diag(torch.diag(g))) @ tau.to(F64).T
+            for tau, g in zip(head_taus, head_grams, strict=True)
+        ),
+    ).solution.T
+    torch.testing.assert_close(
+        merged[HEAD].to(F64), base[HEAD].to(F64) + solution, rtol=1e-4, atol=1e-5
+    )
 
     report = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["tensors"]
     assert set(report) == set(merged)
     assert report[name]["path"] == "regmean"
     assert report[name]["solve"]["path"] in ("cholesky", "damped", "pinv")
-    assert report[EMBED]["path"] == "fallback"
+    assert report[name]["kind"] == "decoder linear"
+    assert (report[EMBED]["path"], report[EMBED]["kind"]) == ("tokens", "token embedding")
+    assert (report[HEAD]["path"], report[HEAD]["kind"]) == ("regmean", "output head")
+    norm = "model.norm.weight"
+    assert (report[norm]["path"], report[norm]["kind"]) == ("fallback", "norm or scale")
 
 
 def test_cache_entry_with_hessians_serves_a_trim_only_merge_but_not_the_reverse(

@@ -22,6 +22,8 @@ from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 install()
 
 LINEAR_SUFFIXES = ("_proj.weight",)  # a tiny Llama's decoder linears
+# Solved by the pre-pass besides them: the head (its Hessian) and the embedding (token counts).
+TOKEN_TENSORS = ("lm_head.weight", "model.embed_tokens.weight")
 
 
 def _run(config: dict, out: Path, quiet: bool = True) -> None:
@@ -34,8 +36,8 @@ def _entries(cache: Path) -> list[Path]:
     return sorted(cache.glob("*.safetensors"))
 
 
-def _is_linear(name: str) -> bool:
-    return ".layers." in name and name.endswith(LINEAR_SUFFIXES)
+def _is_solved(name: str) -> bool:
+    return (".layers." in name and name.endswith(LINEAR_SUFFIXES)) or name in TOKEN_TENSORS
 
 
 def _config(tiny_models, method: str, source: str, cache: Path, **shared) -> dict:
@@ -70,11 +72,11 @@ def test_solved_linears_give_the_per_task_merge(tiny_models, tmp_path, method, s
     report_b = json.loads((tmp_path / "b" / REPORT_FILE).read_text())["tensors"]
     assert report_b == report_a
 
-    # One entry: exactly the merged linears, in the merge's dtype (float32 here).
+    # One entry: exactly the merged linears, head and embedding, in the merge's dtype.
     (entry,) = _entries(tmp_path / "solved")
     with safe_open(entry, framework="pt") as handle:
         stored = {name: handle.get_tensor(name) for name in handle.keys()}
-    assert set(stored) == {name for name in kept if _is_linear(name)}
+    assert set(stored) == {name for name in kept if _is_solved(name)}
     for name, value in stored.items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, solved[name], rtol=0, atol=0, msg=name)
@@ -102,8 +104,8 @@ def test_storage_does_not_grow_with_the_number_of_experts(tiny_models, tmp_path)
         (entry,) = _entries(tmp_path / f"cache{experts}")
         sizes[experts] = entry.stat().st_size
     merged = load_file(tmp_path / "out2" / "model.safetensors")
-    linear_bytes = sum(t.numel() * t.element_size() for n, t in merged.items() if _is_linear(n))
-    assert linear_bytes <= sizes[2] <= linear_bytes + 64 * 1024  # the header and its records
+    solved_bytes = sum(t.numel() * t.element_size() for n, t in merged.items() if _is_solved(n))
+    assert solved_bytes <= sizes[2] <= solved_bytes + 64 * 1024  # the header and its records
     assert abs(sizes[3] - sizes[2]) <= 1024  # the records name one more model
 
 

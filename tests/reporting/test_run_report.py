@@ -31,4 +31,11 @@ def test_report_lists_every_tensor_and_its_path(tiny_models, tmp_path):
     for entry in linear["models"].values():
         assert entry["kept_fraction"] == pytest.approx(0.3, abs=0.01)
         assert 0 < entry["relative_output_error"] < 1
-    assert report["model.embed_tokens.weight"]["path"] == "fallback"
+    embedding = report["model.embed_tokens.weight"]
+    assert (embedding["path"], embedding["kind"]) == ("tokens", "token embedding")
+    assert (report["lm_head.weight"]["path"], report["lm_head.weight"]["kind"]) == (
+        "importance",
+        "output head",
+    )
+    norm = report["model.norm.weight"]
+    assert (norm["path"], norm["kind"]) == ("fallback", "norm or scale")

@@ -41,6 +41,11 @@ from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.capture.accumulate import TensorLayout
 from mergekit_sparsegpt.capture.architecture import check_supported
 from mergekit_sparsegpt.capture.blocks import capture_layer_hessians
+from mergekit_sparsegpt.capture.head import (
+    embedding_weight_name,
+    head_weight_name,
+    ties_embeddings,
+)
 from mergekit_sparsegpt.capture.hooks import ActivationError
 from mergekit_sparsegpt.capture.model import empty_model
 from mergekit_sparsegpt.capture.weights import CheckpointReader
@@ -98,6 +103,10 @@ ARCHITECTURES = {
         _llama_like(transformers.MistralConfig, sliding_window=8), "model.layers"
     ),
     "qwen2": Architecture(_llama_like(transformers.Qwen2Config), "model.layers"),
+    # Qwen2's small models: q/k/v biases and the head tied to the embedding.
+    "qwen2_tied": Architecture(
+        _llama_like(transformers.Qwen2Config, tie_word_embeddings=True), "model.layers"
+    ),
     "qwen3": Architecture(_llama_like(transformers.Qwen3Config, head_dim=8), "model.layers"),
     "gemma2": Architecture(
         _llama_like(transformers.Gemma2Config, head_dim=8, sliding_window=4), "model.layers"
@@ -411,12 +420,27 @@ def test_merge_loads_and_merges_every_linear_with_its_hessian(
     assert torch.isfinite(logits).all()
 
     linears = _linear_tensors(family)
-    assert linears <= set(load_file(out / "model.safetensors"))  # mergekit's own names
-    with_hessian = {name for name, entry in report.items() if entry["path"] != "fallback"}
-    assert with_hessian == linears
-    assert {entry["path"] for name, entry in report.items() if name in linears} == {
-        "importance" if method == "sparsegpt_ties" else "regmean"
-    }
+    written = set(load_file(out / "model.safetensors"))
+    assert linears <= written  # mergekit's own names
+    assert set(report) == written
+    # Every tensor takes a data-aware rule, or is a norm, bias or other matrix (GPT-2's position
+    # embedding) listed as fallback: the decoder linears and the head by their Hessians, the
+    # token embedding by its counts (a tied head is that tensor: it is not written).
+    skeleton = empty_model(transformers.AutoConfig.from_pretrained(family.base))
+    embedding, head = embedding_weight_name(skeleton, written), head_weight_name(skeleton, written)
+    hessian_path = "importance" if method == "sparsegpt_ties" else "regmean"
+    expected = {name: hessian_path for name in linears} | {embedding: "tokens"}
+    if not ties_embeddings(skeleton):
+        expected[head] = hessian_path
+    else:
+        assert head not in written
+        assert report[embedding]["kind"] == "token embedding (tied to the head)"
+        rule = "tokens" if method == "sparsegpt_ties" else "blend"
+        assert report[embedding].get("rule", "tokens") == rule
+    data_aware = {name: e["path"] for name, e in report.items() if e["path"] != "fallback"}
+    assert data_aware == expected
+    fallback_kinds = {e["kind"] for e in report.values() if e["path"] == "fallback"}
+    assert fallback_kinds <= {"norm or scale", "bias", "other matrix"}
 
 
 @pytest.mark.parametrize("name", ["gpt2", "mixtral"])
@@ -428,7 +452,10 @@ def test_regmean_through_the_merged_model_covers_conv1d_and_experts(name, tmp_pa
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.isfinite(merged(input_ids=torch.tensor([[1, 5, 9, 40, 7]])).logits).all()
     with_hessian = {tensor for tensor, entry in report.items() if entry["path"] == "regmean"}
-    assert with_hessian == _linear_tensors(family)
+    head = "lm_head.weight"  # GPT-2's is tied: the embedding takes both roles
+    assert with_hessian == _linear_tensors(family) | ({head} if head in report else set())
+    embedding = "transformer.wte.weight" if name == "gpt2" else "model.embed_tokens.weight"
+    assert report[embedding]["path"] == "tokens"
 
 
 def test_supported_architectures_pass_the_check(family):
@@ -745,7 +772,9 @@ def test_half_precision_forward_runs_in_the_checkpoint_dtype(float32_llama, tmp_
     in_float32 = reference_hessians(
         AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), windows, "model.layers"
     )
-    assert captured.keys() == in_dtype.keys()
+    # The head's Hessian is captured too (in the checkpoint's dtype; compared in test_head.py).
+    assert captured.keys() == in_dtype.keys() | {"lm_head.weight"}
+    del captured["lm_head.weight"]
     for name, hessian in captured.items():
         assert hessian.dtype == torch.float32
         closeness = (hessian.double() - in_dtype[name]).norm() / in_dtype[name].norm()

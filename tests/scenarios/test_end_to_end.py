@@ -44,7 +44,9 @@ def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, met
     first = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out1"), cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Hessians of" in first.stderr
-    assert "Hessian importance: 14 tensors" in first.stderr
+    assert "Hessian importance: 15 tensors" in first.stderr  # 14 decoder linears and lm_head
+    assert "token-count importance: 1 tensors" in first.stderr
+    assert "norm or scale: stock" in first.stderr  # the summary by tensor kind
     assert f"stock {'ties' if method == 'sparsegpt_ties' else 'dare_linear'}" in first.stderr
     # sparsegpt_dare rescales its trimmed vectors: the magnitude trim it is compared with too.
     alike = "magnitude trimming at the same density: 0."
@@ -72,7 +74,8 @@ def test_stock_cli_runs_regmean_and_second_run_reuses_cache(tiny_models, tmp_pat
     first = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out1"), cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     assert ("Hessians of" if kept else "Solved linears written to cache") in first.stderr
-    assert "RegMean solve: 14 tensors" in first.stderr
+    assert "RegMean solve: 15 tensors" in first.stderr  # 14 decoder linears and lm_head
+    assert "RegMean on token counts: 1 tensors" in first.stderr
     assert "task arithmetic x nongram_scale:" in first.stderr
     assert "how the RegMean systems were solved: cholesky" in first.stderr
     _assert_loads_with_finite_logits(tmp_path / "out1")
@@ -85,7 +88,7 @@ def test_stock_cli_runs_regmean_and_second_run_reuses_cache(tiny_models, tmp_pat
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Hessians of" not in second.stderr and "written to cache" not in second.stderr
     assert second.stderr.count("from cache") == (2 if kept else 1)
-    assert "RegMean solve: 14 tensors" in second.stderr
+    assert "RegMean solve: 15 tensors" in second.stderr
     _assert_loads_with_finite_logits(tmp_path / "out2")
 
 

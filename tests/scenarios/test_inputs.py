@@ -301,7 +301,8 @@ def test_model_card_names_method_densities_score_and_calibration(tiny_models, tm
     assert arithmetic["density"].startswith("0.2 to 0.6")
     code = dict(zip(header, _table_row(section, str(tiny_models.experts["code"])), strict=True))
     assert code["density"] == "0.3"
-    assert "Hessian importance: 14; stock ties: 7" in section
+    # 14 decoder linears and lm_head; the embedding by its token counts; 5 norms.
+    assert "Hessian importance: 15; token-count importance: 1; stock ties: 5" in section
 
 
 def test_model_card_for_regmean_lists_its_own_settings(tiny_models, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergekit_sparsegpt.statistics.keys import canonical
+from mergekit_sparsegpt.statistics.keys import FORMAT_VERSION, canonical
 from mergekit_sparsegpt.statistics.merged_linears import (
     KIND,
     MergedLinears,
@@ -59,7 +59,7 @@ def test_other_inputs_or_kinds_are_not_served(tmp_path, caplog):
     assert "written for different inputs" in caplog.text
     assert load_merged_linears(tmp_path / "absent.safetensors", PAYLOAD) is None
     # A task's statistics entry under the same key is not a solved-linears entry.
-    metadata = {"key": canonical(PAYLOAD), "format": "4", "layout": "{}"}
+    metadata = {"key": canonical(PAYLOAD), "format": str(FORMAT_VERSION), "layout": "{}"}
     save_file({"x::hessian_diagonal": torch.ones(2)}, path, metadata=metadata)
     with pytest.raises(ValueError, match="not a merged-linears entry"):
         read_merged_linears(path, PAYLOAD)
@@ -71,7 +71,12 @@ def test_records_that_do_not_match_the_tensors_are_refused(tmp_path):
     _write(path, tensors, reports={next(iter(REPORTS)): REPORTS[next(iter(REPORTS))]})
     with pytest.raises(ValueError, match="do not match its tensors"):
         read_merged_linears(path, PAYLOAD)
-    metadata = {"key": canonical(PAYLOAD), "format": "4", "kind": KIND, "merged_linears": "{"}
+    metadata = {
+        "key": canonical(PAYLOAD),
+        "format": str(FORMAT_VERSION),
+        "kind": KIND,
+        "merged_linears": "{",
+    }
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(ValueError, match="unreadable"):
         read_merged_linears(path, PAYLOAD)
@@ -83,8 +88,8 @@ def test_entry_removed_or_replaced_after_loading_is_one_clear_error(tmp_path):
     loaded = read_merged_linears(path, PAYLOAD)
     name = next(iter(REPORTS))
     other = {**PAYLOAD, "merge": "other"}
-    save_file(_tensors(), path, metadata={"key": canonical(other), "format": "4", "kind": KIND,
-                                          "merged_linears": json.dumps(REPORTS)})  # fmt: skip
+    metadata = {"key": canonical(other), "format": str(FORMAT_VERSION), "kind": KIND}
+    save_file(_tensors(), path, metadata={**metadata, "merged_linears": json.dumps(REPORTS)})
     with pytest.raises(StoredMatricesError, match="another merge"):
         loaded.tensor(name)
     path.unlink()
