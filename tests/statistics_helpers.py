@@ -20,6 +20,20 @@ def save_statistics(path: Path, statistics: TaskStatistics, payload: dict[str, A
         writer.commit(statistics)
 
 
+def rekeyed_to_current_format(entry: Path, payload: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Copy the entry of an older format to ``out`` under the current format's key, its tensors
+    and other metadata unchanged; return that payload."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(entry, framework="pt") as handle:
+        metadata = handle.metadata()
+    current = {**payload, "format": keys.FORMAT_VERSION}
+    metadata.update(key=keys.canonical(current), format=str(keys.FORMAT_VERSION))
+    save_file(load_file(entry), out, metadata=metadata)
+    return current
+
+
 def never_ran(statistics: TaskStatistics) -> list[str]:
     """Matrices no calibration token reached (an unrouted expert), ranked by |tau| alone."""
     return [

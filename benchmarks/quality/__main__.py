@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "by an exact, function-preserving rescaling of all models, as real LLMs' outlier "
         "channels (benchmarks/quality/outliers.py); 0: off",
     )
+    parser.add_argument(
+        "--tied",
+        action="store_true",
+        help="a family whose token embedding is lm_head too (tie_word_embeddings); a new --out",
+    )
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(grid.VARIANTS)}")
     parser.add_argument("--densities", help="comma-separated, default " + str(grid.DENSITIES))
     parser.add_argument("--keep-merges", action="store_true", help="keep merged checkpoints")
@@ -97,8 +102,11 @@ def _selection(
 
 
 def _settings(sizes: Sizes, channel_spread: float) -> dict:
+    recorded = asdict(sizes)
+    if not sizes.tied:  # runs made before the option had none: they stay comparable
+        del recorded["tied"]
     return {
-        "sizes": asdict(sizes),
+        "sizes": recorded,
         **({"channel_spread": channel_spread} if channel_spread else {}),
         "domains": list(tasks.domains()),
         "heldout": [HELDOUT_WINDOWS, HELDOUT_PROBLEMS],
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny models: threads only fight the parallel jobs for 2 cores
     start = time.perf_counter()
     variants, densities = _selection(args.variants, args.densities)
-    sizes = replace(QUICK if args.quick else FULL, seed=args.family_seed)
+    sizes = replace(QUICK if args.quick else FULL, seed=args.family_seed, tied=args.tied)
     out = args.out.resolve()
     _check_settings(out, _settings(sizes, args.channel_spread))
     (out / "sources.json").write_text(json.dumps(tasks.sources(), indent=1), encoding="utf-8")

@@ -140,6 +140,9 @@ def scaled_expert_accuracy(family: Family, evalset: EvalSet, alpha: float) -> di
     accuracy = {}
     for name, qa in evalset.qa.items():
         expert = load_file(str(family.experts[name] / "model.safetensors"))
-        model.load_state_dict({k: base[k] + alpha * (expert[k] - base[k]) for k in base})
+        # A tied model's state dict names the shared tensor twice; its file, once.
+        scaled = {k: base[k] + alpha * (expert[k] - base[k]) for k in base if k in expert}
+        model.load_state_dict(scaled, strict=False)
+        model.tie_weights()
         accuracy[name] = qa_scores(model, qa)[1]
     return accuracy

@@ -200,15 +200,20 @@ VARIANTS: dict[str, Variant] = {
             (",new", {}),
         )
     },
+    # Diagnostics: the token smoothing, and a tied family's (--tied) rules for its one tensor.
     **{
-        f"regmean[merged,smoothing={value}]": Variant(
+        f"regmean[merged,{key}={value}]": Variant(
             "regmean",
-            {"hessian_source": "merged", "token_smoothing": value},
+            {"hessian_source": "merged", parameter: value},
             uses_density=False,
             weight=1.0,
             plotted=False,
         )
-        for value in (0.1, 2.0)
+        for key, parameter, values in (
+            ("smoothing", "token_smoothing", (0.1, 2.0)),
+            ("tied", "tied_embeddings", ("blend", "head", "tokens")),
+        )
+        for value in values
     },
     **{
         f"sparsegpt_regmean[wanda,compensate,merged{suffix}]": Variant(
@@ -223,10 +228,10 @@ VARIANTS: dict[str, Variant] = {
             "sparsegpt_ties", {"importance": "wanda", "hessian_source": "base", **extra}
         )
         for suffix, extra in (
-            (",stock-rest", STOCK_REST),
-            (",head", {"embedding_rule": "stock"}),
-            (",tokens", {"lm_head_statistics": False}),
-            (",new", {}),
+            (",stock-rest", {**STOCK_REST, "combine": "mean"}),
+            (",head", {"embedding_rule": "stock", "combine": "mean"}),
+            (",tokens", {"lm_head_statistics": False, "combine": "mean"}),
+            (",new", {"combine": "mean"}),
             (",energy,stock-rest", {**STOCK_REST, "combine": "energy"}),
             (",energy", {"combine": "energy"}),
         )

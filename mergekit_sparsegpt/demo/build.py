@@ -53,6 +53,7 @@ class Sizes:
     expert_batch_size: int = 16
     seed: int = 0
     threads: int = 1  # see tiny.torch_threads: one thread is the robust choice at this size
+    tied: bool = False  # one tensor for the token embedding and lm_head (Qwen2's small models)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def sized_config(vocab_size: int, sizes: Sizes) -> LlamaConfig:
         kv_heads=sizes.kv_heads,
         intermediate=sizes.intermediate,
         max_pos=max(256, sizes.seq_len),
+        tied=sizes.tied,
     )
 
 

@@ -70,8 +70,10 @@ def tiny_llama_config(
     kv_heads: int = 2,
     intermediate: int = 128,
     max_pos: int = 256,
+    tied: bool = False,
 ) -> LlamaConfig:
-    """A small Llama config; untied embeddings so mergekit sees a separate lm_head."""
+    """A small Llama config; by default untied embeddings, so mergekit sees a separate
+    lm_head."""
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -80,7 +82,7 @@ def tiny_llama_config(
         num_key_value_heads=kv_heads,
         intermediate_size=intermediate,
         max_position_embeddings=max_pos,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         # No pad_token_id: it would make <pad> a zero, gradient-free embedding row (padding_idx)
         # and so the one weight a fine-tune can never change. Windows never contain padding.
         pad_token_id=None,

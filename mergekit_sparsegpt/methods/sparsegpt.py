@@ -11,7 +11,7 @@ itself (``trim.trim.trim_task_vectors``) is shared with ``sparsegpt_regmean`` (`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -47,6 +47,9 @@ from mergekit_sparsegpt.trim.trim import trim_task_vectors
 # How the trimmed task vectors are combined: mergekit's own mean ("mean"), or each model weighted
 # entry by entry by its input energy ("energy": RegMean's alpha = 0 solution on the kept entries).
 COMBINE = Choice("combine", ("mean", "energy"), "mean")
+# sparsegpt_ties combines by energy: validation chose it in each of the quality benchmark's
+# families (docs/quality-benchmark.md); sparsegpt_dare's sum is not measured with it.
+TIES_COMBINE = replace(COMBINE, default="energy")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
     """
 
     fallback_method: str
+    combine: Choice = COMBINE
 
     # What the pre-pass reads (see ``methods.base``): trimming needs only diagonals.
     keeps_hessians: ClassVar[bool] = False
@@ -89,7 +93,7 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
             parameters=stock.parameters
             + HEAD_PARAMETERS
             + TOKEN_PARAMETERS
-            + (COMBINE.spec,)
+            + (self.combine.spec,)
             + PREPASS_PARAMETERS
             + TRIM_PARAMETERS
             + (SIGN_PARAMETERS if self.consensus_method else ()),
@@ -102,7 +106,7 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
     def check_shared(self, shared: dict[str, Any]) -> None:
         check_trim(shared)
         check_token_parameters(shared)
-        COMBINE.check(shared)
+        self.combine.check(shared)
         if self.consensus_method:
             SIGN_FROM.check(shared)
         check_finite(shared, "lambda")
@@ -208,6 +212,7 @@ SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
         default_normalize=True,
         default_rescale=False,
         method_name="sparsegpt_ties",
+        combine=TIES_COMBINE,
         method_pretty_name="SparseGPT-importance TIES",
         method_reference_url="https://arxiv.org/abs/2301.00774",
         fallback_method="ties",

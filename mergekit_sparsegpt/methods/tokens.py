@@ -8,8 +8,8 @@ token no task used gets the weighted mean of the task vectors (and c_i + s > 0 k
 row's system solvable).
 
 Tied embeddings (one tensor, the embedding and the head): the head's RegMean solve fits the
-logits, the count rule fits the embedding's outputs; ``tied_embeddings`` picks one or their mean
-("blend").
+logits, the count rule fits the embedding's outputs; ``tied_embeddings`` picks one ("tokens", the
+default, or "head") or their mean ("blend").
 
 The trimming methods read the same counts as a linear's Hessian (``counts_as_linear``): the
 embedding is a linear with one-hot inputs, H = diag(counts), so ``wanda``'s tau^2 H_cc is
@@ -32,7 +32,9 @@ from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, Toke
 # "stock": the method's statistics-free rule (RegMean: task arithmetic x nongram_scale).
 EMBEDDING_RULES = ("tokens", "stock")
 EMBEDDING_RULE = Choice("embedding_rule", EMBEDDING_RULES, EMBEDDING_RULES[0])
-TIED_RULES = ("blend", "head", "tokens")
+# "tokens": chosen on validation in the quality benchmark's tied family (docs/quality-benchmark.md;
+# the head's solve alone ignores the tensor's role as the embedding, and lost there).
+TIED_RULES = ("tokens", "blend", "head")
 TIED_EMBEDDINGS = Choice("tied_embeddings", TIED_RULES, TIED_RULES[0])
 TOKEN_PARAMETERS: tuple[ParameterSpec, ...] = (
     EMBEDDING_RULE.spec,

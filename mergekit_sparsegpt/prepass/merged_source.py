@@ -262,16 +262,9 @@ class JointPass:
         }
         hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in self.planned}
         self.roles = model_roles(self.model, self.planned_names)
-        self.context = MergeContext(
-            hessian_inputs=hessian_inputs, tasks=self.statistics, roles=self.roles
-        )
-        self.merged = MergedTensors(
-            self.planned,
-            self.method,
-            self.context,
-            self.readers,
-            self.ranks.device(self.options.device),
-        )
+        self.context = MergeContext(hessian_inputs, tasks=self.statistics, roles=self.roles)
+        device = self.ranks.device(self.options.device)
+        self.merged = MergedTensors(self.planned, self.method, self.context, self.readers, device)
 
     def run(self, keep: UnitSink, **progress: Any) -> None:
         """The pass; ``progress`` goes to ``capture_merged_hessians`` (held, resume,
@@ -353,11 +346,7 @@ def _activations(points: Mapping[Any, ResumePoint]) -> dict[Hashable, torch.Tens
 
 
 def _say_waiting(lock: Path, options: MergeOptions) -> None:
-    if not options.quiet:
-        print(
-            f"Waiting for {lock}: another process is computing RegMean++ statistics",
-            file=sys.stderr,
-        )
+    say(options, f"Waiting for {lock}: another process is computing RegMean++ statistics")
 
 
 def _task_name(key: TaskKey) -> str:

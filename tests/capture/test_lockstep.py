@@ -28,7 +28,8 @@ def _model(seed: int, layers: int = 3):
 
 
 def _reference(model, windows) -> dict[str, torch.Tensor]:
-    """H = 2/n X^T X of every decoder linear's input, by hooks on the whole model's forward."""
+    """H = 2/n X^T X of every decoder linear's and the head's input, by hooks on the whole
+    model's forward."""
     inputs = {}
     handles = [
         module.register_forward_pre_hook(
@@ -37,7 +38,7 @@ def _reference(model, windows) -> dict[str, torch.Tensor]:
             )
         )
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".layers." in name
+        if isinstance(module, torch.nn.Linear) and (".layers." in name or name == "lm_head")
     ]
     with torch.no_grad():
         model(input_ids=windows)
@@ -75,13 +76,14 @@ def test_every_task_through_its_own_model_equals_its_full_forward():
         seen.append((index, hessians))
 
     capture_lockstep_hessians(forward, block_done, batch_size=4, progress=False)
-    assert [index for index, _ in seen] == [0, 1, 2]
-    assert resident == [0, 0, 0]
+    assert [index for index, _ in seen] == [0, 1, 2, 3]  # the blocks, then the head
+    assert resident == [0, 0, 0, 0]
     references = {key: _reference(models[key[0]], w) for key, w in windows.items()}
     for index, hessians in seen:
         assert set(hessians) == set(windows)
         for key, layer in hessians.items():
-            assert all(name.startswith(f"model.layers.{index}.") for name in layer.groups)
+            prefix = f"model.layers.{index}." if index < 3 else "lm_head."
+            assert all(name.startswith(prefix) for name in layer.groups)
             for weight, group in layer.groups.items():
                 expected = references[key][weight]
                 torch.testing.assert_close(

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from mergekit_sparsegpt.integration.registration import register_methods
 from mergekit_sparsegpt.methods.context import MergeContext, activated
 from mergekit_sparsegpt.statistics.hessian import HessianStatistics, hessian_statistics
-from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
+from mergekit_sparsegpt.statistics.task_statistics import ModelRoles, TaskStatistics
 from mergekit_sparsegpt.trim.trim import trim_task_vectors
 
 register_methods()
@@ -98,6 +98,9 @@ CASES = [
     ("sparsegpt_ties", {"compensate": True, "sign_from": "raw"}),
     ("sparsegpt_ties", {"compensate": True, "sign_from": "compensated"}),
     ("sparsegpt_ties", {"compensate": True, "int8_mask": True}),
+    ("sparsegpt_ties", {"combine": "energy"}),
+    ("sparsegpt_ties", {"combine": "energy", "compensate": True, "sign_from": "raw"}),
+    ("sparsegpt_dare", {"combine": "energy"}),
     ("sparsegpt_dare", {"compensate": False}),
     ("sparsegpt_dare", {"compensate": True}),
     ("regmean", {}),
@@ -120,11 +123,47 @@ def test_kernel_runs_on_meta(method, overrides):
 @pytest.mark.parametrize("method", sorted({method for method, _ in CASES}))
 def test_fallback_runs_on_meta(method):
     context = _context()
-    group = _group("model.embed_tokens.weight", (9, 4))
+    group = _group("model.layers.0.input_layernorm.weight", (4,))
     with activated(context), _MetaValues():
         merged = merge_methods.get(method).merge_group(group, **_parameters(method))
     assert merged.device == META
-    assert context.report["model.embed_tokens.weight"]["path"] == "fallback"
+    assert context.report["model.layers.0.input_layernorm.weight"]["path"] == "fallback"
+
+
+EMBED, HEAD, VOCABULARY = "model.embed_tokens.weight", "lm_head.weight", 9
+
+
+def _token_context(tied: bool) -> MergeContext:
+    """Every task's token counts and (for a tied embedding) the head's statistics, on meta."""
+    context = _context()
+    roles = ModelRoles(EMBED, HEAD, tied)
+    for task in context.tasks.values():
+        task.roles = roles
+        task.token_counts = torch.empty(VOCABULARY, device=META)
+        task.groups[HEAD] = HEAD
+        task.statistics[HEAD] = _statistics(7)
+        task.samples[HEAD] = 40
+    context.roles = roles
+    return context
+
+
+TOKEN_CASES = [
+    ("regmean", {"tied_embeddings": "blend"}, True),
+    ("regmean", {}, False),
+    ("sparsegpt_regmean", {}, False),
+    ("sparsegpt_ties", {"combine": "energy"}, False),
+    ("sparsegpt_dare", {}, True),
+]
+
+
+@pytest.mark.parametrize("method, overrides, tied", TOKEN_CASES)
+def test_token_rules_run_on_meta(method, overrides, tied):
+    context = _token_context(tied)
+    group = _group(EMBED, (VOCABULARY, COLUMNS))
+    with activated(context), _MetaValues():
+        merged = merge_methods.get(method).merge_group(group, **_parameters(method, **overrides))
+    assert merged.device == META and merged.shape == (VOCABULARY, COLUMNS)
+    assert context.report[EMBED]["path"] == "tokens"
 
 
 @pytest.mark.parametrize("compensate", [False, True])

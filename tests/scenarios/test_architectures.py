@@ -435,8 +435,7 @@ def test_merge_loads_and_merges_every_linear_with_its_hessian(
     else:
         assert head not in written
         assert report[embedding]["kind"] == "token embedding (tied to the head)"
-        rule = "tokens" if method == "sparsegpt_ties" else "blend"
-        assert report[embedding].get("rule", "tokens") == rule
+        assert report[embedding].get("rule", "tokens") == "tokens"  # the default for both
     data_aware = {name: e["path"] for name, e in report.items() if e["path"] != "fallback"}
     assert data_aware == expected
     fallback_kinds = {e["kind"] for e in report.values() if e["path"] == "fallback"}

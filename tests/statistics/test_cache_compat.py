@@ -1,13 +1,16 @@
-"""Entries written before the cache was split into modules still hit.
+"""Entries written before the cache was split into modules still hit (within a format version).
 
 The golden values below were computed with the single-module cache (git history:
 ``mergekit_sparsegpt/statistics/cache.py``); ``data/entry_format4.safetensors`` was written by it.
+Format 5 (the head's statistics and the token counts) retired format 4's entries on purpose: the
+file is re-keyed to the current format to check that its contents still read the same.
 """
 
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from statistics_helpers import rekeyed_to_current_format
 
 from mergekit_sparsegpt.statistics import keys
 from mergekit_sparsegpt.statistics.entries import load_statistics
@@ -64,19 +67,16 @@ def test_key_and_fingerprints_are_those_of_existing_entries():
 
 
 def test_payload_builder_gives_the_payloads_of_existing_entries():
-    assert (
-        keys.statistics_payload(
-            model="org/model@main",
-            weights="wwwwwwww",
-            config="cccccccc",
-            tokens="tttttttt",
-            token_shape=[2, 8],
-            dampening=0.01,
-            factors=True,
-            hessians=False,
-        )
-        == PAYLOAD
-    )
+    assert keys.statistics_payload(
+        model="org/model@main",
+        weights="wwwwwwww",
+        config="cccccccc",
+        tokens="tttttttt",
+        token_shape=[2, 8],
+        dampening=0.01,
+        factors=True,
+        hessians=False,
+    ) == {**PAYLOAD, "format": keys.FORMAT_VERSION}
     # hessian_source: merged, as prepass.merged_source built it (the task is added per entry).
     assert keys.statistics_payload(
         hessian_source="merged",
@@ -89,7 +89,7 @@ def test_payload_builder_gives_the_payloads_of_existing_entries():
         factors=False,
         hessians=True,
     ) == {
-        "format": 4,
+        "format": keys.FORMAT_VERSION,
         "hessian_source": "merged",
         "merge": "mmmm",
         "weights": {"a": "wa", "b": "wb"},
@@ -105,7 +105,9 @@ def test_payload_builder_gives_the_payloads_of_existing_entries():
 def test_an_entry_written_by_the_single_module_cache_is_read_with_its_statistics(tmp_path):
     entry = tmp_path / ENTRY.name
     entry.write_bytes(ENTRY.read_bytes())
-    loaded = load_statistics(entry, ENTRY_PAYLOAD)
+    assert load_statistics(entry, ENTRY_PAYLOAD) is None  # format 4: recomputed
+    payload = rekeyed_to_current_format(ENTRY, ENTRY_PAYLOAD, entry)
+    loaded = load_statistics(entry, payload)
     assert loaded is not None
     inputs = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
     expected = hessian_statistics(2 / 20 * inputs.T @ inputs, 0.01, True, True)

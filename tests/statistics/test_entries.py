@@ -16,6 +16,7 @@ from statistics_helpers import (
     K,
     Q,
     in_memory_statistics,
+    rekeyed_to_current_format,
     sample_layers,
     sample_statistics,
     save_statistics,
@@ -242,11 +243,7 @@ def test_an_entry_with_both_matrices_stored_still_serves_its_factor_and_hessian(
     format here, its contents unchanged.)"""
     entry = tmp_path / FORMAT4_ENTRY.name
     raw = load_file(FORMAT4_ENTRY)
-    with safe_open(FORMAT4_ENTRY, framework="pt") as handle:
-        metadata = handle.metadata()
-    payload = {**FORMAT4_PAYLOAD, "format": cache_keys.FORMAT_VERSION}
-    metadata.update(key=cache_keys.canonical(payload), format=str(cache_keys.FORMAT_VERSION))
-    save_file(raw, entry, metadata=metadata)
+    payload = rekeyed_to_current_format(FORMAT4_ENTRY, FORMAT4_PAYLOAD, entry)
     assert entries.load_statistics(entry, FORMAT4_PAYLOAD) is None  # format 4: recomputed
     loaded = entries.load_statistics(entry, payload)
     assert loaded is not None
