@@ -49,7 +49,9 @@ def _merge(config: dict, out: Path) -> None:
 
 
 def _reference_ties(base, finetuned, statistics, density):
-    """TIES on importance-trimmed task vectors, written out plainly (weights 1, normalize)."""
+    """TIES on importance-trimmed task vectors, written out plainly (weights 1, normalize), its
+    disjoint mean weighted by each model's input energy H_i[c, c] (``combine: energy``, the
+    default)."""
     trimmed = []
     for tensor, stats in zip(finetuned, statistics, strict=True):
         tau = tensor - base
@@ -62,7 +64,11 @@ def _reference_ties(base, finetuned, statistics, density):
     stacked = torch.stack(trimmed)
     sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
     agree = (stacked.sign() == sign).float()
-    return base + (stacked * agree).sum(0) / agree.sum(0).clamp_min(1)
+    energy = torch.stack([s.hessian_diagonal.expand_as(base) for s in statistics])
+    energy = energy / energy.mean(0)  # relative to the models' mean, as the kernel scales it
+    mixed = (stacked * agree * energy).sum(0)
+    divisor = (agree * energy).sum(0)
+    return base + mixed / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
 def test_merge_loads_and_matches_reference(tiny_models, tmp_path):
