@@ -241,11 +241,12 @@ def _notes(
         f"{shape.layers}-layer model, hidden {shape.hidden}; {samples} x {seq_len} tokens, batch "
         f"{batch_size}, {threads} torch thread(s), float32; medians of the repeats",
         "forward = model(input_ids, use_cache=False) under inference_mode, lm_head included; "
-        "the pre-pass skips lm_head but tokenizes, reads weights block by block, accumulates "
-        "and factorises Hessians and writes the cache",
+        "the pre-pass computes no logits but tokenizes, reads weights block by block, "
+        "accumulates and factorises Hessians (the head's too) and writes the cache",
         "FLOPs: 2 x tokens x linear weights (lm_head included) + 4 x tokens x seq_len x hidden "
         "per layer for attention (whole score matrix, no causal halving); Hessians add "
-        "2 x tokens x d_in^2 per group (q/k/v, o, gate/up, down); Cholesky work is not counted",
+        "2 x tokens x d_in^2 per group (q/k/v, o, gate/up, down; lm_head's); Cholesky work is "
+        "not counted",
         "the last row divides the measured ratio by the FLOP bound: 1.0 means the pre-pass does "
         "its extra arithmetic as fast per FLOP as the forward pass",
         "forward passes counted by wrapping task_statistics.capture_layer_hessians: 1 per fresh "

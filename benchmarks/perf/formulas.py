@@ -95,9 +95,10 @@ def forward_flops(
 
 
 def hessian_flops(shape: LlamaShape, tokens: int) -> float:
-    """Accumulating H += X^T X for every Hessian group: 2 x tokens x d_in^2 each."""
+    """Accumulating H += X^T X for every Hessian group, the output head's included
+    (d_in = hidden): 2 x tokens x d_in^2 each."""
     per_block = sum(width**2 for width in hessian_group_widths(shape))
-    return 2 * tokens * shape.layers * per_block
+    return 2 * tokens * (shape.layers * per_block + shape.hidden**2)
 
 
 def prepass_flop_bound_ratio(
