@@ -25,7 +25,13 @@ from mergekit_sparsegpt.capture.memory import (
     map_large_allocations,
     release_freed_memory,
 )
-from mergekit_sparsegpt.capture.model import TensorSource, materialise, output_head_prefix, release
+from mergekit_sparsegpt.capture.model import (
+    BlockStandIn,
+    TensorSource,
+    materialise,
+    output_head_prefix,
+    release,
+)
 
 LayerCall = tuple[tuple[Any, ...], dict[str, Any]]  # the positional and keyword arguments
 HOST = torch.device("cpu")  # where the calibration activations are kept between blocks
@@ -35,7 +41,7 @@ class _StopForward(Exception):
     """Raised once the last block's arguments are recorded: nothing after it needs to run."""
 
 
-class _ArgumentRecorder(torch.nn.Module):
+class _ArgumentRecorder(BlockStandIn):
     """Stands in for a decoder block during the embedding pass.
 
     Records the arguments the model gives this block (attention masks and rotary tables can
@@ -52,15 +58,8 @@ class _ArgumentRecorder(torch.nn.Module):
         hidden: list[torch.Tensor] | None = None,
         host: torch.device | str = HOST,
     ):
-        super().__init__()
-        object.__setattr__(self, "block", block)  # not a submodule: its weights stay on meta
+        super().__init__(block)
         self.calls, self.last, self.hidden, self.host = calls, last, hidden, host
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "block"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.calls.append((args, kwargs))

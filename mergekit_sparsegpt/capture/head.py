@@ -20,7 +20,13 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from mergekit_sparsegpt.capture.accumulate import HessianAccumulator, LayerHessians
 from mergekit_sparsegpt.capture.hooks import check_finite_activations
-from mergekit_sparsegpt.capture.model import TensorSource, materialise, module_name, release
+from mergekit_sparsegpt.capture.model import (
+    BlockStandIn,
+    TensorSource,
+    materialise,
+    module_name,
+    release,
+)
 
 
 class BlockRunner(Protocol):
@@ -92,20 +98,13 @@ class _StopAtHead(Exception):
     """Raised by the head's pre-hook: its input is taken, no logit is needed."""
 
 
-class _StandIn(torch.nn.Module):
+class _StandIn(BlockStandIn):
     """A decoder block's place during the head pass: passes the hidden states through, or
     (``replay``) returns the next stored batch of the last block's outputs instead."""
 
     def __init__(self, block: torch.nn.Module, replay: Iterator[torch.Tensor] | None = None):
-        super().__init__()
-        object.__setattr__(self, "block", block)  # not a submodule: its weights stay on meta
+        super().__init__(block)
         self.replay = replay
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "block"), name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states if self.replay is None else next(self.replay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -22,6 +23,22 @@ def empty_model(config: PretrainedConfig, trust_remote_code: bool = False) -> to
             config, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
     return model.eval()
+
+
+class BlockStandIn(torch.nn.Module):
+    """Takes a decoder block's place in the model's own forward without its weights: the real
+    block is kept as a plain attribute (not a submodule: its weights stay on ``meta``), and
+    attribute reads the model makes of its blocks (``attention_type``) go to it."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "block", block)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "block"), name)
 
 
 def module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
