@@ -22,6 +22,7 @@ from mergekit_sparsegpt.methods.context import (
     kernel_statistics,
     solved_linear,
 )
+from mergekit_sparsegpt.methods.tokens import token_rule_refusal
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
 
 
@@ -74,6 +75,10 @@ class PluginMethod(GroupMergeMethod):
             return self.merge_without_statistics(group, parameters)
         context, name, statistics = found
         if any(isinstance(stats, TokenStatistics) for stats in statistics.values()):
+            reason = token_rule_refusal(parameters, statistics, group.base.tensor)  # type: ignore[arg-type]
+            if reason is not None:
+                context.record(name, FALLBACK, group.base.tensor, reason=reason)
+                return self.merge_without_statistics(group, parameters)
             return self.merge_tokens(group, parameters, context, name, statistics)  # type: ignore[arg-type]
         roles = context.roles
         if not parameters["lm_head_statistics"] and roles is not None and name == roles.head:
@@ -81,6 +86,7 @@ class PluginMethod(GroupMergeMethod):
             return self.merge_without_statistics(group, parameters)
         return self.merge_with_statistics(group, parameters, context, name, statistics)  # type: ignore[arg-type]
 
+    @abstractmethod
     def merge_tokens(
         self,
         group: TensorGroup,
@@ -89,10 +95,8 @@ class PluginMethod(GroupMergeMethod):
         name: str,
         tokens: dict[Any, TokenStatistics],
     ) -> torch.Tensor:
-        """The token embedding merged from every model's token counts; by default the stock
-        rule, recorded as such."""
-        context.record(name, FALLBACK, group.base.tensor, reason="no token rule for this method")
-        return self.merge_without_statistics(group, parameters)
+        """The token embedding merged from every model's token counts (``embedding_rule:
+        tokens`` and the calibrated vocabulary: checked before); records its report entry."""
 
     @abstractmethod
     def merge_without_statistics(

@@ -44,7 +44,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_sparsegpt.methods.base import PluginMethod
-from mergekit_sparsegpt.methods.context import FALLBACK, MergeContext
+from mergekit_sparsegpt.methods.context import MergeContext
 from mergekit_sparsegpt.methods.parameters import (
     HEAD_PARAMETERS,
     PREPASS_PARAMETERS,
@@ -63,7 +63,6 @@ from mergekit_sparsegpt.methods.tokens import (
     TOKEN_PARAMETERS,
     check_token_parameters,
     count_weighted_delta,
-    token_rule_refusal,
 )
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
 from mergekit_sparsegpt.trim.trim import matrix_views, trim_task_vectors
@@ -211,10 +210,6 @@ class RegMeanMerge(PluginMethod):
         """The token embedding by its counts (``methods.tokens``); a tied one also by the
         head's solve, as ``tied_embeddings`` says. The task vectors are not trimmed."""
         base = group.base.tensor
-        reason = token_rule_refusal(parameters, tokens, base)
-        if reason is not None:
-            context.record(name, FALLBACK, base, reason=reason)
-            return self.task_arithmetic(group, parameters)
         task_vectors = [entry.tensor - base for entry in group.non_base]
         weights = [parameters["weight"][entry.id] for entry in group.non_base]
         counts = [tokens[entry.id].counts for entry in group.non_base]

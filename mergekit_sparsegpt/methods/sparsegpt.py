@@ -24,7 +24,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import (
 )
 
 from mergekit_sparsegpt.methods.base import PluginMethod
-from mergekit_sparsegpt.methods.context import FALLBACK, MergeContext
+from mergekit_sparsegpt.methods.context import MergeContext
 from mergekit_sparsegpt.methods.parameters import (
     HEAD_PARAMETERS,
     PREPASS_PARAMETERS,
@@ -39,7 +39,6 @@ from mergekit_sparsegpt.methods.tokens import (
     TOKEN_PARAMETERS,
     check_token_parameters,
     counts_as_linear,
-    token_rule_refusal,
 )
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
 from mergekit_sparsegpt.trim.trim import trim_task_vectors
@@ -128,10 +127,6 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
         """The token embedding trimmed and combined as a linear whose Hessian is diag(counts)
         (``methods.tokens.counts_as_linear``); never re-fitted: a diagonal Hessian moves no
         other entry."""
-        reason = token_rule_refusal(parameters, tokens, group.base.tensor)
-        if reason is not None:
-            context.record(name, FALLBACK, group.base.tensor, reason=reason)
-            return self.merge_without_statistics(group, parameters)
         smoothing = parameters["token_smoothing"]
         statistics = {m: counts_as_linear(t.counts, smoothing) for m, t in tokens.items()}
         values = {**parameters, "compensate": False}
