@@ -152,7 +152,9 @@ def cache_bytes_per_task(shape: LlamaShape, hessians: bool, factors: bool) -> in
 
     Every Hessian group keeps three float32 vectors of d_in; RegMean adds the whole H and
     ``compensate`` the whole Cholesky factor U, d_in x d_in each. Besides the blocks' groups:
-    the output head's (d_in = hidden) and the token counts (one float32 per vocabulary entry).
+    the output head's (d_in = hidden), the token counts (one float32 per vocabulary entry) and
+    every norm's channel energies (a diagonal group: its three vectors only; two norms a block
+    and the final norm).
     """
     whole_matrices = int(hessians) + int(factors)
 
@@ -160,7 +162,12 @@ def cache_bytes_per_task(shape: LlamaShape, hessians: bool, factors: bool) -> in
         return VECTORS_PER_GROUP * width + whole_matrices * width**2
 
     per_block = sum(group(width) for width in hessian_group_widths(shape))
-    return FLOAT32_BYTES * (shape.layers * per_block + group(shape.hidden) + shape.vocab)
+    norms = VECTORS_PER_GROUP * shape.hidden * (NORMS_PER_BLOCK * shape.layers + 1)
+    return FLOAT32_BYTES * (shape.layers * per_block + group(shape.hidden) + shape.vocab + norms)
+
+
+# A Llama block's norms (input_layernorm, post_attention_layernorm), each a scale of hidden.
+NORMS_PER_BLOCK = 2
 
 
 # Llama-2-7B: MHA (kv heads = heads), untied lm_head.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from benchmarks.perf.formulas import (
     FLOAT32_BYTES,
+    NORMS_PER_BLOCK,
     LlamaShape,
     block_linear_params,
     block_params,
@@ -33,7 +34,8 @@ GRAM_BYTES = FLOAT32_BYTES  # the captured Hessians (Grams) X^T X
 SOLVE_BYTES = FLOAT64_BYTES  # RegMean's weighted sums of G~ and G~ tau^T
 # RegMean++ (hessian_source: merged) runs each block once per input group (q/k/v, o, gate/up,
 # down: that group's Grams, everything before it merged) and once more for the next block's
-# inputs.
+# inputs. Each group's pass stops where its inputs are taken, and the norms' units (two a
+# block) stop at the norm: counted as whole passes of the linears' groups, an upper bound.
 MERGED_SOURCE_PASSES = len(("qkv", "o", "gate_up", "down")) + 1
 REGMEAN_METHODS = frozenset({"regmean", "sparsegpt_regmean"})
 MERGED, FINETUNED, BASE = "merged", "finetuned", "base"
@@ -123,11 +125,11 @@ def block_matrices(shape: LlamaShape) -> tuple[tuple[int, int], ...]:
 
 def merged_linears_bytes(shape: LlamaShape, output_bytes: int) -> int:
     """Default RegMean storage: one entry per merge, every decoder linear's merged weight, the
-    output head's and the token embedding's, in the output dtype, whatever the number of
-    experts."""
-    return (
-        shape.layers * block_linear_params(shape) + 2 * shape.vocab * shape.hidden
-    ) * output_bytes
+    output head's, the token embedding's and the norms' scales, in the output dtype, whatever
+    the number of experts."""
+    norms = (NORMS_PER_BLOCK * shape.layers + 1) * shape.hidden
+    linears = shape.layers * block_linear_params(shape) + 2 * shape.vocab * shape.hidden
+    return (linears + norms) * output_bytes
 
 
 def kept_statistics_bytes(shape: LlamaShape, experts: int, factors: bool = False) -> int:

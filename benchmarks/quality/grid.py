@@ -32,8 +32,11 @@ IMPORTANCES = ("wanda", "obs", "sparsegpt", "design_note")
 # Name filters of the tensors without a Hessian in a Llama: both layer norms and the final norm
 # match "norm".
 NONGRAM_KINDS = ("embed_tokens", "lm_head", "norm")
-# The rules before issue 16: the token embedding and lm_head merged by the method's stock rule.
-STOCK_REST = {"embedding_rule": "stock", "lm_head_statistics": False}
+# The rules before issue 16: the token embedding, lm_head and the norms by the method's stock
+# rule. Every issue-16 row pins norm_rule unless it names one, so rows measured before the norms
+# had statistics keep their meaning.
+STOCK_NORMS = {"norm_rule": "stock"}
+STOCK_REST = {"embedding_rule": "stock", "lm_head_statistics": False, **STOCK_NORMS}
 
 
 @dataclass(frozen=True)
@@ -195,16 +198,20 @@ VARIANTS: dict[str, Variant] = {
         for source in ("merged", "finetuned")
         for suffix, extra in (
             (",stock-rest", STOCK_REST),
-            (",head", {"embedding_rule": "stock"}),
-            (",tokens", {"lm_head_statistics": False}),
-            (",new", {}),
+            (",head", {"embedding_rule": "stock", **STOCK_NORMS}),
+            (",tokens", {"lm_head_statistics": False, **STOCK_NORMS}),
+            (",new", STOCK_NORMS),
+            # The norms too: by their channel energies (the default) or their plain mean.
+            (",all", {}),
+            (",all,norms=mean", {"norm_rule": "mean"}),
+            (",norms", {"embedding_rule": "stock", "lm_head_statistics": False}),
         )
     },
     # Diagnostics: the token smoothing, and a tied family's (--tied) rules for its one tensor.
     **{
         f"regmean[merged,{key}={value}]": Variant(
             "regmean",
-            {"hessian_source": "merged", parameter: value},
+            {"hessian_source": "merged", parameter: value, **STOCK_NORMS},
             uses_density=False,
             weight=1.0,
             plotted=False,
@@ -221,7 +228,11 @@ VARIANTS: dict[str, Variant] = {
             {"importance": "wanda", "compensate": True, "hessian_source": "merged", **extra},
             weight=1.0,
         )
-        for suffix, extra in ((",stock-rest", STOCK_REST), (",new", {}))
+        for suffix, extra in (
+            (",stock-rest", STOCK_REST),
+            (",new", STOCK_NORMS),
+            (",all", {}),
+        )
     },
     **{
         f"sparsegpt_ties[wanda,base{suffix}]": Variant(
@@ -229,11 +240,13 @@ VARIANTS: dict[str, Variant] = {
         )
         for suffix, extra in (
             (",stock-rest", {**STOCK_REST, "combine": "mean"}),
-            (",head", {"embedding_rule": "stock", "combine": "mean"}),
-            (",tokens", {"lm_head_statistics": False, "combine": "mean"}),
-            (",new", {"combine": "mean"}),
+            (",head", {"embedding_rule": "stock", "combine": "mean", **STOCK_NORMS}),
+            (",tokens", {"lm_head_statistics": False, "combine": "mean", **STOCK_NORMS}),
+            (",new", {"combine": "mean", **STOCK_NORMS}),
             (",energy,stock-rest", {**STOCK_REST, "combine": "energy"}),
-            (",energy", {"combine": "energy"}),
+            (",energy", {"combine": "energy", **STOCK_NORMS}),
+            (",all", {}),
+            (",all,norms=mean", {"norm_rule": "mean"}),
         )
     },
 }

@@ -36,6 +36,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "sparsegpt_ties + both": ("sparsegpt_ties[wanda,base,new]",),
     "sparsegpt_ties + energy": ("sparsegpt_ties[wanda,base,energy,stock-rest]",),
     "sparsegpt_ties + all": ("sparsegpt_ties[wanda,base,energy]",),
+    # The norms (every row above keeps their stock rule): by channel energy or plain mean.
+    "regmean + norms": ("regmean[merged,norms]",),
+    "regmean new + norms": ("regmean[merged,all]",),
+    "regmean new + norms by mean": ("regmean[merged,all,norms=mean]",),
+    "sparsegpt_regmean new + norms": ("sparsegpt_regmean[wanda,compensate,merged,all]",),
+    "sparsegpt_ties + all + norms": ("sparsegpt_ties[wanda,base,all]",),
+    "sparsegpt_ties + all + norms by mean": ("sparsegpt_ties[wanda,base,all,norms=mean]",),
     # A tied family (--tied): the rules for the one tensor that is embedding and head.
     "regmean, tied: blend": ("regmean[merged,tied=blend]",),
     "regmean, tied: head": ("regmean[merged,tied=head]",),
@@ -50,6 +57,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
             ",new",
             ",energy,stock-rest",
             ",energy",
+            ",all",
+            ",all,norms=mean",
         )
     ),
     "regmean, any rule": (
@@ -57,6 +66,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "regmean[merged,head]",
         "regmean[merged,tokens]",
         "regmean[merged,new]",
+        "regmean[merged,all]",
+        "regmean[merged,all,norms=mean]",
     ),
 }
 # (group, reference, target difference or None)
@@ -75,6 +86,15 @@ PAIRS: tuple[tuple[str, str, float | None], ...] = (
     ("sparsegpt_ties + energy", "ties", 0.03),
     ("sparsegpt_ties + all", "ties", 0.03),
     ("sparsegpt_ties + all", "sparsegpt_ties today", None),
+    ("regmean + norms", "regmean today", None),
+    ("regmean new + norms", "regmean new", None),
+    ("regmean new + norms by mean", "regmean new", None),
+    ("regmean new + norms", "regmean today", 0.05),
+    ("sparsegpt_regmean new + norms", "sparsegpt_regmean new", None),
+    ("sparsegpt_ties + all + norms", "sparsegpt_ties + all", None),
+    ("sparsegpt_ties + all + norms by mean", "sparsegpt_ties + all", None),
+    ("sparsegpt_ties + all + norms", "ties", 0.03),
+    ("sparsegpt_ties + all + norms by mean", "ties", 0.03),
     ("regmean, tied: blend", "regmean today", None),
     ("regmean, tied: head", "regmean today", None),
     ("regmean, tied: tokens", "regmean today", None),

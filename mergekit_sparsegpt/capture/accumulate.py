@@ -20,9 +20,14 @@ class HessianAccumulator:
     scale cancels in every importance score and in the relative damping.
     """
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, columns: int, device: torch.device | str = "cpu", sums: bool = False
+    ) -> None:
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.samples = 0
+        # For a linear with a bias, whose input is [x; 1]: the last row of that input's Gram,
+        # (2/n) [sum x, tokens], on the same scale as H.
+        self.sums = torch.zeros(columns + 1, dtype=torch.float32, device=device) if sums else None
 
     def add_batch(self, inputs: torch.Tensor, sequences: int | None = None) -> None:
         """Add the rows of ``inputs`` (any leading shape); ``sequences`` is how many sequences
@@ -32,11 +37,32 @@ class HessianAccumulator:
         if sequences is None:
             sequences = inputs.shape[0] if inputs.dim() > 2 else 1
         rows = inputs.reshape(-1, inputs.shape[-1]).to(self.hessian.device, torch.float32)
-        self.hessian *= self.samples / (self.samples + sequences)
+        kept = self.samples / (self.samples + sequences)
+        self.hessian *= kept
         self.samples += sequences
+        self._add_rows(rows, 2 / self.samples)
+        if self.sums is not None:
+            self.sums *= kept
+            self.sums[:-1].add_(rows.sum(dim=0), alpha=2 / self.samples)
+            self.sums[-1] += 2 * len(rows) / self.samples
+
+    def _add_rows(self, rows: torch.Tensor, scale: float) -> None:
         # Scaled inside the product: a scaled copy of the rows would be one more batch of
         # activations (for a 7B Llama's down_proj at the default batch, 180 MiB).
-        self.hessian.addmm_(rows.t(), rows, alpha=2 / self.samples)
+        self.hessian.addmm_(rows.t(), rows, alpha=scale)
+
+
+class DiagonalAccumulator(HessianAccumulator):
+    """The diagonal of ``HessianAccumulator``'s H alone, (2/n) * sum x^2 per column: all a
+    diagonal linear (a norm's scale, y = w * x) has, at the cost of one pass over the rows."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.hessian = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.samples = 0
+        self.sums = None
+
+    def _add_rows(self, rows: torch.Tensor, scale: float) -> None:
+        self.hessian.add_(rows.square().sum(dim=0), alpha=scale)
 
 
 # Name of expert ``e``'s matrix in a fused MoE tensor: "model.layers.0.mlp.experts.down_proj[3]".
@@ -114,6 +140,8 @@ class LayerHessians:
     groups: dict[str, str]  # matrix name -> group name
     samples: dict[str, int]  # group name -> sequences seen (0 if the linear never ran)
     layouts: dict[str, TensorLayout] = field(default_factory=dict)
+    # group name -> (2/n) [sum x, tokens], for the groups a linear with a bias reads
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def tensor_names(self) -> list[str]:
         """The checkpoint tensors these Hessians cover, in the order the forward reaches them."""

@@ -30,7 +30,9 @@ class HookedTensor:
 
     ``kind`` says where its input comes from: "input", the module's first argument (nn.Linear,
     GPT-2's Conv1D, a MoE router); "experts_up" / "experts_down", the up (gate_up_proj or
-    up_proj) and down projections of a fused MoE experts module, one matrix per expert.
+    up_proj) and down projections of a fused MoE experts module, one matrix per expert; "norm",
+    a norm's scale, whose input is the normalized activation it multiplies (a diagonal linear:
+    only the diagonal of its Hessian exists).
     """
 
     module_name: str  # in the block: "self_attn.q_proj", "mlp.experts"
@@ -62,7 +64,16 @@ def hooked_tensors(block: torch.nn.Module) -> dict[str, HookedTensor]:
             found[f"{prefix}down_proj"] = HookedTensor(
                 name, "down_proj", module, "experts_down", layout
             )
+        elif is_norm(module):
+            found[f"{prefix}weight"] = HookedTensor(name, "weight", module, "norm", TensorLayout())
     return found
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """A normalization layer with a per-channel scale (RMSNorm, LayerNorm, Gemma's 1 + w): by
+    its class name, as transformers names every one, and a 1-D ``weight`` of its own."""
+    weight = module._parameters.get("weight")
+    return "norm" in type(module).__name__.lower() and weight is not None and weight.dim() == 1
 
 
 def _is_router(module: torch.nn.Module) -> bool:
@@ -89,8 +100,8 @@ def _is_fused_experts(module: torch.nn.Module) -> bool:
 def _unhooked_matrices(block: torch.nn.Module) -> list[str]:
     """Parameters of ``block`` with two or more axes that no Hessian covers, described.
 
-    Vectors (norms, biases, scales) and the biases of hooked modules are merged without a
-    Hessian by design; any other matrix would be silently merged by the stock rule.
+    Vectors (norms, biases, scales) and the biases of hooked modules take statistics of their
+    own kinds or none; any other matrix would be silently merged by the stock rule.
     """
     hooked = hooked_tensors(block)
     owners = {id(tensor.module) for tensor in hooked.values()}
@@ -159,7 +170,7 @@ def _unsupported_model(model: torch.nn.Module) -> str | None:
     except ValueError as error:
         return str(error)
     for index, block in enumerate(layers):
-        if not hooked_tensors(block):
+        if all(tensor.kind == "norm" for tensor in hooked_tensors(block).values()):
             return f"decoder block {index} ({type(block).__name__}) holds no linear layer"
         unhooked = _unhooked_matrices(block)
         if unhooked:

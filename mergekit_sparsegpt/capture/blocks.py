@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from mergekit_sparsegpt.capture.accumulate import LayerHessians
 from mergekit_sparsegpt.capture.architecture import decoder_layers
 from mergekit_sparsegpt.capture.head import capture_head_hessians
-from mergekit_sparsegpt.capture.hooks import HessianHooks, error_source
+from mergekit_sparsegpt.capture.hooks import HessianHooks, UnitCaptured, error_source
 from mergekit_sparsegpt.capture.memory import (
     activation_bytes,
     map_large_allocations,
@@ -231,6 +231,18 @@ class _BlockRunner:
         if in_place:
             self.hidden[task] = outputs
         return outputs
+
+    def feed(self, block: _Block, task: Hashable) -> None:
+        """Block ``block`` on task ``task``'s current inputs for its hooks only: no output is
+        kept, and a batch ends where the hooks raise ``UnitCaptured``."""
+        calls = self.calls[task][block.index]
+        batches = zip(self.hidden[task].split(self.batch_size), calls, strict=True)
+        with torch.no_grad():
+            for batch, (args, kwargs) in batches:
+                try:
+                    block.module(batch.to(self.device), *args, **kwargs)
+                except UnitCaptured:
+                    continue
 
 
 _TASK = "task"  # the single window set of ``capture_layer_hessians``

@@ -209,36 +209,45 @@ def _all_reduced(layer: LayerHessians, ranks: Ranks) -> LayerHessians:
     A linear that received no input on some rank (an expert no token was routed to) is a group
     of its own there; its group is taken from the ranks where it ran.
     """
-    views = _gathered(
-        (layer.groups, layer.samples, {g: len(h) for g, h in layer.hessians.items()}), ranks
-    )
+    shapes_here = {g: tuple(h.shape) for g, h in layer.hessians.items()}
+    views = _gathered((layer.groups, layer.samples, shapes_here, sorted(layer.sums)), ranks)
     groups: dict[str, str] = {}
-    columns: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}  # [d, d]; [d] for a norm's channel energies
     for weight in layer.groups:
         ran = {
-            view_groups[weight] for view_groups, samples, _ in views if samples[view_groups[weight]]
+            view_groups[weight]
+            for view_groups, samples, *_ in views
+            if samples[view_groups[weight]]
         }
         if len(ran) > 1:
             raise RuntimeError(f"Calibration processes grouped {weight} differently: {sorted(ran)}")
         groups[weight] = ran.pop() if ran else weight
-        columns.setdefault(groups[weight], max(view[2].get(groups[weight], 0) for view in views))
+        shapes.setdefault(groups[weight], max(view[2].get(groups[weight], ()) for view in views))
     device = next(iter(layer.hessians.values())).device
-    counts = torch.zeros(len(columns), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(shapes), dtype=torch.float64, device=device)
     hessians: dict[str, torch.Tensor] = {}
-    for index, group in enumerate(sorted(columns)):
+    for index, group in enumerate(sorted(shapes)):
         local = layer.samples.get(group, 0) if layer.groups.get(group) == group else 0
         if local:
             hessians[group] = layer.hessians[group].mul_(local)
         else:
-            hessians[group] = torch.zeros(
-                columns[group], columns[group], dtype=torch.float32, device=device
-            )
+            hessians[group] = torch.zeros(shapes[group], dtype=torch.float32, device=device)
         counts[index] = local
         dist.all_reduce(hessians[group])
     dist.all_reduce(counts)
     samples = {}
-    for index, group in enumerate(sorted(columns)):
+    for index, group in enumerate(sorted(shapes)):
         samples[group] = int(counts[index].item())
         if samples[group]:
             hessians[group].div_(samples[group])
-    return LayerHessians(hessians=hessians, groups=groups, samples=samples, layouts=layer.layouts)
+    sums = {}
+    for group in sorted({group for view in views for group in view[3]}):
+        local = layer.samples.get(group, 0) if group in layer.sums else 0
+        if local:
+            sums[group] = layer.sums[group].mul_(local)
+        else:
+            sums[group] = torch.zeros(shapes[group][-1] + 1, dtype=torch.float32, device=device)
+        dist.all_reduce(sums[group])
+        if samples[group]:
+            sums[group].div_(samples[group])
+    return LayerHessians(hessians, groups, samples, layer.layouts, sums)

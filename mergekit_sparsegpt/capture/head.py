@@ -6,20 +6,26 @@ part runs as the model's own forward runs it, so no architecture is special-case
 stand in as pass-throughs, the first replaying the last block's outputs, the token embedding is
 not looked up (``inputs_embeds``), and a pre-hook takes the head's input and stops the forward
 before any logit exists (a [batch, seq, vocab] logits tensor would be the pass's largest
-allocation).
+allocation). The same pass takes the final norm's statistics (the energy of each channel of its
+normalized input, as ``capture.hooks`` takes a block's norms').
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Hashable, Iterator, MutableMapping
+from collections.abc import Callable, Collection, Hashable, Iterator, MutableMapping
 from typing import Any, Protocol
 
 import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-from mergekit_sparsegpt.capture.accumulate import HessianAccumulator, LayerHessians
-from mergekit_sparsegpt.capture.hooks import check_finite_activations
+from mergekit_sparsegpt.capture.accumulate import (
+    DiagonalAccumulator,
+    HessianAccumulator,
+    LayerHessians,
+)
+from mergekit_sparsegpt.capture.architecture import is_norm
+from mergekit_sparsegpt.capture.hooks import check_finite_activations, normalized_input
 from mergekit_sparsegpt.capture.model import (
     BlockStandIn,
     TensorSource,
@@ -110,68 +116,154 @@ class _StandIn(BlockStandIn):
         return hidden_states if self.replay is None else next(self.replay)
 
 
+def head_units(runner: BlockRunner) -> list[list[str]]:
+    """The tensors after the blocks that take statistics, in the units RegMean++ merges one
+    after the other: the final norm(s), then the head (its input is their output)."""
+    stored = getattr(runner.load_tensor, "tensor_names", ())
+    name = head_weight_name(runner.model, stored)
+    if name is None:
+        return []
+    norms = list(_final_norms(runner, stored))
+    return [norms, [name]] if norms else [[name]]
+
+
 def capture_head_hessians(
-    runner: BlockRunner, tasks: list[Hashable], source: str = ""
+    runner: BlockRunner,
+    tasks: list[Hashable],
+    source: str = "",
+    only: Collection[str] | None = None,
 ) -> dict[Hashable, LayerHessians]:
-    """Each task's Hessian of the output head's input, from its current activations (the last
-    block's outputs); {} for a model without a head. Only the tensors between the blocks and
-    the head are materialised, on the runner's device, and released again."""
+    """Each task's Hessian of the output head's input, with the per-channel energies of the
+    final norm's normalized input, from its current activations (the last block's outputs);
+    {} for a model without a head. ``only``: just these tensors (``head_units``); the values
+    of norms captured without the head are not loaded (nothing captured reads them). Only
+    the tensors between the blocks and the head are materialised, on the runner's device, and
+    released again."""
     model = runner.model
-    name = head_weight_name(model, getattr(runner.load_tensor, "tensor_names", ()))
+    stored = getattr(runner.load_tensor, "tensor_names", ())
+    name = head_weight_name(model, stored)
     if name is None:
         return {}
     head = model.get_output_embeddings()
+    norms = {
+        norm: module
+        for norm, module in _final_norms(runner, stored).items()
+        if only is None or norm in only
+    }
     skip = (
         runner.prefix,
         module_name(model, head),
         module_name(model, model.get_input_embeddings()),
     )
-    materialise(model, runner.load_tensor, runner.device, skip=skip, dtype=runner.dtype)
+    head_name = name if only is None or name in only else None
+    # Without the head, the captured norms' values reach nothing captured.
+    zeros = {module_name(model, module) for module in norms.values()} if head_name is None else ()
+    materialise(model, _zeros_for(runner, zeros), runner.device, skip=skip, dtype=runner.dtype)
+    capture = _HeadCapture(runner, head_name, norms, source)
     try:
-        return {task: _head_hessian(runner, task, head, name, source) for task in tasks}
+        return {task: capture.run(task) for task in tasks}
     finally:
         release(model, skip_prefix=runner.prefix)
 
 
-def _head_hessian(
-    runner: BlockRunner, task: Hashable, head: torch.nn.Module, name: str, source: str
-) -> LayerHessians:
-    hidden = runner.hidden[task]
-    accumulator = HessianAccumulator(hidden.shape[-1], runner.device)
-    batches = hidden.split(runner.batch_size)
-    replay = (batch.to(runner.device) for batch in batches)
+def _final_norms(runner: BlockRunner, stored: Collection[str]) -> dict[str, torch.nn.Module]:
+    """The norms outside the decoder blocks (the final norm), by checkpoint weight name."""
+    model = runner.model
+    return {
+        checkpoint_name(model, f"{name}.weight", stored): module
+        for name, module in model.named_modules()
+        if is_norm(module) and not name.startswith(runner.prefix + ".")
+    }
 
-    def take_input(_module: torch.nn.Module, args: tuple) -> None:
-        inputs = args[0]
-        if inputs.shape[:-1] != expected[:-1]:
-            raise RuntimeError(
-                f"{type(runner.model).__name__}: the output head's input has shape "
-                f"{tuple(inputs.shape)}, not the last block's {tuple(expected)}"
-            )
-        check_finite_activations(inputs, f"the output head {name}", source)
-        accumulator.add_batch(inputs)
-        raise _StopAtHead
 
-    originals = list(runner.layers)
-    for index, block in enumerate(originals):
-        runner.layers[index] = _StandIn(block, replay if index == 0 else None)
-    handle = head.register_forward_pre_hook(take_input)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                expected = batch.shape
-                embeds = torch.zeros(batch.shape, dtype=runner.dtype, device=runner.device)
-                try:
-                    runner.model(inputs_embeds=embeds, use_cache=False)
-                except _StopAtHead:
-                    continue
-                raise RuntimeError(f"{type(runner.model).__name__} never reached its output head")
-    finally:
-        handle.remove()
+def _zeros_for(runner: BlockRunner, modules: Collection[str | None]) -> TensorSource:
+    """The runner's tensors, with zeros for the weights of ``modules``."""
+    names = {f"{module}.weight" for module in modules if module is not None}
+    shapes = {name: runner.model.get_parameter(name).shape for name in names}
+
+    def load(name: str) -> torch.Tensor:
+        return torch.zeros(shapes[name]) if name in shapes else runner.load_tensor(name)
+
+    return load
+
+
+class _HeadCapture:
+    """The head's pass over one task's activations: the model's own forward from the last
+    block's outputs to the head's input, hooked on the final norms (counted only once the
+    blocks have run: a norm before them sees no real activation) and on the head."""
+
+    def __init__(
+        self,
+        runner: BlockRunner,
+        head_name: str | None,
+        norms: dict[str, torch.nn.Module],
+        source: str,
+    ):
+        self.runner, self.head_name, self.norms, self.source = runner, head_name, norms, source
+
+    def run(self, task: Hashable) -> LayerHessians:
+        runner = self.runner
+        batches = runner.hidden[task].split(runner.batch_size)
+        replay = (batch.to(runner.device) for batch in batches)
+        self.accumulators: dict[str, HessianAccumulator] = {}
+        self.after_blocks = False
+        originals = list(runner.layers)
         for index, block in enumerate(originals):
-            runner.layers[index] = block
-    return LayerHessians(
-        hessians={name: accumulator.hessian},
-        groups={name: name},
-        samples={name: accumulator.samples},
-    )
+            runner.layers[index] = _StandIn(block, replay if index == 0 else None)
+        handles = [
+            runner.layers[-1].register_forward_hook(lambda *_: setattr(self, "after_blocks", True)),
+            runner.model.get_output_embeddings().register_forward_pre_hook(self._take_head_input),
+            *(norm.register_forward_hook(self._norm_hook(n)) for n, norm in self.norms.items()),
+        ]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    self._run_batch(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for index, block in enumerate(originals):
+                runner.layers[index] = block
+        return LayerHessians(
+            hessians={name: acc.hessian for name, acc in self.accumulators.items()},
+            groups={name: name for name in self.accumulators},
+            samples={name: acc.samples for name, acc in self.accumulators.items()},
+        )
+
+    def _run_batch(self, batch: torch.Tensor) -> None:
+        runner = self.runner
+        self.expected, self.after_blocks = batch.shape, False
+        embeds = torch.zeros(batch.shape, dtype=runner.dtype, device=runner.device)
+        try:
+            runner.model(inputs_embeds=embeds, use_cache=False)
+        except _StopAtHead:
+            return
+        raise RuntimeError(f"{type(runner.model).__name__} never reached its output head")
+
+    def _norm_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            if not self.after_blocks:
+                return
+            check_finite_activations(args[0], name.removesuffix(".weight"), self.source)
+            inputs = normalized_input(module, args)
+            if name not in self.accumulators:
+                self.accumulators[name] = DiagonalAccumulator(inputs.shape[-1], inputs.device)
+            self.accumulators[name].add_batch(inputs)
+
+        return hook
+
+    def _take_head_input(self, _module: torch.nn.Module, args: tuple) -> None:
+        inputs = args[0]
+        if inputs.shape[:-1] != self.expected[:-1]:
+            raise RuntimeError(
+                f"{type(self.runner.model).__name__}: the output head's input has shape "
+                f"{tuple(inputs.shape)}, not the last block's {tuple(self.expected)}"
+            )
+        if self.head_name is not None:
+            check_finite_activations(inputs, f"the output head {self.head_name}", self.source)
+            if self.head_name not in self.accumulators:
+                self.accumulators[self.head_name] = HessianAccumulator(
+                    inputs.shape[-1], self.runner.device
+                )
+            self.accumulators[self.head_name].add_batch(inputs)
+        raise _StopAtHead

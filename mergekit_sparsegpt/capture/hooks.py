@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from mergekit_sparsegpt.capture.accumulate import (
+    DiagonalAccumulator,
     HessianAccumulator,
     LayerHessians,
     TensorLayout,
@@ -19,6 +20,11 @@ from mergekit_sparsegpt.capture.model import TensorSource
 
 class ActivationError(ValueError):
     """Inf/NaN activations in the calibration forward pass, named by the layer they enter."""
+
+
+class UnitCaptured(Exception):
+    """Raised by hooks with ``stop_when_captured`` once every hooked tensor has taken its input
+    in the current block call: the rest of the block computes nothing they need."""
 
 
 class HessianHooks:
@@ -36,6 +42,7 @@ class HessianHooks:
         device: torch.device | str,
         only: Collection[str] | None = None,
         source: str = "",
+        stop_when_captured: bool = False,
     ):
         self.layer = layer
         self.layer_prefix = layer_prefix
@@ -51,14 +58,21 @@ class HessianHooks:
         self.routed: dict[str, int] = {}  # expert matrix -> tokens routed to it
         self._sequences = 0  # sequences in the block's current batch
         self._seen: list[tuple[torch.Tensor, str]] = []  # inputs met in the current block call
+        self.stop_when_captured = stop_when_captured
+        self._captured: set[str] = set()  # tensors that took their input in this block call
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> HessianHooks:
         experts: dict[int, tuple[HookedTensor, dict[str, str]]] = {}  # module -> kind -> tensor
         for name, tensor in self.tensors.items():
+            where = f"{self.layer_prefix}.{tensor.module_name}"
             if tensor.kind == "input":
-                hook = self._input_hook(name, f"{self.layer_prefix}.{tensor.module_name}")
+                hook = self._input_hook(name, where)
                 self._handles.append(tensor.module.register_forward_pre_hook(hook))
+            elif tensor.kind == "norm":
+                self._handles.append(
+                    tensor.module.register_forward_hook(self._norm_hook(name, where))
+                )
             else:
                 experts.setdefault(id(tensor.module), (tensor, {}))[1][tensor.kind] = name
         for tensor, names in experts.values():
@@ -77,14 +91,42 @@ class HessianHooks:
 
     def _start_call(self, _layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self._sequences = _argument(args, kwargs, 0, "hidden_states").shape[0]
+        self._seen.clear()
+        self._captured.clear()
+
+    def _captured_input(self, *tensor_names: str) -> None:
+        """``tensor_names`` took this call's input: with ``stop_when_captured``, stop the block
+        once every hooked tensor has."""
+        self._captured.update(tensor_names)
+        if self.stop_when_captured and self._captured >= self.tensors.keys():
+            raise UnitCaptured
 
     def _input_hook(self, tensor_name: str, where: str) -> Callable[..., None]:
-        def hook(_module: torch.nn.Module, args: tuple) -> None:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
             inputs = args[0]
             if tensor_name not in self.groups:
                 self.groups[tensor_name] = self._group_of(inputs, tensor_name)
             if self.groups[tensor_name] == tensor_name:
-                self._accumulate(tensor_name, inputs, where)
+                biased = getattr(module, "bias", None) is not None
+                self._accumulate(tensor_name, inputs, where, sums=biased)
+            self._captured_input(tensor_name)
+
+        return hook
+
+    def _norm_hook(self, tensor_name: str, where: str) -> Callable[..., None]:
+        """The norm's scale multiplies its normalized input channel by channel: accumulate
+        that input's per-channel energy (the diagonal of its Hessian)."""
+
+        def hook(module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            self.groups.setdefault(tensor_name, tensor_name)
+            if tensor_name not in self.accumulators:
+                self.accumulators[tensor_name] = DiagonalAccumulator(
+                    module.weight.shape[-1], self.device
+                )
+            check_finite_activations(args[0], where, self.source)
+            inputs = normalized_input(module, args)
+            self.accumulators[tensor_name].add_batch(inputs, sequences=self._sequences)
+            self._captured_input(tensor_name)
 
         return hook
 
@@ -106,6 +148,7 @@ class HessianHooks:
                     matrix = expert_matrix_name(names["experts_down"], expert)
                     inputs = _expert_intermediate(module, expert, tokens)
                     self._accumulate_expert(matrix, inputs, f"{where} (expert {expert} down)")
+            self._captured_input(*names.values())
 
         return hook
 
@@ -114,10 +157,10 @@ class HessianHooks:
         self.routed[matrix] = self.routed.get(matrix, 0) + len(inputs)
         self._accumulate(matrix, inputs, where)
 
-    def _accumulate(self, group: str, inputs: torch.Tensor, where: str) -> None:
+    def _accumulate(self, group: str, inputs: torch.Tensor, where: str, sums: bool = False) -> None:
         check_finite_activations(inputs, where, self.source)
         if group not in self.accumulators:
-            self.accumulators[group] = HessianAccumulator(inputs.shape[-1], self.device)
+            self.accumulators[group] = HessianAccumulator(inputs.shape[-1], self.device, sums)
         self.accumulators[group].add_batch(inputs, sequences=self._sequences)
 
     def _group_of(self, inputs: torch.Tensor, matrix: str) -> str:
@@ -131,10 +174,11 @@ class HessianHooks:
         # A matrix that never ran (e.g. an expert no token was routed to) gets an all-zero
         # Hessian and 0 samples: every column counts as dead, so its entries are ranked by |tau|.
         for name, tensor in self.tensors.items():
+            accumulator = DiagonalAccumulator if tensor.kind == "norm" else HessianAccumulator
             for matrix in tensor.layout.matrix_names(name):
                 if matrix not in self.groups:
                     self.groups[matrix] = matrix
-                    self.accumulators[matrix] = HessianAccumulator(tensor.columns, self.device)
+                    self.accumulators[matrix] = accumulator(tensor.columns, self.device)
         samples = {name: acc.samples for name, acc in self.accumulators.items()}
         samples.update({matrix: 0 for matrix, tokens in self.routed.items() if not tokens})
         return LayerHessians(
@@ -146,7 +190,27 @@ class HessianHooks:
                 for name, tensor in self.tensors.items()
                 if tensor.layout != TensorLayout()
             },
+            sums={name: a.sums for name, a in self.accumulators.items() if a.sums is not None},
         )
+
+
+def normalized_input(module: torch.nn.Module, args: tuple) -> torch.Tensor:
+    """What the norm's scale multiplies, in float32: its output with the scale raised by one
+    minus its output, which is that input for every norm whose output is affine in its
+    weight (RMSNorm's w * x_hat, LayerNorm's w * x_hat + b, Gemma's (1 + w) * x_hat).
+
+    ``forward`` itself runs, not the module: its hooks (this one among them) stay out. Its
+    parameters are swapped for float32 copies for the two calls and put back."""
+    own = dict(module._parameters)
+    parameters = {name: p.float() for name, p in own.items() if p is not None}
+    inputs = (args[0].float(), *args[1:])
+    try:
+        module._parameters.update({**parameters, "weight": parameters["weight"] + 1})
+        raised = module.forward(*inputs)
+        module._parameters.update(parameters)
+        return raised - module.forward(*inputs)
+    finally:
+        module._parameters.update(own)
 
 
 def _argument(args: tuple, kwargs: dict, position: int, name: str) -> Any:

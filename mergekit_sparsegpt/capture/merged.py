@@ -19,7 +19,7 @@ from mergekit_sparsegpt.capture.distributed import (
     decided_by_main,
     together,
 )
-from mergekit_sparsegpt.capture.head import capture_head_hessians
+from mergekit_sparsegpt.capture.head import capture_head_hessians, head_units
 from mergekit_sparsegpt.capture.hooks import HessianHooks
 from mergekit_sparsegpt.capture.model import TensorSource
 
@@ -45,13 +45,13 @@ def capture_merged_hessians(
 
     RegMean++ (Nguyen et al. 2025): task ``k``'s windows run through the merged model, so the
     merge is built as it is measured, in forward order. ``load_tensor`` returns the merged value
-    of a tensor that has no Hessian (embeddings, norms) and is not asked for the linears; per
+    of a tensor that has no Hessian (embeddings, biases) and is not asked for the linears; per
     block and per input group (q/k/v, o, gate/up, down), the block runs with everything before
     the group merged, ``merge_group`` receives each task's Hessians of that group and returns
-    the group's merged weights, which the block then holds. Each block's output is the next
-    block's input. Linears not merged yet hold zeros: they run after the group, so their value
-    cannot reach its inputs. The output head is the last unit: its input is the merged final
-    norm's output.
+    the group's merged weights, which the block then holds (a norm's scale is a unit of its
+    own, before the linears that read its output). Each block's output is the next block's
+    input. Tensors not merged yet hold zeros: they run after the group, so their value cannot
+    reach its inputs. The final norm and then the output head are the last units.
 
     ``block_finished(index, outputs)`` and ``resume = (k, inputs)`` are as for
     ``capture_lockstep_hessians``: the merged linears of the blocks before ``k`` are done, and
@@ -70,31 +70,33 @@ def capture_merged_hessians(
         runner.resume(resume[1])
     block_source = functools.partial(_zeros_for_hooked, load_tensor)
     for block in runner.blocks(description, progress, first, block_source):
-        hooked = {f"{block.prefix}.{name}": name for name in hooked_tensors(block.module)}
         with together(ranks):
             units = _merge_units(runner, block)
         for unit in decided_by_main(units, ranks):  # a rank's batch may miss an expert
             hessians = {}
             for task in windows:
                 with together(ranks):
-                    with HessianHooks(block.module, block.prefix, device, only=unit) as hooks:
-                        runner.run(block, task)
+                    with HessianHooks(
+                        block.module, block.prefix, device, only=unit, stop_when_captured=True
+                    ) as hooks:
+                        runner.feed(block, task)  # up to the unit's inputs
                     layer = hooks.result()
                 hessians[task] = all_reduced(layer, ranks)
             with together(ranks):
                 merged = merge_group(hessians)
-            for name, value in merged.items():
+            for name, value in merged.items():  # the unit's tensors and their biases
+                in_block = name.removeprefix(f"{block.prefix}.")
                 set_module_tensor_to_device(
-                    block.module, hooked[name], device, value=value, dtype=runner.dtype
+                    block.module, in_block, device, value=value, dtype=runner.dtype
                 )
         with together(ranks):
             for task in windows:
                 runner.run(block, task, in_place=True)
         if block_finished is not None:
             block_finished(block.index, dict(runner.hidden))
-    with together(ranks):
-        heads = capture_head_hessians(runner, list(windows))
-    if heads:
+    for unit in head_units(runner):  # the final norm merged before the head reads it
+        with together(ranks):
+            heads = capture_head_hessians(runner, list(windows), only=unit)
         hessians = {task: all_reduced(layer, ranks) for task, layer in heads.items()}
         with together(ranks):
             merge_group(hessians)
@@ -103,10 +105,14 @@ def capture_merged_hessians(
 def _zeros_for_hooked(
     load_tensor: TensorSource, layer: torch.nn.Module, layer_prefix: str
 ) -> TensorSource:
-    """``load_tensor``, with zeros for the block's hooked tensors: not merged yet."""
-    shapes = {
-        f"{layer_prefix}.{name}": layer.get_parameter(name).shape for name in hooked_tensors(layer)
-    }
+    """``load_tensor``, with zeros for the block's hooked tensors and their modules' biases
+    (merged with them): not merged yet."""
+    shapes = {}
+    for name, tensor in hooked_tensors(layer).items():
+        shapes[f"{layer_prefix}.{name}"] = layer.get_parameter(name).shape
+        bias = getattr(tensor.module, "bias", None)
+        if isinstance(bias, torch.nn.Parameter) and tensor.kind == "input":
+            shapes[f"{layer_prefix}.{tensor.module_name}.bias"] = bias.shape
 
     def load_block_tensor(name: str) -> torch.Tensor:
         return torch.zeros(shapes[name]) if name in shapes else load_tensor(name)

@@ -1,8 +1,10 @@
 """What every plugin method is: a mergekit kernel that also tells the pre-pass what it needs.
 
 Both kernels share one preamble: a tensor with no merged model is the base; otherwise the merge
-context's statistics are looked up, and a tensor without any Hessian (embeddings, norms, lm_head,
-biases) goes to the method's stock ``fallback``.
+context's statistics are looked up and the tensor goes to the path of its kind: the token
+embedding (token counts), a norm's scale (channel energies), a linear's bias (its weight's
+statistics), a linear (its Hessians); a tensor without statistics goes to the method's stock
+``fallback``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import torch
 from mergekit import merge_methods
 from mergekit.merge_methods.base import GroupMergeMethod, TensorGroup
 
+from mergekit_sparsegpt.methods.biases import CONSTANT_INPUT
 from mergekit_sparsegpt.methods.context import (
     FALLBACK,
+    LinearBias,
     MergeContext,
     active_context,
     kernel_statistics,
     solved_linear,
 )
+from mergekit_sparsegpt.methods.norms import is_scale
 from mergekit_sparsegpt.methods.tokens import token_rule_refusal
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
 
@@ -74,12 +79,19 @@ class PluginMethod(GroupMergeMethod):
         if found is None:
             return self.merge_without_statistics(group, parameters)
         context, name, statistics = found
+        if isinstance(statistics, LinearBias):
+            return self.merge_bias(group, parameters, context, name, statistics)
         if any(isinstance(stats, TokenStatistics) for stats in statistics.values()):
             reason = token_rule_refusal(parameters, statistics, group.base.tensor)  # type: ignore[arg-type]
             if reason is not None:
                 context.record(name, FALLBACK, group.base.tensor, reason=reason)
                 return self.merge_without_statistics(group, parameters)
             return self.merge_tokens(group, parameters, context, name, statistics)  # type: ignore[arg-type]
+        if is_scale(group.base.tensor):
+            if parameters["norm_rule"] == "stock":
+                context.record(name, FALLBACK, group.base.tensor, reason="norm_rule: stock")
+                return self.merge_without_statistics(group, parameters)
+            return self.merge_scale(group, parameters, context, name, statistics)  # type: ignore[arg-type]
         roles = context.roles
         if not parameters["lm_head_statistics"] and roles is not None and name == roles.head:
             context.record(name, FALLBACK, group.base.tensor, reason="lm_head_statistics: false")
@@ -97,6 +109,31 @@ class PluginMethod(GroupMergeMethod):
     ) -> torch.Tensor:
         """The token embedding merged from every model's token counts (``embedding_rule:
         tokens`` and the calibrated vocabulary: checked before); records its report entry."""
+
+    def merge_bias(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        linear: LinearBias,
+    ) -> torch.Tensor:
+        """A linear's bias (``linear``: its weight's statistics); by default the stock rule,
+        recorded with the reason."""
+        context.record(name, FALLBACK, group.base.tensor, reason=CONSTANT_INPUT)
+        return self.merge_without_statistics(group, parameters)
+
+    @abstractmethod
+    def merge_scale(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        statistics: dict[Any, TensorStatistics | None],
+    ) -> torch.Tensor:
+        """A norm's scale merged from every model's channel energies as ``norm_rule`` says
+        ("energy" or "mean": "stock" is handled before); records its report entry."""
 
     @abstractmethod
     def merge_without_statistics(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from mergekit.common import ModelReference
+from mergekit.merge_methods.base import TensorGroup
 
 from mergekit_sparsegpt.statistics.merged_linears import MergedLinears
 from mergekit_sparsegpt.statistics.task_statistics import (
@@ -25,9 +26,6 @@ from mergekit_sparsegpt.statistics.task_statistics import (
     TensorStatistics,
     TokenStatistics,
 )
-
-if TYPE_CHECKING:
-    from mergekit.merge_methods.base import TensorGroup
 
 TaskKey = tuple[ModelReference, str]  # (model whose task vector it is, calibration source)
 # The report path of a tensor merged by the method's stock rule.
@@ -49,6 +47,10 @@ class MergeContext:
     merged: MergedLinears | None = None
     # Where the base model keeps its token embedding and head: the report's tensor kinds.
     roles: ModelRoles | None = None
+    # The merge's tensors and every model's tensors by name: for a tensor solved together with
+    # another (a linear's weight and bias), whose kernel reads both.
+    planned_names: frozenset[str] = frozenset()
+    read_tensor: Callable[[ModelReference, str], torch.Tensor] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def tensor_statistics_for(
@@ -89,6 +91,16 @@ class MergeContext:
             return None
         return task.for_tokens(self.hessian_inputs.get(output_name, {}).get(model, output_name))
 
+    def partner_tensors(
+        self, output_name: str, models: Iterable[ModelReference]
+    ) -> dict[ModelReference, torch.Tensor] | None:
+        """Every model's tensor ``output_name`` (its own name under slices); None when the merge
+        has no such tensor or no reader."""
+        if output_name not in self.planned_names or self.read_tensor is None:
+            return None
+        names = self.hessian_inputs.get(output_name, {})
+        return {m: self.read_tensor(m, names.get(m, output_name)) for m in models}
+
     def record(
         self,
         tensor: str,
@@ -112,6 +124,8 @@ class MergeContext:
             return "token embedding (tied to the head)" if roles.tied else "token embedding"
         if roles is not None and name == roles.head:
             return "output head"
+        if path.startswith("norm"):  # trimming methods merge a [channels, 1] view of a scale
+            return "norm or scale"
         if value.dim() >= 2:
             return "decoder linear" if path != FALLBACK else "other matrix"
         return "bias" if name.endswith("bias") else "norm or scale"
@@ -146,7 +160,26 @@ def active_context(method_name: str) -> MergeContext:
     return _active
 
 
-KernelStatistics = dict[Any, TensorStatistics | None] | dict[Any, TokenStatistics]
+WEIGHT, BIAS = ".weight", ".bias"
+
+
+def bias_of(weight_name: str) -> str | None:
+    return weight_name.removesuffix(WEIGHT) + BIAS if weight_name.endswith(WEIGHT) else None
+
+
+def weight_of(bias_name: str) -> str | None:
+    return bias_name.removesuffix(BIAS) + WEIGHT if bias_name.endswith(BIAS) else None
+
+
+@dataclass(frozen=True)
+class LinearBias:
+    """A bias's statistics: those of the weight it is added to (``weight``), per model."""
+
+    weight: str
+    statistics: dict[Any, TensorStatistics | None]
+
+
+KernelStatistics = dict[Any, TensorStatistics | None] | dict[Any, TokenStatistics] | LinearBias
 
 
 def kernel_statistics(
@@ -155,9 +188,10 @@ def kernel_statistics(
     """The active context, the tensor's name, and every merged model's statistics for it:
     its Hessians, or for the token embedding every model's ``TokenStatistics``.
 
-    None when no model has statistics for the tensor (norms, biases): the tensor is then
-    recorded under the "fallback" path, and the kernel applies its stock rule. Inputs with
-    inf/NaN entries are refused here: they would silently make the merged tensor inf/NaN.
+    For a bias, the statistics of its weight (``LinearBias``) when that weight has some.
+    None when no model has statistics for the tensor: the tensor is then recorded under the
+    "fallback" path, and the kernel applies its stock rule. Inputs with inf/NaN entries are
+    refused here: they would silently make the merged tensor inf/NaN.
     """
     _check_finite(group)
     context = active_context(method_name)
@@ -173,6 +207,9 @@ def kernel_statistics(
         }
         if all(stats is not None for stats in tokens.values()):
             return context, name, tokens  # type: ignore[return-value]
+        linear = _weight_statistics(context, group, name, calibration)
+        if linear is not None:
+            return context, name, linear
         context.record(name, FALLBACK, group.base.tensor)
         return None
     layouts = {stats.layout for stats in statistics.values() if stats is not None}
@@ -182,6 +219,34 @@ def kernel_statistics(
             f"({sorted(map(str, layouts))}): the models are not of one architecture"
         )
     return context, name, statistics
+
+
+def _weight_statistics(
+    context: MergeContext, group: TensorGroup, name: str, calibration: dict[Any, str]
+) -> LinearBias | None:
+    """The statistics of the weight a bias is added to, when that weight has some. A weight not
+    captured yet (a block the RegMean++ pass is still building) counts as having none."""
+    weight = weight_of(name)
+    if weight is None or group.base.tensor.dim() != 1:
+        return None
+    try:
+        linear = {
+            entry.id: context.tensor_statistics_for(weight, entry.id, calibration[entry.id])
+            for entry in group.non_base
+        }
+    except ValueError:
+        return None
+    return LinearBias(weight, linear) if any(s is not None for s in linear.values()) else None
+
+
+def regrouped(group: TensorGroup, tensors: dict[Any, torch.Tensor], name: str) -> TensorGroup:
+    """A group of the same models (the same base) holding ``tensors`` (by model) as ``name``."""
+    return TensorGroup.from_tensors(
+        [tensors[entry.id] for entry in group.entries],
+        ids=[entry.id for entry in group.entries],
+        base_index=next(i for i, entry in enumerate(group.entries) if entry.is_base),
+        name=name,
+    )
 
 
 def solved_linear(context: MergeContext, group: TensorGroup) -> torch.Tensor | None:

@@ -14,13 +14,10 @@ per-input-column average weighted by w_i G_i[c, c]). G_i is the Hessian the pre-
 accumulates, (2/n) X X^T over n calibration sequences; every task runs the same number of
 equally long windows, so that scale is common to all models and cancels.
 
-The output head (``lm_head``) has a Hessian like any linear (its input: the final norm's
-output) and is solved the same way (``lm_head_statistics: false``: task arithmetic instead).
-The token embedding is RegMean on its one-hot input, a per-token count-weighted mean
-(``methods.tokens``). Tensors without statistics (norms, biases) get plain task arithmetic:
-mergekit's own ``task_arithmetic`` with ``lambda = nongram_scale`` and normalize off, i.e.
-W = W_base + nongram_scale * sum_i w_i tau_i (not divided by sum_i w_i; with n models at
-weight 1, nongram_scale = 1/n is their plain average). ``lambda`` does not apply to them.
+The output head is solved like any linear; the token embedding by its counts
+(``methods.tokens``), a norm's scale by its channel energies (``methods.norms``), a linear's
+bias with its weight (``methods.biases``). Tensors without statistics get mergekit's own
+``task_arithmetic`` with ``lambda = nongram_scale``, not normalized.
 
 ``sparsegpt_regmean`` first trims each tau_i exactly as ``sparsegpt_ties`` does (per-model
 ``density``, ``importance``, ``selection``, ``compensate``) and solves with the trimmed vectors.
@@ -44,7 +41,26 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_sparsegpt.methods.base import PluginMethod
-from mergekit_sparsegpt.methods.context import MergeContext
+from mergekit_sparsegpt.methods.biases import (
+    augmented_gram,
+    bias_refusal,
+    joint_delta,
+    missing_sums,
+)
+from mergekit_sparsegpt.methods.context import (
+    FALLBACK,
+    LinearBias,
+    MergeContext,
+    bias_of,
+    regrouped,
+)
+from mergekit_sparsegpt.methods.norms import (
+    MEAN_SUMMARY,
+    NORM_PATHS,
+    NORM_RULE,
+    channel_energies,
+    scale_delta,
+)
 from mergekit_sparsegpt.methods.parameters import (
     HEAD_PARAMETERS,
     PREPASS_PARAMETERS,
@@ -54,6 +70,7 @@ from mergekit_sparsegpt.methods.parameters import (
 )
 from mergekit_sparsegpt.methods.solve import (
     SOLVE_PATHS,
+    Solve,
     model_grams,
     regmean_delta,
     solve_details,
@@ -130,6 +147,8 @@ class RegMeanMerge(PluginMethod):
         return (
             ("regmean", "RegMean solve"),
             ("tokens", "RegMean on token counts"),
+            ("norm", "RegMean on channel energies"),
+            MEAN_SUMMARY,
             ("fallback", "task arithmetic x nongram_scale"),
         )
 
@@ -144,6 +163,7 @@ class RegMeanMerge(PluginMethod):
             + TOKEN_PARAMETERS
             + TIED_PARAMETERS
             + HEAD_PARAMETERS
+            + (NORM_RULE.spec,)
             + trimming
             + REGMEAN_PREPASS_PARAMETERS,
             contract=InputContract(base=BasePolicy.REQUIRED),
@@ -163,6 +183,7 @@ class RegMeanMerge(PluginMethod):
             )
         check_finite(shared, "lambda", "nongram_scale")
         check_token_parameters(shared)
+        NORM_RULE.check(shared)
 
     def merge_without_statistics(
         self, group: TensorGroup, parameters: Mapping[str, Any]
@@ -177,27 +198,81 @@ class RegMeanMerge(PluginMethod):
         name: str,
         statistics: dict[Any, TensorStatistics | None],
     ) -> torch.Tensor:
+        """The linear's RegMean solve; with a bias in the merge, solved with it
+        (``methods.biases``), keeping the weight's columns."""
         base = group.base.tensor
-        grams = [
-            model_grams(group, entry.id, statistics[entry.id], name) for entry in group.non_base
-        ]
+        bias = bias_of(name)
+        biases = None
+        if bias is not None and not missing_sums(statistics):
+            biases = context.partner_tensors(bias, [entry.id for entry in group.entries])
+        solves, report = self._solves(group, parameters, name, statistics, biases)
+        layout = next(stats.layout for stats in statistics.values() if stats is not None)
+        delta = layout.assemble(
+            [solve.delta[:, :-1] if biases else solve.delta for solve in solves]
+        )
+        details = {"solve": solve_details(solves), **({"with_bias": bias} if biases else {})}
+        context.record(name, "regmean", base, report, **details)
+        return base + (parameters["lambda"] * delta).to(base.dtype)
+
+    def merge_bias(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        linear: LinearBias,
+    ) -> torch.Tensor:
+        """The bias by the joint solve with its weight, read from every model; the stock rule
+        (with the reason) when that cannot be solved."""
+        base = group.base.tensor
+        weights = context.partner_tensors(linear.weight, [entry.id for entry in group.entries])
+        reason = bias_refusal(linear, weights is not None)
+        if reason is not None:
+            context.record(name, FALLBACK, base, reason=reason)
+            return self.merge_without_statistics(group, parameters)
+        assert weights is not None
+        weight_group = regrouped(group, weights, linear.weight)
+        biases = {entry.id: entry.tensor for entry in group.entries}
+        solves, _ = self._solves(weight_group, parameters, linear.weight, linear.statistics, biases)
+        context.record(
+            name, "regmean", base, solve=solve_details(solves), with_weight=linear.weight
+        )
+        delta = solves[0].delta[:, -1].to(base.device)
+        return base + (parameters["lambda"] * delta).to(base.dtype)
+
+    def _solves(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        name: str,
+        statistics: Mapping[Any, TensorStatistics | None],
+        biases: Mapping[Any, torch.Tensor] | None,
+    ) -> tuple[list[Solve], dict[str, dict[str, Any]]]:
+        """RegMean's solve of every matrix of the tensor (each expert of a fused MoE tensor is a
+        system of its own); with ``biases`` (every model's, the base's included) the one matrix
+        solved with its bias, [out, in + 1]."""
+        grams = [model_grams(group, e.id, statistics[e.id], name) for e in group.non_base]
         layout = next(stats.layout for stats in statistics.values() if stats is not None)
         task_vectors, report = self._task_vectors(group, statistics, parameters, name)
-        # Each [out, in] matrix (each expert of a fused MoE tensor) is a system of its own.
         matrices = [matrix_views(layout, tau, name) for tau in task_vectors]
         weights = [parameters["weight"][entry.id] for entry in group.non_base]
+        alpha = parameters["alpha"]
+        if biases is not None:
+            base_bias = biases[group.base.id]
+            bias_deltas = [biases[entry.id] - base_bias for entry in group.non_base]
+            augmented = [augmented_gram(statistics[e.id].matrices[0]) for e in group.non_base]  # type: ignore[union-attr]
+            solve = joint_delta([m[0] for m in matrices], bias_deltas, augmented, weights, alpha)
+            return [solve], report
         solves = [
             regmean_delta(
                 [model_matrices[index] for model_matrices in matrices],
                 [model_grams[index] for model_grams in grams],
                 weights,
-                parameters["alpha"],
+                alpha,
             )
             for index in range(len(grams[0]))
         ]
-        delta = layout.assemble([solve.delta for solve in solves])
-        context.record(name, "regmean", base, report, solve=solve_details(solves))
-        return base + (parameters["lambda"] * delta).to(base.dtype)
+        return solves, report
 
     def merge_tokens(
         self,
@@ -228,6 +303,23 @@ class RegMeanMerge(PluginMethod):
         if rule == "blend":
             delta /= 2
         context.record(name, "tokens", base, **details)
+        return base + (parameters["lambda"] * delta).to(base.dtype)
+
+    def merge_scale(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        statistics: dict[Any, TensorStatistics | None],
+    ) -> torch.Tensor:
+        """A norm's scale by its channel energies (``methods.norms``), not trimmed."""
+        base = group.base.tensor
+        weights = [parameters["weight"][entry.id] for entry in group.non_base]
+        rule = parameters["norm_rule"]
+        energies = channel_energies(group, statistics, rule)
+        context.record(name, NORM_PATHS[rule], base, rule=rule)
+        delta = scale_delta(group, weights, energies)
         return base + (parameters["lambda"] * delta).to(base.dtype)
 
     def task_arithmetic(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:

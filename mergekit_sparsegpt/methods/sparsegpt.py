@@ -2,9 +2,10 @@
 
 Each task vector is trimmed to its top-``density`` entries by second-order importance; the
 trimmed vectors are then combined by mergekit's own ``GeneralizedTaskArithmeticMerge`` (weights,
-sign election, normalize, lambda, int8_mask), so only the trimming step is ours. Tensors without a
-Hessian (embeddings, norms, biases) go through the stock method untouched; the output head has
-one (its input is the final norm's output) and is trimmed like any linear. The trimming
+sign election, normalize, lambda, int8_mask), so only the trimming step is ours. The output head
+is trimmed like any linear; the token embedding and (``norm_rule: energy``) a norm's scale as
+linears with a diagonal Hessian (token counts, channel energies). Tensors without statistics,
+and biases (their input is the constant 1), go through the stock method untouched. The trimming
 itself (``trim.trim.trim_task_vectors``) is shared with ``sparsegpt_regmean`` (``regmean.py``).
 """
 
@@ -24,7 +25,15 @@ from mergekit.merge_methods.generalized_task_arithmetic import (
 )
 
 from mergekit_sparsegpt.methods.base import PluginMethod
-from mergekit_sparsegpt.methods.context import MergeContext
+from mergekit_sparsegpt.methods.context import MergeContext, regrouped
+from mergekit_sparsegpt.methods.norms import (
+    MEAN_SUMMARY,
+    NORM_PATHS,
+    NORM_RULE,
+    channel_energies,
+    scale_as_linear,
+    scale_delta,
+)
 from mergekit_sparsegpt.methods.parameters import (
     HEAD_PARAMETERS,
     PREPASS_PARAMETERS,
@@ -62,6 +71,7 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
 
     fallback_method: str
     combine: Choice = COMBINE
+    norm_rule: Choice = NORM_RULE
 
     # What the pre-pass reads (see ``methods.base``): trimming needs only diagonals.
     keeps_hessians: ClassVar[bool] = False
@@ -74,6 +84,8 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
         return (
             ("importance", "Hessian importance"),
             ("tokens", "token-count importance"),
+            ("norm", "channel-energy importance"),
+            MEAN_SUMMARY,
             ("fallback", f"stock {self.fallback_method}"),
         )
 
@@ -92,6 +104,7 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
             parameters=stock.parameters
             + HEAD_PARAMETERS
             + TOKEN_PARAMETERS
+            + (self.norm_rule.spec,)
             + (self.combine.spec,)
             + PREPASS_PARAMETERS
             + TRIM_PARAMETERS
@@ -105,6 +118,7 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
     def check_shared(self, shared: dict[str, Any]) -> None:
         check_trim(shared)
         check_token_parameters(shared)
+        self.norm_rule.check(shared)
         self.combine.check(shared)
         if self.consensus_method:
             SIGN_FROM.check(shared)
@@ -131,6 +145,29 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
         statistics = {m: counts_as_linear(t.counts, smoothing) for m, t in tokens.items()}
         values = {**parameters, "compensate": False}
         return self.merge_with_statistics(group, values, context, name, statistics, "tokens")  # type: ignore[arg-type]
+
+    def merge_scale(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        context: MergeContext,
+        name: str,
+        statistics: dict[Any, TensorStatistics | None],
+    ) -> torch.Tensor:
+        """A norm's scale: "energy" trims and combines its [channels, 1] view as a linear with
+        H = diag(E) (``methods.norms.scale_as_linear``; never re-fitted); "mean" takes the
+        plain weighted mean of the untrimmed task vectors, times lambda."""
+        base = group.base.tensor
+        if parameters["norm_rule"] == "mean":
+            weights = [parameters["weight"][entry.id] for entry in group.non_base]
+            delta = scale_delta(group, weights, channel_energies(group, statistics, "mean"))
+            context.record(name, NORM_PATHS["mean"], base, rule="mean")
+            return base + (parameters["lambda"] * delta).to(base.dtype)
+        column = regrouped(group, {e.id: e.tensor.unsqueeze(-1) for e in group.entries}, name)
+        found = {m: None if s is None else scale_as_linear(s) for m, s in statistics.items()}
+        values = {**parameters, "compensate": False}
+        merged = self.merge_with_statistics(column, values, context, name, found, "norm")
+        return merged.squeeze(-1)
 
     def merge_with_statistics(
         self,
@@ -218,6 +255,7 @@ SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
         default_normalize=False,
         default_rescale=True,
         method_name="sparsegpt_dare",
+        norm_rule=replace(NORM_RULE, default="stock"),
         method_pretty_name="SparseGPT-importance DARE",
         method_reference_url="https://arxiv.org/abs/2301.00774",
         fallback_method="dare_linear",

@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 
 from mergekit_sparsegpt.capture.accumulate import TensorLayout
 from mergekit_sparsegpt.methods.parameters import Choice
-from mergekit_sparsegpt.statistics.hessian import HessianStatistics
+from mergekit_sparsegpt.statistics.hessian import diagonal_statistics
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
 
 # "stock": the method's statistics-free rule (RegMean: task arithmetic x nongram_scale).
@@ -74,15 +74,7 @@ def counts_as_linear(counts: torch.Tensor, smoothing: float) -> TensorStatistics
     (its [vocabulary, hidden] weight read as [in, out]): H = diag(c + s), whose inverse and
     Cholesky factor are diagonal too, so every importance score reads them exactly. A column
     with c + s = 0 is dead, as in ``hessian_statistics``: its diagonal is set to 1."""
-    diagonal = counts.to(torch.float32) + smoothing
-    diagonal = torch.where(diagonal > 0, diagonal, torch.ones_like(diagonal))
-    statistics = HessianStatistics(
-        hessian_diagonal=diagonal,
-        inverse_diagonal=diagonal.reciprocal(),
-        cholesky_diagonal=diagonal.rsqrt(),
-        damping=0.0,
-        inverse_path="cholesky",
-    )
+    statistics = diagonal_statistics(counts.to(torch.float32) + smoothing)
     return TensorStatistics(TensorLayout(input_axis=-2), (statistics,), (int(counts.sum()),))
 
 

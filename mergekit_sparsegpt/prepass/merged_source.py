@@ -16,19 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Collection, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from mergekit.common import ModelReference
-from mergekit.merge_methods.base import (
-    ParameterScope,
-    PerInputValues,
-    TensorEntry,
-    TensorGroup,
-    TensorMetadata,
-)
 from mergekit.options import MergeOptions
 from transformers import PretrainedConfig
 
@@ -37,7 +30,13 @@ from mergekit_sparsegpt.capture.distributed import SINGLE_PROCESS, Ranks, shard_
 from mergekit_sparsegpt.capture.merged import capture_merged_hessians
 from mergekit_sparsegpt.capture.model import TensorSource, empty_model
 from mergekit_sparsegpt.methods.base import PluginMethod
-from mergekit_sparsegpt.methods.context import MergeContext, PlannedTensor, TaskKey, activated
+from mergekit_sparsegpt.methods.context import (
+    MergeContext,
+    PlannedTensor,
+    TaskKey,
+    bias_of,
+)
+from mergekit_sparsegpt.prepass.merged_tensors import MergedTensors
 from mergekit_sparsegpt.prepass.messages import say
 from mergekit_sparsegpt.prepass.model_identity import identity
 from mergekit_sparsegpt.prepass.plan import MERGED, CalibrationTask, PrepassSettings
@@ -124,62 +123,6 @@ def merge_payload(
     )
 
 
-class MergedTensors:
-    """The merge's value of any tensor, computed by the method's own kernel: on the host when
-    called as a tensor source (embeddings and norms: the statistics-free rule), on
-    ``solve_device`` through ``solved`` (the linears the pass has Hessians of: their RegMean
-    solve runs where the Grams were captured, the accelerator under ``--cuda``)."""
-
-    def __init__(
-        self,
-        planned: list[PlannedTensor],
-        method: PluginMethod,
-        context: MergeContext,
-        readers: Mapping[ModelReference, TensorSource],
-        solve_device: torch.device | str = "cpu",
-    ):
-        self.by_name = {t.output_name: t for t in planned}
-        self.method = method
-        self.context = context
-        self.readers = readers
-        self.solve_device = solve_device
-
-    @property
-    def tensor_names(self) -> Collection[str]:
-        """The merge's tensors, in the checkpoint's names (mergekit plans in them)."""
-        return self.by_name.keys()
-
-    def __call__(self, name: str) -> torch.Tensor:
-        return self.merge_on(name, "cpu")
-
-    def solved(self, name: str) -> torch.Tensor:
-        return self.merge_on(name, self.solve_device)
-
-    def merge_on(self, name: str, device: torch.device | str) -> torch.Tensor:
-        tensor = self.by_name.get(name)
-        if tensor is None:
-            raise ValueError(f"hessian_source: {MERGED}: the merge plan has no tensor {name!r}")
-        entries = [
-            TensorEntry(
-                id=model,
-                tensor=self.readers[model](input_name).to(device, torch.float32),
-                is_base=model == tensor.base_model,
-            )
-            for model, input_name in tensor.inputs.items()
-        ]
-        group = TensorGroup(entries=entries, metadata=TensorMetadata(name=name))
-        parameters = dict(tensor.shared)
-        for spec in self.method.spec.parameters:
-            if spec.scope == ParameterScope.SHARED:
-                continue
-            inputs = group.entries if spec.scope == ParameterScope.INPUT else group.non_base
-            parameters[spec.name] = PerInputValues(
-                [(entry.id, tensor.per_input[entry.id][spec.name]) for entry in inputs]
-            )
-        with activated(self.context), torch.no_grad():
-            return self.method.merge_group(group, **parameters)
-
-
 def merged_model_statistics(
     planned: list[PlannedTensor],
     method: PluginMethod,
@@ -262,7 +205,13 @@ class JointPass:
         }
         hessian_inputs = {t.output_name: {m: t.output_name for m in t.inputs} for t in self.planned}
         self.roles = model_roles(self.model, self.planned_names)
-        self.context = MergeContext(hessian_inputs, tasks=self.statistics, roles=self.roles)
+        self.context = MergeContext(
+            hessian_inputs,
+            tasks=self.statistics,
+            roles=self.roles,
+            planned_names=frozenset(self.planned_names),
+            read_tensor=lambda model, name: self.readers[model](name).to(torch.float32),
+        )
         device = self.ranks.device(self.options.device)
         self.merged = MergedTensors(self.planned, self.method, self.context, self.readers, device)
 
@@ -326,8 +275,8 @@ def merge_unit(
     keep: UnitSink,
     through_merged: bool,
 ) -> dict[str, torch.Tensor]:
-    """Add every task's Hessians of one unit to its statistics, merge the unit's tensors with
-    them, and hand both to ``keep``; return the merged values."""
+    """Add every task's Hessians of one unit to its statistics, merge the unit's tensors (and
+    their linears' biases) with them, and hand both to ``keep``; return the merged values."""
     for key, layer in hessians.items():
         model, calibration = key  # type: ignore[misc]
         with hessian_errors_explained(model, calibration, merged=through_merged):
@@ -335,6 +284,8 @@ def merge_unit(
                 layer, settings.dampening, settings.keep_factors, keep_hessians=True
             )
     tensors = next(iter(hessians.values())).tensor_names()
+    # A linear's bias is solved with it, from the same Grams.
+    tensors += [bias for name in tensors if (bias := bias_of(name)) is not None]
     # A tied head is no tensor of the merge: its Hessians serve the token embedding's merge.
     values = {name: merged.solved(name) for name in tensors if name in merged.by_name}
     keep(hessians, values)

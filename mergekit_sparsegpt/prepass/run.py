@@ -14,6 +14,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import torch
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from tqdm.auto import tqdm
@@ -85,7 +86,12 @@ def _prepare_statistics(
     windows = all_task_windows(tasks, settings, options)
     facts = CardFacts(method.spec.name, planned, window_shapes(windows))
     context = partial(
-        MergeContext, hessian_inputs, card_facts=facts, roles=_roles(planned, options)
+        MergeContext,
+        hessian_inputs,
+        card_facts=facts,
+        roles=_roles(planned, options),
+        planned_names=frozenset(tensor.output_name for tensor in planned),
+        read_tensor=lambda model, name: readers[model](name).to(torch.float32),
     )
     per_task = per_task_reason(method, planned, settings, tasks)
     if per_task is None:

@@ -133,9 +133,11 @@ def _usage_line(method: PluginMethod, context: MergeContext) -> str:
     ]
     return (
         f"Tensors merged per rule: {'; '.join(counts)}. The output head has a Hessian like the "
-        "decoder linears, the token embedding its calibration token counts; tensors without "
-        "statistics (norms, biases) take the stock rule. Per-tensor details, with each tensor's "
-        "kind and the reason for every fallback: sparsegpt_report.json."
+        "decoder linears, the token embedding its calibration token counts, the norms' scales "
+        "their channel energies (norm_rule says which rule used them), and RegMean solves a "
+        "linear's bias with its weight; tensors without statistics take the stock rule. "
+        "Per-tensor details, with each tensor's kind and the reason for every fallback: "
+        "sparsegpt_report.json."
     )
 
 

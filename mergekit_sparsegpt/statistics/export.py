@@ -185,7 +185,8 @@ def _write_statistics(path: Path, statistics: TaskStatistics, manifest: Manifest
     one group at a time (a task's Hessians do not fit in memory at once for large models)."""
     vectors, metadata = statistics.to_tensors()
     vectors = {k: v for k, v in vectors.items() if split_tensor_key(k)[1] not in OPTIONAL_MATRICES}
-    groups = sorted(statistics.statistics)
+    # A diagonal H (a norm's) is its vectors: it has no matrix to export.
+    groups = sorted(g for g, stats in statistics.statistics.items() if not stats.is_diagonal)
     shapes = {group: _hessian_shape(statistics, group) for group in groups}
     matrices = {
         tensor_key(group, KEPT_MATRIX): torch.empty(shape, dtype=torch.float32, device="meta")
@@ -275,7 +276,11 @@ def read_folder(folder: str | os.PathLike[str]) -> tuple[Manifest, TaskStatistic
             raise ValueError(f"it does not belong to {MANIFEST_FILE}")
         stored = CachedMatrices(path, metadata["key"], shapes)
         statistics = TaskStatistics.from_tensors(vectors, metadata, stored)
-        missing = [g for g in statistics.statistics if KEPT_MATRIX not in stored.shapes(g)]
+        missing = [
+            group
+            for group, stats in statistics.statistics.items()
+            if not stats.is_diagonal and KEPT_MATRIX not in stored.shapes(group)
+        ]
         if missing:
             raise ValueError(f"it holds no Hessian of {missing[0]}")
     except READ_ERRORS as error:

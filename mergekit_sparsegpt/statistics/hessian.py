@@ -19,6 +19,9 @@ import torch
 # Relative damping steps tried after the configured one when Cholesky fails; SparseGPT uses a
 # single fixed 1% and simply crashes on failure.
 DAMPING_LADDER = (0.01, 0.1, 1.0)
+# The ``inverse_path`` of the statistics of a diagonal H (a norm's): these vectors are all its
+# statistics, with no matrix to keep or export.
+DIAGONAL = "diagonal"
 # The whole-matrix fields of ``HessianStatistics``, kept only on request: O(columns^2) each.
 OPTIONAL_MATRICES = ("cholesky_factor", "hessian")
 
@@ -33,9 +36,10 @@ class HessianStatistics:
 
     ``hessian_diagonal`` is undamped (with dead columns set to 1); the other two come from the
     damped Hessian. ``damping`` is the relative damping that succeeded and ``inverse_path`` says
-    whether Cholesky worked or the pseudo-inverse fallback was needed. ``cholesky_factor`` is the
-    whole upper factor U of H^-1, kept only when error compensation needs it, Cholesky worked
-    and H is not kept; read it through ``upper_factor``.
+    whether Cholesky worked or the pseudo-inverse fallback was needed (``DIAGONAL``: H is
+    diagonal, inverted exactly). ``cholesky_factor`` is the whole upper factor U of H^-1, kept
+    only when error compensation needs it, Cholesky worked and H is not kept; read it through
+    ``upper_factor``.
     ``hessian`` is the whole H as accumulated (undamped, dead columns left at 0, float32), kept
     only when RegMean needs it.
     """
@@ -47,6 +51,8 @@ class HessianStatistics:
     inverse_path: str
     cholesky_factor: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    # (2/n) [sum x, tokens]: with H, the Gram of the input [x; 1] of a linear with a bias.
+    input_sum: torch.Tensor | None = None
 
     def cpu(self) -> HessianStatistics:
         return HessianStatistics(
@@ -73,13 +79,17 @@ class HessianStatistics:
             )
         return found[2]
 
+    @property
+    def is_diagonal(self) -> bool:
+        return self.inverse_path == DIAGONAL
+
     def tensors(self) -> dict[str, torch.Tensor]:
         vectors = {
             "hessian_diagonal": self.hessian_diagonal,
             "inverse_diagonal": self.inverse_diagonal,
             "cholesky_diagonal": self.cholesky_diagonal,
         }
-        for name in OPTIONAL_MATRICES:
+        for name in (*OPTIONAL_MATRICES, "input_sum"):
             if getattr(self, name) is not None:
                 vectors[name] = getattr(self, name)
         return vectors
@@ -91,7 +101,14 @@ def hessian_statistics(
     keep_factor: bool = False,
     keep_hessian: bool = False,
 ) -> HessianStatistics:
-    """Dead columns -> 1, relative damping, Cholesky of H^-1; escalate damping, then pinv."""
+    """Dead columns -> 1, relative damping, Cholesky of H^-1; escalate damping, then pinv.
+
+    A 1-D ``hessian`` is the diagonal of a diagonal H (a norm's scale: each weight reads one
+    channel): its statistics are exact and hold no matrix, whatever is asked to be kept."""
+    if hessian.dim() == 1:
+        if not torch.isfinite(hessian).all():
+            raise HessianError("Hessian has non-finite entries (inf/NaN activations)")
+        return diagonal_statistics(hessian, dampening)
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise HessianError(f"Hessian must be square, got shape {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
@@ -107,6 +124,22 @@ def hessian_statistics(
     # matrix itself, not a copy: a capture is done with its Grams, and RegMean's pre-pass holds
     # every task's Grams of a block, which a copy would double.
     return replace(statistics, hessian=hessian.to(torch.float32))
+
+
+def diagonal_statistics(diagonal: torch.Tensor, dampening: float = 0.0) -> HessianStatistics:
+    """The statistics of H = diag(``diagonal``), as ``hessian_statistics`` computes them for a
+    whole matrix (dead columns -> 1, relative damping), in closed form: H^-1 and the Cholesky
+    factor of H^-1 are diagonal too."""
+    hessian_diagonal = diagonal.to(torch.float32).clone()
+    hessian_diagonal.masked_fill_(hessian_diagonal == 0, 1)
+    damped = hessian_diagonal + dampening * hessian_diagonal.mean()
+    return HessianStatistics(
+        hessian_diagonal=hessian_diagonal,
+        inverse_diagonal=damped.reciprocal(),
+        cholesky_diagonal=damped.rsqrt(),
+        damping=dampening,
+        inverse_path=DIAGONAL,
+    )
 
 
 def _inverse_statistics(

@@ -21,9 +21,9 @@ from transformers import PretrainedConfig
 
 from mergekit_sparsegpt.statistics.cache_dir import resolved_cache_dir
 
-FORMAT_VERSION = 5  # bump whenever the statistics a given key maps to change (3: "hessians";
+FORMAT_VERSION = 6  # bump whenever the statistics a given key maps to change (3: "hessians";
 # 4: Conv1D and fused-expert Hessians, forward pass in the checkpoint's dtype; 5: the output
-# head's Hessian and the token counts)
+# head's Hessian and the token counts; 6: the norms' channel energies)
 # Payload flags for the optional whole matrices an entry holds (``HessianStatistics``'s
 # cholesky_factor and hessian). An entry holding more than a merge needs serves it too. With both
 # flags an entry holds only H, the factor being recomputed from it bit for bit; entries written

@@ -151,7 +151,8 @@ class TaskStatistics:
                 ).cpu()
             except HessianError as error:
                 raise HessianError(f"Hessian of {group}: {error}") from None
-            self.statistics[group] = stats
+            sums = layer.sums.get(group)
+            self.statistics[group] = replace(stats, input_sum=None if sums is None else sums.cpu())
             self.samples[group] = layer.samples[group]
             if store_matrix is not None:
                 self.move_matrices(group, store_matrix)
@@ -269,6 +270,7 @@ class TaskStatistics:
                     inverse_path=str(layout["method"][group]),
                     cholesky_factor=tensors.get(tensor_key(group, "cholesky_factor")),
                     hessian=tensors.get(tensor_key(group, "hessian")),
+                    input_sum=tensors.get(tensor_key(group, "input_sum")),
                 )
                 for group in set(layout["groups"].values())
             }
@@ -309,6 +311,9 @@ def _check_statistics(
     if not all(torch.isfinite(v).all() and (v > 0).all() for v in vectors):
         raise ValueError(f"statistics of {group} are not finite and positive")
     columns = len(vectors[0])
+    sums = stats.input_sum
+    if sums is not None and (sums.shape != (columns + 1,) or not torch.isfinite(sums).all()):
+        raise ValueError(f"input sums of {group} are malformed")
     for name in OPTIONAL_MATRICES:
         matrix = getattr(stats, name)
         if matrix is not None and (

@@ -99,10 +99,10 @@ def test_parameter_counts_match_the_transformers_model() -> None:
 
 
 def test_llama2_7b_whole_hessians_per_task() -> None:
-    # The issue's formula, plus the vectors below; then the head's Gram and vectors (d = 4096)
-    # and the 32000 token counts.
+    # The issue's formula, plus the vectors below; then the head's Gram and vectors (d = 4096),
+    # the 32000 token counts and the 65 norms' three vectors each.
     expected = (32 * (3 * 4096**2 + 11008**2) + 4096**2) * 4
-    vectors = (32 * 3 * (3 * 4096 + 11008) + 3 * 4096 + 32000) * 4
+    vectors = (32 * 3 * (3 * 4096 + 11008) + 3 * 4096 + 32000 + 65 * 3 * 4096) * 4
     shape = formulas.LLAMA2_7B
     assert formulas.cache_bytes_per_task(shape, hessians=True, factors=False) == expected + vectors
     assert formulas.cache_bytes_per_task(shape, hessians=False, factors=False) == vectors
@@ -115,10 +115,11 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
 
 # hidden 32, 2 layers: a block's linears are 4 x 32 x 32 / 2 (k, v) ... = 9216 weights; the
 # Hessian groups are 32, 32, 32 and 64 wide.
-# 2 blocks; the head (hidden 32) and the embedding of the 300-token vocabulary.
-TINY_LINEARS_FLOAT32 = (2 * (1024 + 512 + 512 + 1024 + 3 * 32 * 64) + 2 * 300 * 32) * 4
+# 2 blocks; the head (hidden 32), the embedding of the 300-token vocabulary and the 5 norms.
+TINY_LINEARS_FLOAT32 = (2 * (1024 + 512 + 512 + 1024 + 3 * 32 * 64) + 2 * 300 * 32 + 5 * 32) * 4
 TINY_GRAMS = (2 * (3 * 32**2 + 64**2) + 32**2) * 4
-TINY_VECTORS = (2 * 3 * (3 * 32 + 64) + 3 * 32 + 300) * 4  # and the token counts
+# The linears' vectors, the token counts, and the norms' (three vectors each).
+TINY_VECTORS = (2 * 3 * (3 * 32 + 64) + 3 * 32 + 300 + 5 * 3 * 32) * 4
 
 
 @pytest.mark.parametrize(
@@ -219,17 +220,19 @@ HAND_RECIPES = {recipe.label: recipe for recipe in projection.RECIPES}
 
 def test_projected_disk_matches_a_hand_count() -> None:
     merged = HAND_RECIPES["regmean (merged)"]
-    # 2 layers x 576 merged weights, the head and embedding (10 x 8 each), x 2 bytes, whatever
-    # the number of experts.
-    assert projection.cache_bytes(merged, HAND_SHAPE, HAND_WORK) == (2 * 576 + 2 * 80) * 2
+    # 2 layers x 576 merged weights, the head and embedding (10 x 8 each), the 5 norms' scales
+    # (8 each), x 2 bytes, whatever the number of experts.
+    norms = 5 * 8
+    assert projection.cache_bytes(merged, HAND_SHAPE, HAND_WORK) == (2 * 576 + 2 * 80 + norms) * 2
     # keep_statistics: per task and layer 448 Gram floats + 3 x (8 + 8 + 8 + 16) vector floats;
-    # per task the head's Gram and vectors (64 + 3 x 8) and 10 token counts.
-    head_and_tokens = 64 + 3 * 8 + 10
+    # per task the head's Gram and vectors (64 + 3 x 8), 10 token counts and the norms' vectors.
+    head_and_tokens = 64 + 3 * 8 + 10 + 3 * norms
     kept = 3 * (2 * 568 + head_and_tokens) * 4
     assert projection.cache_bytes(merged, HAND_SHAPE, HAND_WORK, keep=True) == kept
     # sparsegpt_ties: the vectors only, per task.
     ties = HAND_RECIPES["sparsegpt_ties"]
-    assert projection.cache_bytes(ties, HAND_SHAPE, HAND_WORK) == 3 * (2 * 120 + 3 * 8 + 10) * 4
+    vectors = 2 * 120 + 3 * 8 + 10 + 3 * norms
+    assert projection.cache_bytes(ties, HAND_SHAPE, HAND_WORK) == 3 * vectors * 4
 
 
 def test_projected_memory_matches_a_hand_count() -> None:
@@ -297,10 +300,11 @@ def test_llama_8b_projection_is_flat_in_the_experts() -> None:
     merged = HAND_RECIPES["regmean (merged)"]
     shape = projection.LLAMA31_8B
     two, five = (projection.Workload(n, 128, 512) for n in (2, 5))
-    # 32 layers x (4096 x (4096 + 2 x 1024) + 4096^2 + 3 x 4096 x 14336) bfloat16 weights, and
-    # the head and embedding, 128256 x 4096 each.
+    # 32 layers x (4096 x (4096 + 2 x 1024) + 4096^2 + 3 x 4096 x 14336) bfloat16 weights, the
+    # head and embedding, 128256 x 4096 each, and 65 norms of 4096.
     linears = (32 * (4096 * 6144 + 4096**2 + 3 * 4096 * 14336) + 2 * 128256 * 4096) * 2
-    assert projection.cache_bytes(merged, shape, five) == linears == 16_059_990_016
+    linears += 65 * 4096 * 2
+    assert projection.cache_bytes(merged, shape, five) == linears == 16_060_522_496
     assert projection.cache_bytes(merged, shape, two) == linears
     grams = 32 * 4 * (3 * 4096**2 + 14336**2)  # the issue's "about 33 GB per task"
     assert projection.cache_bytes(merged, shape, five, keep=True) > 5 * grams > 160 * 10**9

@@ -11,6 +11,7 @@ from mergekit_sparsegpt.capture.blocks import (
 )
 from mergekit_sparsegpt.capture.memory import activation_bytes
 from mergekit_sparsegpt.capture.model import empty_model
+from tests.norm_reference import perturb_vectors, reference_norm_energies
 
 
 def _config(layers: int = 3, **extra) -> LlamaConfig:
@@ -44,12 +45,12 @@ def _gemma2_config() -> Gemma2Config:
 @pytest.fixture(scope="module")
 def full_model():
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(_config()).eval()
+    return perturb_vectors(AutoModelForCausalLM.from_config(_config()).eval())
 
 
 def _reference_hessians(model, windows):
     """Hooks on every linear of a full forward pass (the blocks' and the output head's),
-    H = 2/n X^T X in float64."""
+    H = 2/n X^T X in float64, and every norm's channel energies (``tests/norm_reference``)."""
     inputs = {}
     handles = []
     head = model.get_output_embeddings()
@@ -62,12 +63,11 @@ def _reference_hessians(model, windows):
                 )
 
             handles.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(input_ids=windows)
+    energies = reference_norm_energies(model, lambda: model(input_ids=windows), len(windows))
     for handle in handles:
         handle.remove()
     rows = {name: torch.cat(chunks).double() for name, chunks in inputs.items()}
-    return {name: 2 / len(windows) * x.T @ x for name, x in rows.items()}
+    return {name: 2 / len(windows) * x.T @ x for name, x in rows.items()} | energies
 
 
 def test_layer_by_layer_equals_hooks_on_full_forward(full_model):
@@ -78,7 +78,7 @@ def test_layer_by_layer_equals_hooks_on_full_forward(full_model):
         capture_layer_hessians(empty_model(_config()), state.__getitem__, windows, batch_size=4)
     )
     assert len(layers) == 4  # the blocks, then the output head (tests/capture/test_head.py)
-    assert layers[3].tensor_names() == ["lm_head.weight"]
+    assert layers[3].tensor_names() == ["model.norm.weight", "lm_head.weight"]
     for index, layer in enumerate(layers[:3]):
         prefix = f"model.layers.{index}"
         # q/k/v read one tensor, gate/up another: they share a Hessian.
@@ -89,7 +89,8 @@ def test_layer_by_layer_equals_hooks_on_full_forward(full_model):
             layer.groups[f"{prefix}.self_attn.v_proj.weight"] == f"{prefix}.self_attn.q_proj.weight"
         )
         assert layer.groups[f"{prefix}.mlp.up_proj.weight"] == f"{prefix}.mlp.gate_proj.weight"
-        assert len(layer.hessians) == 4
+        assert len(layer.hessians) == 6  # q/k/v, o, gate/up, down; the two norms' energies
+        assert layer.hessians[f"{prefix}.input_layernorm.weight"].shape == (32,)
         for weight_name, group in layer.groups.items():
             expected = reference[weight_name]
             actual = layer.hessians[group].double()
@@ -144,7 +145,7 @@ def test_linear_that_never_runs_gets_an_empty_hessian(full_model):
 )
 def test_capture_matches_eval_forward_for_dropout_and_per_layer_masks(config):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = perturb_vectors(AutoModelForCausalLM.from_config(config).eval())
     windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(2))
     reference = _reference_hessians(model, windows)
     layers = capture_layer_hessians(
@@ -163,6 +164,7 @@ def test_capture_matches_eval_forward_for_dropout_and_per_layer_masks(config):
             )
     assert captured == set(reference)  # Gemma2's head is tied: its Hessian is captured too
     assert "lm_head.weight" in captured
+    assert any(name.endswith("layernorm.weight") for name in captured)  # and every norm's
 
 
 class _DeviceRecorder(torch.nn.Module):

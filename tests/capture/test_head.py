@@ -18,6 +18,7 @@ from mergekit_sparsegpt.capture.head import (
     ties_embeddings,
 )
 from mergekit_sparsegpt.capture.model import empty_model
+from tests.norm_reference import reference_norm_energies
 
 SIZES = {"vocab_size": 61, "num_attention_heads": 4}
 CONFIGS = {
@@ -41,6 +42,13 @@ CONFIGS = {
     "phi3": Phi3Config(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, pad_token_id=0, **SIZES
     ),
+}
+FINAL_NORMS = {
+    "llama-untied": "model.norm.weight",
+    "qwen2-tied-biased": "model.norm.weight",
+    "gpt2-tied": "transformer.ln_f.weight",
+    "gpt-neox": "gpt_neox.final_layer_norm.weight",
+    "phi3": "model.norm.weight",
 }
 ROLES = {
     "llama-untied": ("model.embed_tokens.weight", "lm_head.weight", False),
@@ -74,6 +82,7 @@ def test_head_hessian_equals_the_full_forward_and_roles_are_found(name):
                 parameter.add_(0.3 * torch.randn_like(parameter))
     windows = torch.randint(0, 61, (5, 12), generator=torch.Generator().manual_seed(3))
     expected = _head_reference(model, windows)
+    energies = reference_norm_energies(model, lambda: model(input_ids=windows), len(windows))
     skeleton = empty_model(config)
     state = model.state_dict()
     *_, head = capture_layer_hessians(
@@ -82,8 +91,11 @@ def test_head_hessian_equals_the_full_forward_and_roles_are_found(name):
     embedding, head_name, tied = ROLES[name]
     assert (embedding_weight_name(skeleton), head_weight_name(skeleton)) == (embedding, head_name)
     assert ties_embeddings(skeleton) is tied
-    assert head.groups == {head_name: head_name} and head.samples == {head_name: 5}
+    norm = FINAL_NORMS[name]  # the final norm's channel energies come with the head's pass
+    assert head.groups == {norm: norm, head_name: head_name}
+    assert head.samples == {norm: 5, head_name: 5}
     torch.testing.assert_close(
         head.hessians[head_name].double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max()
     )
+    torch.testing.assert_close(head.hessians[norm].double(), energies[norm], rtol=1e-4, atol=1e-4)
     assert all(p.device.type == "meta" for p in skeleton.parameters())  # all released again

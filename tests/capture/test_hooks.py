@@ -50,8 +50,9 @@ def test_hooks_on_a_meta_block_keep_every_hessian_on_its_device(monkeypatch):
     with HessianHooks(block, f"{prefix}.0", "meta") as hessian_hooks, torch.no_grad():
         block(hidden, attention_mask=None, position_embeddings=rotary)
     result = hessian_hooks.result()
-    assert len(result.hessians) == 5
+    assert len(result.hessians) == 7  # 4 linear inputs, 2 norms' energies, the unused linear
     assert {hessian.device.type for hessian in result.hessians.values()} == {"meta"}
+    assert result.hessians["model.layers.0.post_attention_layernorm.weight"].shape == (32,)
     assert result.hessians["model.layers.0.mlp.down_proj.weight"].shape == (48, 48)
     assert result.samples["model.layers.0.self_attn.q_proj.weight"] == 2
     assert result.samples["model.layers.0.unused.weight"] == 0

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from mergekit_sparsegpt.capture.architecture import decoder_layers
 from mergekit_sparsegpt.capture.lockstep import ForwardModel, capture_lockstep_hessians
 from mergekit_sparsegpt.capture.model import empty_model
+from tests.norm_reference import perturb_vectors, reference_norm_energies
 
 
 def _config(layers: int = 3) -> LlamaConfig:
@@ -24,12 +25,12 @@ def _config(layers: int = 3) -> LlamaConfig:
 
 def _model(seed: int, layers: int = 3):
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(_config(layers)).eval()
+    return perturb_vectors(AutoModelForCausalLM.from_config(_config(layers)).eval())
 
 
 def _reference(model, windows) -> dict[str, torch.Tensor]:
     """H = 2/n X^T X of every decoder linear's and the head's input, by hooks on the whole
-    model's forward."""
+    model's forward, and every norm's channel energies."""
     inputs = {}
     handles = [
         module.register_forward_pre_hook(
@@ -40,11 +41,11 @@ def _reference(model, windows) -> dict[str, torch.Tensor]:
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and (".layers." in name or name == "lm_head")
     ]
-    with torch.no_grad():
-        model(input_ids=windows)
+    energies = reference_norm_energies(model, lambda: model(input_ids=windows), len(windows))
     for handle in handles:
         handle.remove()
-    return {n: 2 / len(windows) * torch.cat(x).T @ torch.cat(x) for n, x in inputs.items()}
+    grams = {n: 2 / len(windows) * torch.cat(x).T @ torch.cat(x) for n, x in inputs.items()}
+    return grams | energies
 
 
 def _windows(seed: int, samples: int) -> torch.Tensor:
@@ -82,8 +83,9 @@ def test_every_task_through_its_own_model_equals_its_full_forward():
     for index, hessians in seen:
         assert set(hessians) == set(windows)
         for key, layer in hessians.items():
-            prefix = f"model.layers.{index}." if index < 3 else "lm_head."
-            assert all(name.startswith(prefix) for name in layer.groups)
+            prefixes = (f"model.layers.{index}.",) if index < 3 else ("model.norm.", "lm_head.")
+            assert {name.startswith(prefixes) for name in layer.groups} == {True}
+            assert len([name for name in layer.groups if "norm" in name]) == (2 if index < 3 else 1)
             for weight, group in layer.groups.items():
                 expected = references[key][weight]
                 torch.testing.assert_close(

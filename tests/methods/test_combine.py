@@ -1,5 +1,7 @@
-"""``combine: energy`` and the token embedding's trim in sparsegpt_ties / sparsegpt_dare, against
-entry-by-entry references."""
+"""``combine: energy`` and the trims of the token embedding and the norms' scales in
+sparsegpt_ties / sparsegpt_dare, against entry-by-entry references."""
+
+import itertools
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from mergekit_sparsegpt.statistics.task_statistics import ModelRoles, TaskStatis
 
 LINEAR = "model.layers.0.mlp.down_proj.weight"
 EMBED = "model.embed_tokens.weight"
+NORM = "model.layers.0.post_attention_layernorm.weight"
 ROWS, COLUMNS, VOCABULARY = 4, 6, 9
 WEIGHTS = {"a": 1.0, "b": 0.5, "c": 0.8}
 F64 = torch.float64
@@ -30,6 +33,12 @@ def _counts(seed: int) -> torch.Tensor:
     return torch.randint(0, 6, (VOCABULARY,), generator=generator).float()
 
 
+def _energies(seed: int) -> torch.Tensor:
+    """A norm's channel energies, uneven across channels and tasks."""
+    generator = torch.Generator().manual_seed(seed + 20)
+    return torch.logspace(-1, 1, COLUMNS)[torch.randperm(COLUMNS, generator=generator)]
+
+
 def _context() -> MergeContext:
     tasks = {}
     roles = ModelRoles(EMBED, "lm_head.weight", False)
@@ -38,13 +47,18 @@ def _context() -> MergeContext:
         task.groups[LINEAR] = LINEAR
         task.statistics[LINEAR] = hessian_statistics(_diagonal(seed).float())
         task.samples[LINEAR] = 50
-        task.linear_suffixes = frozenset({"mlp.down_proj.weight"})
+        task.groups[NORM] = NORM
+        task.statistics[NORM] = hessian_statistics(_energies(seed))
+        task.samples[NORM] = 50
+        task.linear_suffixes = frozenset(
+            {"mlp.down_proj.weight", "post_attention_layernorm.weight"}
+        )
         task.token_counts = _counts(seed)
         tasks[(model, f"{model}.txt")] = task
     return MergeContext(hessian_inputs={}, tasks=tasks, roles=roles)
 
 
-def _group(name: str, shape: tuple[int, int]) -> TensorGroup:
+def _group(name: str, shape: tuple[int, ...]) -> TensorGroup:
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(*shape, generator=generator)
     tensors = [base] + [base + torch.randn(*shape, generator=generator) for _ in WEIGHTS]
@@ -86,8 +100,7 @@ def _reference(
         trimmed[entry.id] = kept
     mean_energy = sum(mix.values()) / len(mix)
     result = base.clone()
-    for index in torch.cartesian_prod(*(torch.arange(n) for n in base.shape)):
-        index = tuple(index.tolist())
+    for index in itertools.product(*(range(n) for n in base.shape)):
         elected = torch.sign(sum(WEIGHTS[m] * t[index] for m, t in trimmed.items()))
         numerator = denominator = 0.0
         for model, vector in trimmed.items():
@@ -136,3 +149,19 @@ def test_ties_embedding_is_trimmed_and_combined_by_token_counts(combine):
         "tokens",
         "token embedding",
     )
+
+
+@pytest.mark.parametrize("method", ["sparsegpt_ties", "sparsegpt_dare"])
+@pytest.mark.parametrize("combine", ["mean", "energy"])
+def test_norm_scale_is_trimmed_and_combined_by_channel_energies(method, combine):
+    """``norm_rule: energy``: the scale as a diagonal linear, H = diag(E), never re-fitted."""
+    group = _group(NORM, (COLUMNS,))
+    merged, context = _merge(
+        method, group, density=0.5, combine=combine, compensate=True, norm_rule="energy"
+    )
+    energy = {m: _energies(seed).to(F64) for seed, m in enumerate(WEIGHTS, start=1)}
+    mix = energy if combine == "energy" else {m: torch.ones(COLUMNS, dtype=F64) for m in WEIGHTS}
+    expected = _reference(group, energy, 0.5, method == "sparsegpt_ties", 1.0, mix)
+    torch.testing.assert_close(merged.to(F64), expected, rtol=1e-5, atol=1e-5)
+    assert merged.shape == (COLUMNS,)
+    assert (context.report[NORM]["path"], context.report[NORM]["kind"]) == ("norm", "norm or scale")

@@ -291,7 +291,11 @@ def test_merge_matches_reference_and_reports_each_path(tiny_models, tmp_path):
     # keep_statistics: the context then holds each task's Grams, which the reference reads
     # (the default's solved linears give the same merge: tests/prepass/test_solving.py).
     config = regmean_config(
-        tiny_models, cache_dir=str(tmp_path / "cache"), alpha=0.7, keep_statistics=True
+        tiny_models,
+        cache_dir=str(tmp_path / "cache"),
+        alpha=0.7,
+        keep_statistics=True,
+        norm_rule="energy",  # the default (mean) is checked in tests/scenarios
     )
     _run(config, tmp_path / "out")
     logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(
@@ -348,8 +352,27 @@ def test_merge_matches_reference_and_reports_each_path(tiny_models, tmp_path):
     assert report[name]["kind"] == "decoder linear"
     assert (report[EMBED]["path"], report[EMBED]["kind"]) == ("tokens", "token embedding")
     assert (report[HEAD]["path"], report[HEAD]["kind"]) == ("regmean", "output head")
-    norm = "model.norm.weight"
-    assert (report[norm]["path"], report[norm]["kind"]) == ("fallback", "norm or scale")
+    # Every norm: per channel, each task weighted by its energy of that channel, in loops.
+    norms, differs = [n for n in merged if n.endswith("norm.weight")], []
+    assert "model.norm.weight" in norms and "model.layers.1.input_layernorm.weight" in norms
+    for norm in norms:
+        energies = {
+            str(m): t.for_weight(norm).hessian_diagonal for (m, _), t in context.tasks.items()
+        }
+        expected_norm = base[norm].clone().to(F64)
+        for channel in range(len(expected_norm)):
+            total = sum(float(e[channel]) for e in energies.values())
+            for m, energy in energies.items():
+                tau = float(finetuned[m][norm][channel] - base[norm][channel])
+                expected_norm[channel] += float(energy[channel]) / total * tau
+        torch.testing.assert_close(merged[norm].to(F64), expected_norm, rtol=1e-5, atol=1e-6)
+        assert (report[norm]["path"], report[norm]["kind"]) == ("norm", "norm or scale")
+        assert report[norm]["rule"] == "energy"
+        plain_mean = base[norm].to(F64) + sum(
+            (finetuned[m][norm] - base[norm]).to(F64) for m in finetuned
+        ) / len(finetuned)
+        differs.append(not torch.allclose(expected_norm, plain_mean, rtol=1e-4, atol=1e-5))
+    assert any(differs)  # the energies weigh the tasks differently than a plain mean
 
 
 def test_cache_entry_with_hessians_serves_a_trim_only_merge_but_not_the_reverse(

@@ -22,13 +22,16 @@ from mergekit_sparsegpt.calibration.windows import calibration_windows
 from mergekit_sparsegpt.integration.registration import install
 from mergekit_sparsegpt.prepass import merged_source as merged_statistics
 from mergekit_sparsegpt.prepass import run as prepass
+from tests.norm_reference import textbook_normalized
 
 install()
 
 F64 = torch.float64
 # A Llama block's linears grouped by shared input, in forward order.
-STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
-STAGES += (("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+# Each block's units in forward order; a norm's scale is merged before the linears reading it.
+STAGES = ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+STAGES += (("self_attn.o_proj",), "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))
+STAGES += (("mlp.down_proj",),)
 
 
 def _run(config: dict, out: Path) -> None:
@@ -48,17 +51,22 @@ def _windows(tiny_models, name: str, config: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _input_gram(model, windows: torch.Tensor, module_name: str) -> torch.Tensor:
-    """sum x x^T of one module's input over every token: a hook on a whole-model forward."""
-    grams = []
+def _input_rows(model, windows: torch.Tensor, module_name: str) -> torch.Tensor:
+    """Every token's input row of one module: a hook on a whole-model forward."""
+    rows = []
     handle = model.get_submodule(module_name).register_forward_pre_hook(
-        lambda _m, args: grams.append(args[0].reshape(-1, args[0].shape[-1]).to(F64))
+        lambda _m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]).to(F64))
     )
     try:
         model(input_ids=windows)
     finally:
         handle.remove()
-    inputs = torch.cat(grams)
+    return torch.cat(rows)
+
+
+def _input_gram(model, windows: torch.Tensor, module_name: str) -> torch.Tensor:
+    """sum x x^T of one module's input over every token."""
+    inputs = _input_rows(model, windows, module_name)
     return inputs.T @ inputs
 
 
@@ -66,9 +74,9 @@ def _input_gram(model, windows: torch.Tensor, module_name: str) -> torch.Tensor:
 def _regmean_plus_reference(
     tiny_models, config: dict, nongram_scale: float
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
-    """RegMean++ written plainly: whole models in memory; every linear, in forward order,
-    solved on every task's inputs *in the model merged so far*. Returns the merged weights and,
-    per linear weight, every task's Gram matrix of its inputs."""
+    """RegMean++ written plainly: whole models in memory; every linear and norm, in forward
+    order, solved on every task's inputs *in the model merged so far*. Returns the merged
+    weights and, per linear weight, every task's Gram matrix of its inputs."""
     names = sorted(tiny_models.experts)
     base = AutoModelForCausalLM.from_pretrained(tiny_models.base, dtype=torch.float32).eval()
     experts = [
@@ -81,7 +89,7 @@ def _regmean_plus_reference(
     expert_params = [dict(e.named_parameters()) for e in experts]
     for name, param in merged.named_parameters():
         tau_sum = sum(p[name] - base_params[name] for p in expert_params)
-        param.copy_(base_params[name] + nongram_scale * tau_sum)  # linears are replaced below
+        param.copy_(base_params[name] + nongram_scale * tau_sum)  # all but biases replaced below
     embedding = "model.embed_tokens.weight"
     merged.get_parameter(embedding).copy_(
         _count_rule(base_params[embedding], [p[embedding] for p in expert_params], windows)
@@ -99,10 +107,28 @@ def _regmean_plus_reference(
         delta = numerator @ torch.linalg.inv(sum(grams))
         merged.get_parameter(weight).copy_(base_params[weight] + delta)
 
+    def solve_norm(module: str) -> None:
+        """Per channel, each task weighted by its energy sum_t x_hat^2 in the merged model."""
+        inputs = [_input_rows(merged, w, module) for w in windows]
+        energies = [
+            textbook_normalized(merged.get_submodule(module), x).square().sum(0) for x in inputs
+        ]
+        weight = f"{module}.weight"
+        result = base_params[weight].clone().to(F64)
+        for channel in range(len(result)):
+            total = sum(float(e[channel]) for e in energies)
+            for p, e in zip(expert_params, energies, strict=True):
+                tau = float(p[weight][channel] - base_params[weight][channel])
+                result[channel] += float(e[channel]) / total * tau
+        merged.get_parameter(weight).copy_(result)
+
     for layer in range(base.config.num_hidden_layers):
         for stage in STAGES:
-            for linear in stage:
+            if isinstance(stage, str):
+                solve_norm(f"model.layers.{layer}.{stage}")
+            for linear in stage if isinstance(stage, tuple) else ():
                 solve(f"model.layers.{layer}.{linear}")
+    solve_norm("model.norm")
     solve("lm_head")  # last: its input is the merged final norm's output
     weights = {name: p.detach().clone() for name, p in merged.named_parameters()}
     return weights, all_grams
@@ -134,13 +160,14 @@ def _output_norm(difference: torch.Tensor, grams: list[torch.Tensor]) -> float:
 def test_merge_equals_a_plain_sequential_regmean_plus_plus(tiny_models, tmp_path):
     config = regmean_config(tiny_models, cache_dir=str(tmp_path / "cache"))
     config["parameters"]["hessian_source"] = "merged"
+    config["parameters"]["norm_rule"] = "energy"  # the norms' solve, merged before their readers
     _run(config, tmp_path / "out")
     merged = load_file(tmp_path / "out" / "model.safetensors")
     expected, grams = _regmean_plus_reference(tiny_models, config, nongram_scale=0.2)
     base = load_file(Path(tiny_models.base) / "model.safetensors")
     assert set(merged) == set(expected)
     for name, value in expected.items():
-        if name not in grams:  # no Gram matrix: task arithmetic x nongram_scale, as in RegMean
+        if name not in grams:  # embedding, norms: their rules, checked entry by entry
             torch.testing.assert_close(merged[name], value, msg=name)
             continue
         # Some Gram matrices are ill-conditioned (o_proj's: ~1e7), so float32 accumulation moves
@@ -187,6 +214,7 @@ def test_cached_rerun_captures_nothing_and_another_parameter_recomputes(
 def test_sparsegpt_regmean_runs_with_merged_hessians(tiny_models, tmp_path):
     config = regmean_config(tiny_models, "sparsegpt_regmean", cache_dir=str(tmp_path / "c"))
     config["parameters"]["hessian_source"] = "merged"
+    config["parameters"]["norm_rule"] = "energy"  # the norms' solve, merged before their readers
     _run(config, tmp_path / "out")
     logits = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(
         input_ids=torch.tensor([[1, 2, 3, 4]])
@@ -282,37 +310,3 @@ def test_two_runs_sharing_a_cache_compute_the_merged_statistics_once(tiny_models
     assert second_err.count("(merged model) from cache") == 2
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2
     assert not list((tmp_path / "c").glob("*.lock"))
-
-
-def test_linears_are_solved_on_the_pass_device_and_the_rest_merged_on_the_host():
-    """Under --cuda the RegMean solve runs where the Grams are (the accelerator); embeddings
-    and norms, merged without statistics, stay on the host. ``meta`` stands in for the GPU:
-    a tensor left on the CPU would show here."""
-    from types import SimpleNamespace
-
-    from mergekit.common import ModelReference
-    from mergekit.merge_methods.base import ParameterScope
-
-    from mergekit_sparsegpt.methods.context import MergeContext, PlannedTensor
-    from mergekit_sparsegpt.prepass.merged_source import MergedTensors
-
-    base, expert = ModelReference.parse("base"), ModelReference.parse("expert")
-    seen: dict[str, set[str]] = {}
-
-    def merge_group(group, **parameters):
-        seen[group.metadata.name] = {entry.tensor.device.type for entry in group.entries}
-        return group.entries[0].tensor
-
-    weight = SimpleNamespace(name="weight", scope=ParameterScope.NON_BASE)
-    method = SimpleNamespace(spec=SimpleNamespace(parameters=[weight]), merge_group=merge_group)
-    names = ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight")
-    planned = [
-        PlannedTensor(name, {base: name, expert: name}, base, {}, {expert: {"weight": 1.0}})
-        for name in names
-    ]
-    readers = {model: (lambda name: torch.ones(2, 3)) for model in (base, expert)}
-    context = MergeContext(hessian_inputs={}, tasks={})
-    merged = MergedTensors(planned, method, context, readers, solve_device="meta")
-    assert merged.solved(names[0]).device.type == "meta"
-    assert merged(names[1]).device.type == "cpu"
-    assert seen == {names[0]: {"meta"}, names[1]: {"cpu"}}

@@ -22,8 +22,9 @@ from mergekit_sparsegpt.trim.metrics import REPORT_FILE
 install()
 
 LINEAR_SUFFIXES = ("_proj.weight",)  # a tiny Llama's decoder linears
-# Solved by the pre-pass besides them: the head (its Hessian) and the embedding (token counts).
-TOKEN_TENSORS = ("lm_head.weight", "model.embed_tokens.weight")
+# Solved by the pre-pass besides them: the head (its Hessian), the embedding (token counts) and
+# the norms (channel energies).
+TOKEN_TENSORS = ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight")
 
 
 def _run(config: dict, out: Path, quiet: bool = True) -> None:
@@ -37,7 +38,8 @@ def _entries(cache: Path) -> list[Path]:
 
 
 def _is_solved(name: str) -> bool:
-    return (".layers." in name and name.endswith(LINEAR_SUFFIXES)) or name in TOKEN_TENSORS
+    in_blocks = LINEAR_SUFFIXES + ("layernorm.weight",)
+    return (".layers." in name and name.endswith(in_blocks)) or name in TOKEN_TENSORS
 
 
 def _config(tiny_models, method: str, source: str, cache: Path, **shared) -> dict:
@@ -72,7 +74,7 @@ def test_solved_linears_give_the_per_task_merge(tiny_models, tmp_path, method, s
     report_b = json.loads((tmp_path / "b" / REPORT_FILE).read_text())["tensors"]
     assert report_b == report_a
 
-    # One entry: exactly the merged linears, head and embedding, in the merge's dtype.
+    # One entry: exactly the merged linears, norms, head and embedding, in the merge's dtype.
     (entry,) = _entries(tmp_path / "solved")
     with safe_open(entry, framework="pt") as handle:
         stored = {name: handle.get_tensor(name) for name in handle.keys()}

@@ -18,7 +18,9 @@ DOWN = "model.layers.{}.mlp.down_proj.weight"
 
 
 def test_report_lists_every_tensor_and_its_path(tiny_models, tmp_path):
-    config = sparsegpt_config(tiny_models, importance="obs", cache_dir=str(tmp_path / "cache"))
+    config = sparsegpt_config(
+        tiny_models, importance="obs", cache_dir=str(tmp_path / "cache"), norm_rule="energy"
+    )
     mergekit.merge.run_merge(
         MergeConfiguration.model_validate(config), str(tmp_path / "out"), MergeOptions(quiet=True)
     )
@@ -37,5 +39,8 @@ def test_report_lists_every_tensor_and_its_path(tiny_models, tmp_path):
         "importance",
         "output head",
     )
-    norm = report["model.norm.weight"]
-    assert (norm["path"], norm["kind"]) == ("fallback", "norm or scale")
+    norm = report["model.norm.weight"]  # trimmed by tau^2 x its channel energies
+    assert (norm["path"], norm["kind"]) == ("norm", "norm or scale")
+    for entry in norm["models"].values():
+        assert entry["kept_fraction"] == pytest.approx(0.3, abs=0.05)
+        assert 0 < entry["relative_output_error"] < 1

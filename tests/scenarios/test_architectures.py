@@ -10,6 +10,7 @@ architectures the pre-pass does not understand, and float16 / bfloat16 checkpoin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -51,11 +52,13 @@ from mergekit_sparsegpt.capture.model import empty_model
 from mergekit_sparsegpt.capture.weights import CheckpointReader
 from mergekit_sparsegpt.demo.tiny import train_tokenizer
 from mergekit_sparsegpt.integration.registration import install
+from mergekit_sparsegpt.methods.biases import CONSTANT_INPUT
 from mergekit_sparsegpt.methods.context import MergeContext, activated
 from mergekit_sparsegpt.prepass import run as prepass
 from mergekit_sparsegpt.statistics.hessian import hessian_statistics
 from mergekit_sparsegpt.statistics.task_statistics import TaskStatistics
 from mergekit_sparsegpt.trim.metrics import REPORT_FILE
+from tests.norm_reference import is_reference_norm, reference_norm_energies
 
 install()
 
@@ -312,15 +315,19 @@ def _recorded_matrix_inputs(model: torch.nn.Module, layers_prefix: str) -> Itera
 
 
 def reference_hessians(
-    model: torch.nn.Module, windows: torch.Tensor, layers_prefix: str
+    model: torch.nn.Module, windows: torch.Tensor, layers_prefix: str, sums: dict | None = None
 ) -> dict[str, torch.Tensor]:
-    """H = 2/n sum x x^T over all n windows, float64, of every matrix's input."""
+    """H = 2/n sum x x^T over all n windows, float64, of every matrix's input; ``sums`` (when
+    given) receives each input's 2/n [sum x, tokens], the last row of [x; 1]'s Gram."""
     with _recorded_matrix_inputs(model, layers_prefix) as rows, torch.no_grad():
         model(input_ids=windows, use_cache=False)
     hessians = {}
     for name, chunks in rows.items():
         inputs = torch.cat(chunks).double()
         hessians[name] = 2 / len(windows) * inputs.T @ inputs
+        if sums is not None:
+            ones = torch.ones(len(inputs), 1, dtype=inputs.dtype)
+            sums[name] = 2 / len(windows) * torch.cat([inputs, ones], dim=1).sum(0)
     return hessians
 
 
@@ -370,24 +377,43 @@ def test_hessians_equal_hooks_on_a_full_forward(family, tmp_path):
     for (model, calibration), task in context.tasks.items():
         path = Path(model.model.path)
         windows = _windows(path, Path(calibration))
-        reference = reference_hessians(
-            _reference_model(path), windows, family.architecture.layers_prefix
-        )
+        model_reference = _reference_model(path)
+        sums: dict[str, torch.Tensor] = {}
+        prefix = family.architecture.layers_prefix
+        reference = reference_hessians(model_reference, windows, prefix, sums)
         assert reference, "the reference hooks saw no matrix"
+        forward = functools.partial(model_reference, input_ids=windows)
+        energies = reference_norm_energies(model_reference, forward, len(windows))
+        assert energies, "the reference hooks saw no norm"
         tensors = defaultdict(dict)
         for matrix, hessian in reference.items():
             tensor, expert = _tensor_of(matrix)
             tensors[tensor][expert] = hessian
         prefix = family.architecture.layers_prefix
-        assert set(task.linear_suffixes) == {_block_suffix(name, prefix) for name in tensors}
+        in_blocks = [*tensors, *(name for name in energies if name.startswith(prefix + "."))]
+        assert set(task.linear_suffixes) == {_block_suffix(name, prefix) for name in in_blocks}
+        for norm, energy in energies.items():  # every norm, the final one included
+            statistics = context.tensor_statistics_for(norm, model, calibration)
+            assert statistics is not None, f"no channel energies for {norm}"
+            (stats,) = statistics.matrices
+            assert stats.is_diagonal and stats.hessian is None, norm
+            torch.testing.assert_close(
+                stats.hessian_diagonal.double(), energy, rtol=1e-4, atol=1e-5, msg=norm
+            )
         for tensor, by_expert in tensors.items():
             statistics = context.tensor_statistics_for(tensor, model, calibration)
             assert statistics is not None, f"no Hessian for {tensor}"
+            biased = tensor.removesuffix(".weight") + ".bias" in model_reference.state_dict()
             for expert, stats in enumerate(statistics.matrices):
                 if expert in by_expert:
                     _assert_hessian_close(stats.hessian, by_expert[expert], f"{tensor}[{expert}]")
                 else:  # no token was routed to this expert
                     assert statistics.samples[expert] == 0 and not stats.hessian.any()
+            if biased and not statistics.layout.experts:  # the joint solve's input sums
+                (stats,) = statistics.matrices
+                torch.testing.assert_close(
+                    stats.input_sum.double(), sums[tensor], rtol=1e-4, atol=1e-4, msg=tensor
+                )
 
 
 # ---- (b) and (c) merges ------------------------------------------------------------------------
@@ -400,6 +426,16 @@ def _linear_tensors(family: Family) -> set[str]:
         _reference_model(family.base), windows, family.architecture.layers_prefix
     )
     return {_tensor_of(matrix)[0] for matrix in reference}
+
+
+def _norm_tensors(family: Family) -> set[str]:
+    """Every norm's scale of the base (the blocks' and the final norm)."""
+    model = _reference_model(family.base)
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if is_reference_norm(module) and getattr(module, "weight", None) is not None
+    }
 
 
 @pytest.mark.parametrize(
@@ -423,13 +459,20 @@ def test_merge_loads_and_merges_every_linear_with_its_hessian(
     written = set(load_file(out / "model.safetensors"))
     assert linears <= written  # mergekit's own names
     assert set(report) == written
-    # Every tensor takes a data-aware rule, or is a norm, bias or other matrix (GPT-2's position
+    # Every tensor takes a data-aware rule, or is a bias or other matrix (GPT-2's position
     # embedding) listed as fallback: the decoder linears and the head by their Hessians, the
-    # token embedding by its counts (a tied head is that tensor: it is not written).
+    # token embedding by its counts (a tied head is that tensor: it is not written), the norms
+    # by the default norm_rule (their channel energies: tests/methods/test_norms.py).
     skeleton = empty_model(transformers.AutoConfig.from_pretrained(family.base))
     embedding, head = embedding_weight_name(skeleton, written), head_weight_name(skeleton, written)
     hessian_path = "importance" if method == "sparsegpt_ties" else "regmean"
     expected = {name: hessian_path for name in linears} | {embedding: "tokens"}
+    expected |= {name: "norm-mean" for name in _norm_tensors(family)}  # norm_rule: mean
+    biases = {b for name in linears if (b := name.removesuffix(".weight") + ".bias") in written}
+    if method == "regmean":  # solved with their linears; the trimming methods' stock rule
+        expected |= dict.fromkeys(biases, "regmean")
+    else:
+        assert {report[b]["reason"] for b in biases} <= {CONSTANT_INPUT}
     if not ties_embeddings(skeleton):
         expected[head] = hessian_path
     else:
@@ -438,8 +481,9 @@ def test_merge_loads_and_merges_every_linear_with_its_hessian(
         assert report[embedding].get("rule", "tokens") == "tokens"  # the default for both
     data_aware = {name: e["path"] for name, e in report.items() if e["path"] != "fallback"}
     assert data_aware == expected
-    fallback_kinds = {e["kind"] for e in report.values() if e["path"] == "fallback"}
-    assert fallback_kinds <= {"norm or scale", "bias", "other matrix"}
+    fallbacks = {name: e["kind"] for name, e in report.items() if e["path"] == "fallback"}
+    # "norm or scale" here: GPT-NeoX's stored rotary inv_freq, a vector that is no norm's.
+    assert set(fallbacks.values()) <= {"bias", "other matrix", "norm or scale"}, fallbacks
 
 
 @pytest.mark.parametrize("name", ["gpt2", "mixtral"])
@@ -452,7 +496,10 @@ def test_regmean_through_the_merged_model_covers_conv1d_and_experts(name, tmp_pa
     assert torch.isfinite(merged(input_ids=torch.tensor([[1, 5, 9, 40, 7]])).logits).all()
     with_hessian = {tensor for tensor, entry in report.items() if entry["path"] == "regmean"}
     head = "lm_head.weight"  # GPT-2's is tied: the embedding takes both roles
-    assert with_hessian == _linear_tensors(family) | ({head} if head in report else set())
+    linears = _linear_tensors(family)
+    biases = {b for name in linears if (b := name.removesuffix(".weight") + ".bias") in report}
+    assert biases or name == "mixtral"  # GPT-2's Conv1D biases, solved with their weights
+    assert with_hessian == linears | biases | ({head} if head in report else set())
     embedding = "transformer.wte.weight" if name == "gpt2" else "model.embed_tokens.weight"
     assert report[embedding]["path"] == "tokens"
 
@@ -765,9 +812,11 @@ def test_half_precision_forward_runs_in_the_checkpoint_dtype(float32_llama, tmp_
     with _linear_input_dtypes() as seen:
         captured = _capture(path, windows)
     assert seen == {dtype}
-    in_dtype = reference_hessians(
-        AutoModelForCausalLM.from_pretrained(path, dtype=dtype), windows, "model.layers"
-    )
+    half = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    in_dtype = reference_hessians(half, windows, "model.layers")
+    # The norms' energies: from their inputs in the checkpoint's dtype, normalized in float32.
+    forward = functools.partial(half, input_ids=windows)
+    in_dtype |= reference_norm_energies(half, forward, len(windows))
     in_float32 = reference_hessians(
         AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), windows, "model.layers"
     )
@@ -782,7 +831,7 @@ def test_half_precision_forward_runs_in_the_checkpoint_dtype(float32_llama, tmp_
     # tell which one ran.
     assert any(
         (captured[n].double() - in_float32[n]).norm() / in_float32[n].norm() > 1e-4
-        for n in captured
+        for n in in_float32
     )
 
 

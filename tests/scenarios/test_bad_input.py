@@ -614,7 +614,7 @@ ROWS = [
         lambda b: b.with_model(
             b.model("inf_weights", _set_inf(DOWN.format(0))), hessian_source="finetuned"
         ),
-        r"^Model {model0}: Non-finite activations entering model\.layers\.1\.self_attn\.q_proj: "
+        r"^Model {model0}: Non-finite activations entering model\.layers\.1\.input_layernorm: "
         r"\d+ of \d+ values are non-finite \(inf/NaN\) in the float32 calibration forward "
         r"pass\. Check the checkpoint for inf/NaN weights\.$",
     ),

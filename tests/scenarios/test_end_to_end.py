@@ -46,7 +46,11 @@ def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, met
     assert "Hessians of" in first.stderr
     assert "Hessian importance: 15 tensors" in first.stderr  # 14 decoder linears and lm_head
     assert "token-count importance: 1 tensors" in first.stderr
-    assert "norm or scale: stock" in first.stderr  # the summary by tensor kind
+    # The summary by kind: the norms' default rule (sparsegpt_dare keeps its stock rule).
+    if method == "sparsegpt_ties":
+        assert "norm or scale: plain mean of the norm scales (norm_rule: mean) 5" in first.stderr
+    else:
+        assert "norm or scale: stock dare_linear 5 (norm_rule: stock)" in first.stderr
     assert f"stock {'ties' if method == 'sparsegpt_ties' else 'dare_linear'}" in first.stderr
     # sparsegpt_dare rescales its trimmed vectors: the magnitude trim it is compared with too.
     alike = "magnitude trimming at the same density: 0."

@@ -302,7 +302,8 @@ def test_model_card_names_method_densities_score_and_calibration(tiny_models, tm
     code = dict(zip(header, _table_row(section, str(tiny_models.experts["code"])), strict=True))
     assert code["density"] == "0.3"
     # 14 decoder linears and lm_head; the embedding by its token counts; 5 norms.
-    assert "Hessian importance: 15; token-count importance: 1; stock ties: 5" in section
+    rules = "Hessian importance: 15; token-count importance: 1; channel-energy importance: 0"
+    assert f"{rules}; plain mean of the norm scales (norm_rule: mean): 5; stock ties: 0" in section
 
 
 def test_model_card_for_regmean_lists_its_own_settings(tiny_models, tmp_path):

@@ -3,7 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mergekit_sparsegpt.capture.accumulate import HessianAccumulator
+from mergekit_sparsegpt.capture.accumulate import DiagonalAccumulator, HessianAccumulator
 from mergekit_sparsegpt.statistics import hessian as hessian_module
 from mergekit_sparsegpt.statistics.hessian import HessianError, hessian_statistics
 
@@ -28,6 +28,34 @@ def test_two_dimensional_input_counts_as_one_sample():
     assert accumulator.samples == 1
     expected = 2 * inputs.double().T @ inputs.double()
     torch.testing.assert_close(accumulator.hessian.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_diagonal_accumulator_is_the_diagonal_of_the_whole_one():
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 5, 4), torch.randn(2, 5, 4), torch.randn(7, 4)]
+    whole, diagonal = HessianAccumulator(4), DiagonalAccumulator(4)
+    for batch in batches:
+        whole.add_batch(batch, sequences=2 if batch.dim() == 2 else None)
+        diagonal.add_batch(batch, sequences=2 if batch.dim() == 2 else None)
+    assert diagonal.samples == whole.samples == 7
+    assert diagonal.hessian.shape == (4,)
+    torch.testing.assert_close(diagonal.hessian, torch.diagonal(whole.hessian))
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.01])
+def test_diagonal_hessian_statistics_are_those_of_the_diagonal_matrix(dampening):
+    diagonal = torch.tensor([2.0, 0.5, 0.0, 7.0])  # a dead channel
+    stats = hessian_statistics(diagonal, dampening, keep_factor=True, keep_hessian=True)
+    expected = _reference_statistics(torch.diag(diagonal), dampening)
+    for actual, reference in zip(
+        (stats.hessian_diagonal, stats.inverse_diagonal, stats.cholesky_diagonal),
+        expected,
+        strict=True,
+    ):
+        torch.testing.assert_close(actual.double(), reference, rtol=1e-5, atol=1e-7)
+    assert stats.hessian is None and stats.cholesky_factor is None  # nothing whole to keep
+    with pytest.raises(HessianError, match="non-finite"):
+        hessian_statistics(torch.tensor([1.0, float("nan")]))
 
 
 def _reference_statistics(hessian: torch.Tensor, dampening: float):
