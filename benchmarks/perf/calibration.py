@@ -242,7 +242,8 @@ def _notes(
         f"{batch_size}, {threads} torch thread(s), float32; medians of the repeats",
         "forward = model(input_ids, use_cache=False) under inference_mode, lm_head included; "
         "the pre-pass computes no logits but tokenizes, reads weights block by block, "
-        "accumulates and factorises Hessians (the head's too) and writes the cache",
+        "accumulates and factorises Hessians (the head's too), the norms' channel energies, "
+        "and writes the cache",
         "FLOPs: 2 x tokens x linear weights (lm_head included) + 4 x tokens x seq_len x hidden "
         "per layer for attention (whole score matrix, no causal halving); Hessians add "
         "2 x tokens x d_in^2 per group (q/k/v, o, gate/up, down; lm_head's); Cholesky work is "

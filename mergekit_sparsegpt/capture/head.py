@@ -241,11 +241,11 @@ class _HeadCapture:
         raise RuntimeError(f"{type(runner.model).__name__} never reached its output head")
 
     def _norm_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             if not self.after_blocks:
                 return
             check_finite_activations(args[0], name.removesuffix(".weight"), self.source)
-            inputs = normalized_input(module, args)
+            inputs = normalized_input(module, args, output)
             if name not in self.accumulators:
                 self.accumulators[name] = DiagonalAccumulator(inputs.shape[-1], inputs.device)
             self.accumulators[name].add_batch(inputs)

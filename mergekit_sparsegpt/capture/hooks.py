@@ -117,14 +117,14 @@ class HessianHooks:
         """The norm's scale multiplies its normalized input channel by channel: accumulate
         that input's per-channel energy (the diagonal of its Hessian)."""
 
-        def hook(module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             self.groups.setdefault(tensor_name, tensor_name)
             if tensor_name not in self.accumulators:
                 self.accumulators[tensor_name] = DiagonalAccumulator(
                     module.weight.shape[-1], self.device
                 )
             check_finite_activations(args[0], where, self.source)
-            inputs = normalized_input(module, args)
+            inputs = normalized_input(module, args, output)
             self.accumulators[tensor_name].add_batch(inputs, sequences=self._sequences)
             self._captured_input(tensor_name)
 
@@ -194,21 +194,28 @@ class HessianHooks:
         )
 
 
-def normalized_input(module: torch.nn.Module, args: tuple) -> torch.Tensor:
+def normalized_input(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     """What the norm's scale multiplies, in float32: its output with the scale raised by one
-    minus its output, which is that input for every norm whose output is affine in its
-    weight (RMSNorm's w * x_hat, LayerNorm's w * x_hat + b, Gemma's (1 + w) * x_hat).
+    minus its ``output``, which is that input for every norm whose output is affine in its
+    weight (RMSNorm's w * x_hat, LayerNorm's w * x_hat + b, Gemma's (1 + w) * x_hat). A float32
+    ``output`` is used as it is; a half-precision one is recomputed in float32, so that its
+    rounding does not enter x_hat."""
+    raised = _float32_forward(module, args, weight_shift=1.0)
+    if output.dtype == torch.float32:
+        return raised.sub_(output)
+    return raised.sub_(_float32_forward(module, args, weight_shift=0.0))
 
-    ``forward`` itself runs, not the module: its hooks (this one among them) stay out. Its
-    parameters are swapped for float32 copies for the two calls and put back."""
+
+def _float32_forward(module: torch.nn.Module, args: tuple, weight_shift: float) -> torch.Tensor:
+    """``module.forward`` in float32 with ``weight_shift`` added to its weight. ``forward``
+    itself runs, not the module: its hooks (the caller among them) stay out. Its parameters
+    are swapped for float32 copies for the call and put back."""
     own = dict(module._parameters)
     parameters = {name: p.float() for name, p in own.items() if p is not None}
-    inputs = (args[0].float(), *args[1:])
+    parameters["weight"] = parameters["weight"] + weight_shift
     try:
-        module._parameters.update({**parameters, "weight": parameters["weight"] + 1})
-        raised = module.forward(*inputs)
         module._parameters.update(parameters)
-        return raised - module.forward(*inputs)
+        return module.forward(args[0].float(), *args[1:])
     finally:
         module._parameters.update(own)
 
