@@ -101,14 +101,27 @@ def hessian_flops(shape: LlamaShape, tokens: int) -> float:
     return 2 * tokens * (shape.layers * per_block + shape.hidden**2)
 
 
+def diagonal_hessian_flops(shape: LlamaShape, tokens: int) -> float:
+    """Accumulating diag H += x^2 for every Hessian group, the head's included: 2 x tokens x
+    d_in each (a merge that reads only diagonals)."""
+    per_block = sum(hessian_group_widths(shape))
+    return 2 * tokens * (shape.layers * per_block + shape.hidden)
+
+
 def prepass_flop_bound_ratio(
-    shape: LlamaShape, tokens: int, seq_len: int, causal_halving: bool = False
+    shape: LlamaShape,
+    tokens: int,
+    seq_len: int,
+    causal_halving: bool = False,
+    diagonal: bool = False,
 ) -> float:
     """(forward + Hessian FLOPs) / forward FLOPs: the least the pre-pass can cost relative to a
-    forward pass doing the same arithmetic per FLOP. The Cholesky factorisations (O(d^3) per
-    group, independent of tokens) are left out, so this is a lower bound."""
+    forward pass doing the same arithmetic per FLOP (``diagonal``: accumulating diag H alone).
+    The Cholesky factorisations (O(d^3) per group, independent of tokens) and the norms'
+    O(tokens x d) energies are left out, so this is a lower bound."""
     forward = forward_flops(shape, tokens, seq_len, causal_halving)
-    return (forward + hessian_flops(shape, tokens)) / forward
+    extra = (diagonal_hessian_flops if diagonal else hessian_flops)(shape, tokens)
+    return (forward + extra) / forward
 
 
 def model_bytes(shape: LlamaShape) -> int:

@@ -46,6 +46,11 @@ class HessianAccumulator:
             self.sums[:-1].add_(rows.sum(dim=0), alpha=2 / self.samples)
             self.sums[-1] += 2 * len(rows) / self.samples
 
+    @property
+    def diagonal(self) -> torch.Tensor:
+        """diag H: finite exactly when every row added was (NaN and inf propagate)."""
+        return torch.diagonal(self.hessian)
+
     def _add_rows(self, rows: torch.Tensor, scale: float) -> None:
         # Scaled inside the product: a scaled copy of the rows would be one more batch of
         # activations (for a 7B Llama's down_proj at the default batch, 180 MiB).
@@ -61,8 +66,12 @@ class DiagonalAccumulator(HessianAccumulator):
         self.samples = 0
         self.sums = None
 
+    @property
+    def diagonal(self) -> torch.Tensor:
+        return self.hessian
+
     def _add_rows(self, rows: torch.Tensor, scale: float) -> None:
-        self.hessian.add_(rows.square().sum(dim=0), alpha=scale)
+        self.hessian.add_((rows * rows).sum(dim=0), alpha=scale)
 
 
 # Name of expert ``e``'s matrix in a fused MoE tensor: "model.layers.0.mlp.experts.down_proj[3]".
@@ -142,6 +151,9 @@ class LayerHessians:
     layouts: dict[str, TensorLayout] = field(default_factory=dict)
     # group name -> (2/n) [sum x, tokens], for the groups a linear with a bias reads
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    # groups whose H is a linear's diagonal alone (``hessians`` holds it as a vector), not a
+    # diagonal H (a norm's)
+    estimated: frozenset[str] = frozenset()
 
     def tensor_names(self) -> list[str]:
         """The checkpoint tensors these Hessians cover, in the order the forward reaches them."""

@@ -258,12 +258,14 @@ def capture_layer_hessians(
     progress: bool = True,
     resume: tuple[int, torch.Tensor] | None = None,
     block_done: Callable[[int, torch.Tensor], None] | None = None,
+    diagonal: bool = False,
 ) -> Iterator[LayerHessians]:
     """Yield each decoder block's linear-input Hessians, first block first, then the output
     head's (``capture.head``; a resumed run past the last block yields only the head's).
 
     ``load_tensor(name)`` returns a checkpoint tensor by its state-dict name; ``windows`` is
-    [samples, seq_len] token ids.
+    [samples, seq_len] token ids. ``diagonal``: every linear input's diag H alone (a vector),
+    for a merge that reads nothing else.
 
     Resuming an interrupted pre-pass: ``resume = (k, inputs)`` starts at block ``k`` with its
     saved ``inputs`` ([samples, seq_len, hidden], kept on the host, overwritten in place when in
@@ -278,11 +280,12 @@ def capture_layer_hessians(
         runner.resume({_TASK: resume[1]})
     source = error_source(load_tensor)
     for block in runner.blocks(description, progress, first):
-        with HessianHooks(block.module, block.prefix, device, source=source) as hooks:
+        hooks = HessianHooks(block.module, block.prefix, device, source=source, diagonal=diagonal)
+        with hooks:
             hidden = runner.run(block, _TASK, in_place=True)
         block.unload()
         yield hooks.result()
         del hooks  # the block's Grams: the consumer has taken them
         if block_done is not None:
             block_done(block.index, hidden)
-    yield from capture_head_hessians(runner, [_TASK], source).values()
+    yield from capture_head_hessians(runner, [_TASK], source, diagonal=diagonal).values()

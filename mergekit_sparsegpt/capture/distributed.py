@@ -250,4 +250,4 @@ def _all_reduced(layer: LayerHessians, ranks: Ranks) -> LayerHessians:
         dist.all_reduce(sums[group])
         if samples[group]:
             sums[group].div_(samples[group])
-    return LayerHessians(hessians, groups, samples, layer.layouts, sums)
+    return LayerHessians(hessians, groups, samples, layer.layouts, sums, layer.estimated)

@@ -132,10 +132,12 @@ def capture_head_hessians(
     tasks: list[Hashable],
     source: str = "",
     only: Collection[str] | None = None,
+    diagonal: bool = False,
 ) -> dict[Hashable, LayerHessians]:
     """Each task's Hessian of the output head's input, with the per-channel energies of the
     final norm's normalized input, from its current activations (the last block's outputs);
-    {} for a model without a head. ``only``: just these tensors (``head_units``); the values
+    {} for a model without a head; ``diagonal``: only the diagonal of the head's Hessian.
+    ``only``: just these tensors (``head_units``); the values
     of norms captured without the head are not loaded (nothing captured reads them). Only
     the tensors between the blocks and the head are materialised, on the runner's device, and
     released again."""
@@ -159,7 +161,7 @@ def capture_head_hessians(
     # Without the head, the captured norms' values reach nothing captured.
     zeros = {module_name(model, module) for module in norms.values()} if head_name is None else ()
     materialise(model, _zeros_for(runner, zeros), runner.device, skip=skip, dtype=runner.dtype)
-    capture = _HeadCapture(runner, head_name, norms, source)
+    capture = _HeadCapture(runner, head_name, norms, source, diagonal)
     try:
         return {task: capture.run(task) for task in tasks}
     finally:
@@ -198,8 +200,10 @@ class _HeadCapture:
         head_name: str | None,
         norms: dict[str, torch.nn.Module],
         source: str,
+        diagonal: bool = False,
     ):
         self.runner, self.head_name, self.norms, self.source = runner, head_name, norms, source
+        self.diagonal = diagonal
 
     def run(self, task: Hashable) -> LayerHessians:
         runner = self.runner
@@ -228,6 +232,7 @@ class _HeadCapture:
             hessians={name: acc.hessian for name, acc in self.accumulators.items()},
             groups={name: name for name in self.accumulators},
             samples={name: acc.samples for name, acc in self.accumulators.items()},
+            estimated=frozenset({self.head_name} if self.diagonal and self.head_name else ()),
         )
 
     def _run_batch(self, batch: torch.Tensor) -> None:
@@ -244,11 +249,13 @@ class _HeadCapture:
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             if not self.after_blocks:
                 return
-            check_finite_activations(args[0], name.removesuffix(".weight"), self.source)
             inputs = normalized_input(module, args, output)
             if name not in self.accumulators:
                 self.accumulators[name] = DiagonalAccumulator(inputs.shape[-1], inputs.device)
-            self.accumulators[name].add_batch(inputs)
+            accumulator = self.accumulators[name]
+            accumulator.add_batch(inputs)
+            where = name.removesuffix(".weight")
+            check_finite_activations(args[0], where, self.source, accumulator.diagonal)
 
         return hook
 
@@ -260,10 +267,11 @@ class _HeadCapture:
                 f"{tuple(inputs.shape)}, not the last block's {tuple(self.expected)}"
             )
         if self.head_name is not None:
-            check_finite_activations(inputs, f"the output head {self.head_name}", self.source)
             if self.head_name not in self.accumulators:
-                self.accumulators[self.head_name] = HessianAccumulator(
-                    inputs.shape[-1], self.runner.device
-                )
-            self.accumulators[self.head_name].add_batch(inputs)
+                kind = DiagonalAccumulator if self.diagonal else HessianAccumulator
+                self.accumulators[self.head_name] = kind(inputs.shape[-1], self.runner.device)
+            accumulator = self.accumulators[self.head_name]
+            accumulator.add_batch(inputs)
+            where = f"the output head {self.head_name}"
+            check_finite_activations(inputs, where, self.source, accumulator.diagonal)
         raise _StopAtHead

@@ -43,6 +43,7 @@ class HessianHooks:
         only: Collection[str] | None = None,
         source: str = "",
         stop_when_captured: bool = False,
+        diagonal: bool = False,
     ):
         self.layer = layer
         self.layer_prefix = layer_prefix
@@ -59,6 +60,8 @@ class HessianHooks:
         self._sequences = 0  # sequences in the block's current batch
         self._seen: list[tuple[torch.Tensor, str]] = []  # inputs met in the current block call
         self.stop_when_captured = stop_when_captured
+        # Only diag H of every linear input: a merge that reads nothing else (issue 17).
+        self.diagonal = diagonal
         self._captured: set[str] = set()  # tensors that took their input in this block call
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -123,9 +126,9 @@ class HessianHooks:
                 self.accumulators[tensor_name] = DiagonalAccumulator(
                     module.weight.shape[-1], self.device
                 )
-            check_finite_activations(args[0], where, self.source)
-            inputs = normalized_input(module, args, output)
-            self.accumulators[tensor_name].add_batch(inputs, sequences=self._sequences)
+            accumulator = self.accumulators[tensor_name]
+            accumulator.add_batch(normalized_input(module, args, output), self._sequences)
+            check_finite_activations(args[0], where, self.source, accumulator.diagonal)
             self._captured_input(tensor_name)
 
         return hook
@@ -158,10 +161,11 @@ class HessianHooks:
         self._accumulate(matrix, inputs, where)
 
     def _accumulate(self, group: str, inputs: torch.Tensor, where: str, sums: bool = False) -> None:
-        check_finite_activations(inputs, where, self.source)
         if group not in self.accumulators:
-            self.accumulators[group] = HessianAccumulator(inputs.shape[-1], self.device, sums)
-        self.accumulators[group].add_batch(inputs, sequences=self._sequences)
+            self.accumulators[group] = self._linear_accumulator(inputs.shape[-1], sums)
+        accumulator = self.accumulators[group]
+        accumulator.add_batch(inputs, sequences=self._sequences)
+        check_finite_activations(inputs, where, self.source, accumulator.diagonal)
 
     def _group_of(self, inputs: torch.Tensor, matrix: str) -> str:
         for seen, group in self._seen:
@@ -174,11 +178,14 @@ class HessianHooks:
         # A matrix that never ran (e.g. an expert no token was routed to) gets an all-zero
         # Hessian and 0 samples: every column counts as dead, so its entries are ranked by |tau|.
         for name, tensor in self.tensors.items():
-            accumulator = DiagonalAccumulator if tensor.kind == "norm" else HessianAccumulator
             for matrix in tensor.layout.matrix_names(name):
                 if matrix not in self.groups:
                     self.groups[matrix] = matrix
-                    self.accumulators[matrix] = accumulator(tensor.columns, self.device)
+                    self.accumulators[matrix] = (
+                        DiagonalAccumulator(tensor.columns, self.device)
+                        if tensor.kind == "norm"
+                        else self._linear_accumulator(tensor.columns)
+                    )
         samples = {name: acc.samples for name, acc in self.accumulators.items()}
         samples.update({matrix: 0 for matrix, tokens in self.routed.items() if not tokens})
         return LayerHessians(
@@ -191,7 +198,19 @@ class HessianHooks:
                 if tensor.layout != TensorLayout()
             },
             sums={name: a.sums for name, a in self.accumulators.items() if a.sums is not None},
+            estimated=frozenset(self._estimated),
         )
+
+    def _linear_accumulator(self, columns: int, sums: bool = False) -> HessianAccumulator:
+        """A linear input's accumulator: its whole H, or with ``diagonal`` its diagonal."""
+        if self.diagonal:
+            return DiagonalAccumulator(columns, self.device)
+        return HessianAccumulator(columns, self.device, sums)
+
+    @property
+    def _estimated(self) -> set[str]:
+        norms = {name for name, tensor in self.tensors.items() if tensor.kind == "norm"}
+        return set(self.accumulators) - norms if self.diagonal else set()
 
 
 def normalized_input(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -243,8 +262,15 @@ def error_source(load_tensor: TensorSource) -> str:
     return f"Model {model}: " if model is not None else ""
 
 
-def check_finite_activations(inputs: torch.Tensor, where: str, source: str = "") -> None:
-    """Inf/NaN inputs would make the Hessian non-finite; say where they first appear."""
+def check_finite_activations(
+    inputs: torch.Tensor, where: str, source: str = "", accumulated: torch.Tensor | None = None
+) -> None:
+    """Inf/NaN inputs would make the Hessian non-finite; say where they first appear.
+
+    ``accumulated``: the diagonal they were just added to, finite exactly when they all were
+    (short of float32 overflow), so a pass over the activations is needed only when it is not."""
+    if accumulated is not None and torch.isfinite(accumulated).all():
+        return
     finite = torch.isfinite(inputs)
     if finite.all():
         return

@@ -60,6 +60,11 @@ class PluginMethod(GroupMergeMethod):
     def keeps_factors(self, shared: Mapping[str, Any]) -> bool:
         """Whether a tensor with these merge-wide values needs the Hessians' Cholesky factors."""
 
+    def reads_only_diagonals(self, shared: Mapping[str, Any]) -> bool:
+        """Whether a tensor with these merge-wide values reads nothing of its Hessians but
+        their diagonals (the pre-pass then accumulates only those)."""
+        return False
+
     @abstractmethod
     def check_shared(self, shared: dict[str, Any]) -> None:
         """Refuse a merge-wide value out of range, with a message that says why."""

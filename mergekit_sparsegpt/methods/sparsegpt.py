@@ -50,6 +50,7 @@ from mergekit_sparsegpt.methods.tokens import (
     counts_as_linear,
 )
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics, TokenStatistics
+from mergekit_sparsegpt.trim.importance import DEFAULT_IMPORTANCE, DIAGONAL_IMPORTANCES
 from mergekit_sparsegpt.trim.trim import trim_task_vectors
 
 # How the trimmed task vectors are combined: mergekit's own mean ("mean"), or each model weighted
@@ -114,6 +115,12 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
 
     def keeps_factors(self, shared: Mapping[str, Any]) -> bool:
         return bool(shared.get("compensate", False))
+
+    def reads_only_diagonals(self, shared: Mapping[str, Any]) -> bool:
+        """``wanda`` without ``compensate``: the score, the energy mean, the token and norm
+        rules and the report's error estimate read diag H alone."""
+        importance = shared.get("importance", DEFAULT_IMPORTANCE)
+        return not shared.get("compensate", False) and importance in DIAGONAL_IMPORTANCES
 
     def check_shared(self, shared: dict[str, Any]) -> None:
         check_trim(shared)

@@ -61,7 +61,7 @@ def export_statistics(
     for folder in folders.values():
         check_writable_target(folder)
     settings = resolve_seq_len(settings, tasks, options, ranks)
-    settings = dataclasses.replace(settings, keep_hessians=True)
+    settings = dataclasses.replace(settings, keep_hessians=True, diagonal=False)
     windows = all_task_windows(tasks, settings, options)
     for task in tqdm(tasks, desc="Exporting tasks", disable=options.quiet or not ranks.main):
         _export_task(task, windows[task.key], settings, options, ranks, folders[task.key])

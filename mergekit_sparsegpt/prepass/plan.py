@@ -32,6 +32,9 @@ class PrepassSettings:
     cache_dir: str | None
     keep_factors: bool  # compensation needs the whole Cholesky factor of every H^-1
     keep_hessians: bool  # RegMean needs every whole (undamped) H
+    # Every consumer reads only diag H (wanda, combine, the report's estimate): the pre-pass
+    # accumulates nothing more.
+    diagonal: bool = False
 
 
 @dataclass(frozen=True)

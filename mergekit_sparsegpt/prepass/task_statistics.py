@@ -145,6 +145,7 @@ def _task_payload(
         dampening=settings.dampening,
         factors=settings.keep_factors,
         hessians=settings.keep_hessians,
+        diagonal=settings.diagonal,
     )
 
 
@@ -233,6 +234,7 @@ def compute_statistics(
         progress=not options.quiet and ranks.main,
         description=description,
         resume=(resumed.next_block, resumed.activations) if resumed else None,
+        diagonal=settings.diagonal,
         block_done=(
             (lambda index, outputs: checkpoint.block_finished(index, outputs, statistics))
             if checkpoint and checkpoint.resumable

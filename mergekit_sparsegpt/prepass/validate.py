@@ -153,6 +153,7 @@ def validate_parameters(planned: list[PlannedTensor], method: PluginMethod) -> P
         **values,
         keep_factors=any(method.keeps_factors(tensor.shared) for tensor in planned),
         keep_hessians=method.keeps_hessians,
+        diagonal=all(method.reads_only_diagonals(tensor.shared) for tensor in planned),
     )
     _check_settings(settings)
     if settings.hessian_source == MERGED:

@@ -32,8 +32,10 @@ def usage_summary(method_name: str, context: MergeContext) -> str:
         ours = sum(e["relative_output_error"] for e in entries) / len(entries)
         magnitude = sum(e["magnitude_relative_output_error"] for e in entries) / len(entries)
         alike = ", both L1-rescaled" if any(e["rescaled"] for e in entries) else ""
+        diagonal = all(e.get("error_estimate") == "diagonal" for e in entries)
+        estimate = "estimated from diag H" if diagonal else "estimated from H"
         lines.append(
-            f"  relative output error of the trimmed task vectors (mean, Hessian estimate): "
+            f"  relative output error of the trimmed task vectors (mean, {estimate}): "
             f"{ours:.4f}, magnitude trimming at the same density: {magnitude:.4f}{alike}"
         )
         lines.append(f"  per-tensor details: {REPORT_FILE} in the output directory")

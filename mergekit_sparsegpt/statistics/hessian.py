@@ -22,6 +22,9 @@ DAMPING_LADDER = (0.01, 0.1, 1.0)
 # The ``inverse_path`` of the statistics of a diagonal H (a norm's): these vectors are all its
 # statistics, with no matrix to keep or export.
 DIAGONAL = "diagonal"
+# ... and of a linear whose whole H was not accumulated, only its diagonal: the inverse's
+# diagonals are those of diag(H)^-1, which no score that reads H^-1 may use.
+DIAGONAL_ONLY = "diagonal only"
 # The whole-matrix fields of ``HessianStatistics``, kept only on request: O(columns^2) each.
 OPTIONAL_MATRICES = ("cholesky_factor", "hessian")
 
@@ -81,7 +84,13 @@ class HessianStatistics:
 
     @property
     def is_diagonal(self) -> bool:
-        return self.inverse_path == DIAGONAL
+        """Whether only vectors exist (a diagonal H, or a linear's diag H alone)."""
+        return self.inverse_path in (DIAGONAL, DIAGONAL_ONLY)
+
+    @property
+    def is_estimate(self) -> bool:
+        """Whether H^-1's diagonals are those of diag(H)^-1, not of the whole H^-1."""
+        return self.inverse_path == DIAGONAL_ONLY
 
     def tensors(self) -> dict[str, torch.Tensor]:
         vectors = {
@@ -100,15 +109,18 @@ def hessian_statistics(
     dampening: float = 0.01,
     keep_factor: bool = False,
     keep_hessian: bool = False,
+    estimated: bool = False,
 ) -> HessianStatistics:
     """Dead columns -> 1, relative damping, Cholesky of H^-1; escalate damping, then pinv.
 
-    A 1-D ``hessian`` is the diagonal of a diagonal H (a norm's scale: each weight reads one
-    channel): its statistics are exact and hold no matrix, whatever is asked to be kept."""
+    A 1-D ``hessian`` is the diagonal of H: exact statistics of a diagonal H (a norm's scale:
+    each weight reads one channel), or, ``estimated``, a linear's diag H alone; either way they
+    hold no matrix, whatever is asked to be kept."""
     if hessian.dim() == 1:
         if not torch.isfinite(hessian).all():
             raise HessianError("Hessian has non-finite entries (inf/NaN activations)")
-        return diagonal_statistics(hessian, dampening)
+        statistics = diagonal_statistics(hessian, dampening)
+        return replace(statistics, inverse_path=DIAGONAL_ONLY) if estimated else statistics
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise HessianError(f"Hessian must be square, got shape {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():

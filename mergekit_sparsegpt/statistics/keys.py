@@ -29,6 +29,9 @@ FORMAT_VERSION = 6  # bump whenever the statistics a given key maps to change (3
 # flags an entry holds only H, the factor being recomputed from it bit for bit; entries written
 # with both matrices stored serve the same key, so the format version stayed.
 OPTIONAL_CONTENTS = ("factors", "hessians")
+# Payload flag of an entry whose linears have only diag H (a merge that reads nothing else):
+# absent from entries of whole Hessians, which serve such a merge too, never the reverse.
+DIAGONAL = "diagonal"
 # Bytes hashed from each weight file: the start (safetensors header), the end, and evenly spaced
 # samples between; reading whole multi-GB checkpoints would cost more than the pre-pass.
 _FINGERPRINT_CHUNK = 1 << 16
@@ -93,6 +96,7 @@ def statistics_payload(
     dampening: float,
     factors: bool,
     hessians: bool,
+    diagonal: bool = False,
     **identity: Any,
 ) -> dict[str, Any]:
     """The payload of one entry: ``identity`` names the forward model (``model``, or the merge
@@ -108,12 +112,17 @@ def statistics_payload(
         "dampening": dampening,
         "factors": factors,
         "hessians": hessians,
+        **({DIAGONAL: True} if diagonal else {}),
     }
 
 
 def serving_payloads(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """The payloads whose entries can serve ``payload``: itself first, then every entry that
+    holds more: for a diagonal-only one, the entries of whole Hessians; and every entry that
     also holds optional matrices ``payload`` does not ask for (fewest extras first)."""
+    if payload.get(DIAGONAL):
+        whole = {key: value for key, value in payload.items() if key != DIAGONAL}
+        return [payload, *serving_payloads(whole)]
     missing = [flag for flag in OPTIONAL_CONTENTS if not payload.get(flag)]
     extras = [
         {flag: True for flag, take in zip(missing, choice, strict=True) if take}

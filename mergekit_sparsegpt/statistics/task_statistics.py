@@ -147,7 +147,11 @@ class TaskStatistics:
             try:
                 # Inverting on the capture device: a 11008-column Cholesky is slow on a CPU.
                 stats = hessian_statistics(
-                    hessian, dampening, keep_factor=keep_factors, keep_hessian=keep_hessians
+                    hessian,
+                    dampening,
+                    keep_factor=keep_factors,
+                    keep_hessian=keep_hessians,
+                    estimated=group in layer.estimated,
                 ).cpu()
             except HessianError as error:
                 raise HessianError(f"Hessian of {group}: {error}") from None

@@ -30,6 +30,9 @@ COLUMN_WEIGHTS: dict[str, ColumnWeight] = {
     "design_note": lambda stats: stats.inverse_diagonal.square().reciprocal(),
 }
 
+# The scores that read only diag H: a merge using nothing else needs no whole Hessian.
+DIAGONAL_IMPORTANCES = frozenset({"wanda"})
+
 # Chosen by the measurement in docs/how-it-works.md: with task vectors trimmed
 # and *not* re-fitted, the no-update cost is the quantity a trim actually pays.
 DEFAULT_IMPORTANCE = "wanda"
@@ -47,6 +50,12 @@ def importance_scores(
     task_vector: torch.Tensor, statistics: HessianStatistics, importance: str
 ) -> torch.Tensor:
     """Score every entry of a W[out, in] task vector; float32, same shape."""
+    if statistics.is_estimate and validate_importance(importance) not in DIAGONAL_IMPORTANCES:
+        raise ValueError(
+            f"importance {importance!r} reads H^-1, but these statistics hold only diag H (a "
+            "merge that read nothing else computed them); the pre-pass computes whole ones for "
+            "this merge: delete that cache entry if it was used"
+        )
     column_weight = COLUMN_WEIGHTS[validate_importance(importance)](statistics)
     if task_vector.dim() != 2 or task_vector.shape[1] != column_weight.numel():
         raise ValueError(

@@ -62,6 +62,10 @@ def test_forward_and_hessian_flops_match_a_hand_count() -> None:
     assert formulas.hessian_flops(HAND_SHAPE, tokens=6) == hessians == 11520
     bound = formulas.prepass_flop_bound_ratio(HAND_SHAPE, 6, 3)
     assert bound == pytest.approx((15936 + 11520) / 15936)
+    # diag H alone: 2 x 6 x (2 x (8 + 8 + 8 + 16) + 8).
+    assert formulas.diagonal_hessian_flops(HAND_SHAPE, tokens=6) == 2 * 6 * (2 * 40 + 8) == 1056
+    diagonal = formulas.prepass_flop_bound_ratio(HAND_SHAPE, 6, 3, diagonal=True)
+    assert diagonal == pytest.approx((15936 + 1056) / 15936)
 
 
 def test_working_set_terms_match_a_hand_count() -> None:
@@ -207,6 +211,7 @@ def test_quick_calibration_part_runs(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "calibration.json").read_text(encoding="utf-8"))
     assert {row["verdict"] for row in written["rows"]} <= {PASS, MISS, ""}
     assert len(written["data"]["seconds"]["cached"]) == 1
+    assert len(written["data"]["seconds"]["whole"]) == 1  # the whole-H pre-pass beside it
     assert "pre-pass" in (tmp_path / "results.txt").read_text(encoding="utf-8")
 
 

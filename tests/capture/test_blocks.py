@@ -100,6 +100,31 @@ def test_layer_by_layer_equals_hooks_on_full_forward(full_model):
             assert layer.samples[group] == 10
 
 
+def test_diagonal_capture_is_the_diagonal_of_the_whole_one(full_model):
+    """``diagonal``: every linear input (the head's too) keeps diag H alone, marked estimated;
+    the norms' energies are the same either way."""
+    windows = torch.randint(0, 97, (6, 16), generator=torch.Generator().manual_seed(4))
+    state = full_model.state_dict()
+    whole, diagonal = (
+        list(capture_layer_hessians(empty_model(_config()), state.__getitem__, windows, **kw))
+        for kw in ({"batch_size": 4}, {"batch_size": 4, "diagonal": True})
+    )
+    assert len(whole) == len(diagonal) == 4
+    for full, small in zip(whole, diagonal, strict=True):
+        assert (full.groups, full.samples) == (small.groups, small.samples)
+        assert not full.estimated
+        for group, hessian in full.hessians.items():
+            if hessian.dim() == 1:  # a norm's
+                assert torch.equal(small.hessians[group], hessian)
+                assert group not in small.estimated
+            else:
+                assert group in small.estimated
+                torch.testing.assert_close(
+                    small.hessians[group], torch.diagonal(hessian), rtol=1e-5, atol=1e-5
+                )
+    assert "lm_head.weight" in diagonal[-1].estimated
+
+
 def test_only_one_block_is_materialised_at_a_time(full_model):
     state = full_model.state_dict()
     skeleton = empty_model(_config())

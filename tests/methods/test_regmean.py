@@ -404,5 +404,8 @@ def test_cache_entry_with_hessians_serves_a_trim_only_merge_but_not_the_reverse(
         tmp_path / "ties_second",
     )
     assert len(computed) == 6  # served by the entries holding Hessians
+    # The first read diag H accumulated alone, the second the whole H's diagonal: equal up to
+    # float rounding (the kept entries: tests/prepass/test_prepass_task_statistics.py).
     first, second = _weights(tmp_path / "ties_first"), _weights(tmp_path / "ties_second")
-    assert all(torch.equal(first[name], second[name]) for name in first)
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, rtol=1e-4, atol=1e-6, msg=name)

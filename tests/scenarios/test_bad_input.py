@@ -791,7 +791,7 @@ def test_not_positive_definite_falls_back_to_the_pseudo_inverse(
     tiny_models, tmp_path, monkeypatch, capsys
 ):
     bad = Bad(tiny_models, tmp_path, monkeypatch)
-    config = bad.config()
+    config = bad.config(importance="obs")  # reads H^-1: the whole H is factorised
     _cholesky_always_fails(monkeypatch)
     _merge(config, tmp_path / "out", quiet=False)
     stderr = capsys.readouterr().err

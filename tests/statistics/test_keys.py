@@ -27,6 +27,28 @@ def test_entries_holding_more_matrices_serve_a_merge_needing_fewer():
     assert len(keys) == 4
 
 
+def test_whole_entries_serve_a_diagonal_merge_and_never_the_reverse():
+    diagonal = {**PAYLOAD, "factors": False, "hessians": False, cache_keys.DIAGONAL: True}
+    whole = {key: value for key, value in diagonal.items() if key != cache_keys.DIAGONAL}
+    served_by = cache_keys.serving_payloads(diagonal)
+    assert served_by[0] == diagonal
+    assert served_by[1:] == cache_keys.serving_payloads(whole)  # whole ones, fewest extras first
+    assert not any(p.get(cache_keys.DIAGONAL) for p in cache_keys.serving_payloads(whole))
+    assert cache_keys.cache_key(diagonal) != cache_keys.cache_key(whole)
+    built = cache_keys.statistics_payload(
+        weights="w",
+        config="c",
+        tokens="t",
+        token_shape=[1, 2],
+        dampening=0.01,
+        factors=False,
+        hessians=False,
+        diagonal=True,
+        model="m",
+    )
+    assert built[cache_keys.DIAGONAL] is True
+
+
 def test_key_changes_with_every_payload_field():
     keys = {cache_keys.cache_key(PAYLOAD)}
     for field, value in [

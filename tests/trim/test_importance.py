@@ -107,3 +107,16 @@ def test_row_selection_keeps_top_fraction_of_every_row(density):
 def test_unknown_selection_is_an_error():
     with pytest.raises(ValueError, match="Unknown selection 'block'"):
         top_density_mask(torch.rand(2, 2), 0.5, selection="block")
+
+
+@pytest.mark.parametrize("importance", ["obs", "sparsegpt", "design_note"])
+def test_scores_that_read_the_inverse_refuse_diagonal_only_statistics(importance):
+    """A linear's diag H alone gives diag(H)^-1, not diag(H^-1): never used for those scores."""
+    estimated = hessian_statistics(torch.tensor([2.0, 1.0, 3.0]), estimated=True)
+    tau = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="hold only diag H"):
+        importance_scores(tau, estimated, importance)
+    wanda = importance_scores(tau, estimated, "wanda")
+    torch.testing.assert_close(wanda, torch.tensor([[2.0, 1.0, 3.0]] * 2))
+    exact = hessian_statistics(torch.tensor([2.0, 1.0, 3.0]))  # a norm's: exactly diagonal
+    assert importance_scores(tau, exact, importance).shape == (2, 3)
