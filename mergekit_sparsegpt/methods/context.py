@@ -47,9 +47,10 @@ class MergeContext:
     merged: MergedLinears | None = None
     # Where the base model keeps its token embedding and head: the report's tensor kinds.
     roles: ModelRoles | None = None
-    # The merge's tensors and every model's tensors by name: for a tensor solved together with
-    # another (a linear's weight and bias), whose kernel reads both.
-    planned_names: frozenset[str] = frozenset()
+    # Every output tensor's inputs (model -> its own tensor name, which differs under slices)
+    # and a reader of every model's tensors: for a tensor solved together with another (a
+    # linear's weight and bias), whose kernel reads both.
+    planned_inputs: dict[str, dict[ModelReference, str]] = field(default_factory=dict)
     read_tensor: Callable[[ModelReference, str], torch.Tensor] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -94,12 +95,12 @@ class MergeContext:
     def partner_tensors(
         self, output_name: str, models: Iterable[ModelReference]
     ) -> dict[ModelReference, torch.Tensor] | None:
-        """Every model's tensor ``output_name`` (its own name under slices); None when the merge
-        has no such tensor or no reader."""
-        if output_name not in self.planned_names or self.read_tensor is None:
+        """Every model's input to output tensor ``output_name`` (its own name under slices);
+        None when the merge has no such tensor or no reader."""
+        inputs = self.planned_inputs.get(output_name)
+        if inputs is None or self.read_tensor is None:
             return None
-        names = self.hessian_inputs.get(output_name, {})
-        return {m: self.read_tensor(m, names.get(m, output_name)) for m in models}
+        return {model: self.read_tensor(model, inputs[model]) for model in models}
 
     def record(
         self,

@@ -209,7 +209,7 @@ class JointPass:
             hessian_inputs,
             tasks=self.statistics,
             roles=self.roles,
-            planned_names=frozenset(self.planned_names),
+            planned_inputs={tensor.output_name: tensor.inputs for tensor in self.planned},
             read_tensor=lambda model, name: self.readers[model](name).to(torch.float32),
         )
         device = self.ranks.device(self.options.device)

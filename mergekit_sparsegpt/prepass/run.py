@@ -90,7 +90,7 @@ def _prepare_statistics(
         hessian_inputs,
         card_facts=facts,
         roles=_roles(planned, options),
-        planned_names=frozenset(tensor.output_name for tensor in planned),
+        planned_inputs={tensor.output_name: tensor.inputs for tensor in planned},
         read_tensor=lambda model, name: readers[model](name).to(torch.float32),
     )
     per_task = per_task_reason(method, planned, settings, tasks)

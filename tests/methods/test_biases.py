@@ -58,7 +58,10 @@ def _context(tensors, conv1d: bool, with_bias: bool = True) -> MergeContext:
     return MergeContext(
         hessian_inputs={},
         tasks=tasks,
-        planned_names=frozenset({WEIGHT, BIAS} if with_bias else {WEIGHT}),
+        planned_inputs={
+            name: {model: name for model in ("base", *WEIGHTS)}
+            for name in ((WEIGHT, BIAS) if with_bias else (WEIGHT,))
+        },
         read_tensor=lambda model, name: tensors[model][name],
     )
 
@@ -104,6 +107,21 @@ def test_weight_and_bias_are_the_joint_least_squares_merge(conv1d):
     assert context.report[WEIGHT]["with_bias"] == BIAS
     assert (context.report[BIAS]["path"], context.report[BIAS]["kind"]) == ("regmean", "bias")
     assert context.report[BIAS]["with_weight"] == WEIGHT
+
+
+def test_the_other_tensor_is_read_under_each_models_own_name():
+    """Under slices a model's input to an output tensor has another name (another layer):
+    the partner is read by that name, as mergekit reads the tensor itself."""
+    tensors = _tensors(False)
+    expected = _merge("regmean", _context(tensors, False), tensors, BIAS)
+    moved = {m: dict(t) for m, t in tensors.items()}
+    own = {name: name.replace("layers.0", "layers.3") for name in (WEIGHT, BIAS)}
+    moved["c"] = {own[name]: value for name, value in tensors["c"].items()}
+    context = _context(moved, False)
+    for name in (WEIGHT, BIAS):
+        context.planned_inputs[name]["c"] = own[name]
+    group_tensors = {**tensors, "c": tensors["c"]}  # the kernel's own group is unchanged
+    assert torch.equal(_merge("regmean", context, group_tensors, BIAS), expected)
 
 
 def test_without_its_bias_in_the_merge_the_weight_is_solved_alone():
