@@ -21,7 +21,7 @@ import torch
 
 from mergekit_sparsegpt.methods.context import LinearBias
 from mergekit_sparsegpt.methods.solve import Solve, regmean_delta
-from mergekit_sparsegpt.statistics.hessian import HessianStatistics
+from mergekit_sparsegpt.statistics.hessian import DIAGONAL, HessianStatistics
 from mergekit_sparsegpt.statistics.task_statistics import TensorStatistics
 
 # Why the trimming methods take their stock rule for a linear's bias.
@@ -39,7 +39,9 @@ def missing_sums(statistics: Mapping[Any, TensorStatistics | None]) -> bool:
 
 def bias_refusal(linear: LinearBias, weights_read: bool) -> str | None:
     """Why a bias cannot be solved with its weight (None: it can)."""
-    if any(s is not None and s.matrices[0].is_diagonal for s in linear.statistics.values()):
+    if any(
+        s is not None and s.matrices[0].inverse_path == DIAGONAL for s in linear.statistics.values()
+    ):
         return "a norm's bias: its channel sums are not captured"
     if missing_sums(linear.statistics):
         return f"the input sums of {linear.weight} were not captured"

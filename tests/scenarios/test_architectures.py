@@ -471,6 +471,9 @@ def test_merge_loads_and_merges_every_linear_with_its_hessian(
     biases = {b for name in linears if (b := name.removesuffix(".weight") + ".bias") in written}
     if method == "regmean":  # solved with their linears; the trimming methods' stock rule
         expected |= dict.fromkeys(biases, "regmean")
+        norms = {n.removesuffix(".weight") + ".bias" for n in _norm_tensors(family)} & written
+        reasons = {report[b]["reason"] for b in norms}  # LayerNorm's: no statistics
+        assert reasons <= {"a norm's bias: its channel sums are not captured"}
     else:
         assert {report[b]["reason"] for b in biases} <= {CONSTANT_INPUT}
     if not ties_embeddings(skeleton):
