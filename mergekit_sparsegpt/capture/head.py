@@ -25,13 +25,14 @@ from mergekit_sparsegpt.capture.accumulate import (
     LayerHessians,
 )
 from mergekit_sparsegpt.capture.architecture import is_norm
-from mergekit_sparsegpt.capture.hooks import check_finite_activations, normalized_input
+from mergekit_sparsegpt.capture.hooks import add_normalized_input, check_finite_activations
 from mergekit_sparsegpt.capture.model import (
     BlockStandIn,
     TensorSource,
     materialise,
     module_name,
     release,
+    with_zeros,
 )
 
 
@@ -181,12 +182,7 @@ def _final_norms(runner: BlockRunner, stored: Collection[str]) -> dict[str, torc
 def _zeros_for(runner: BlockRunner, modules: Collection[str | None]) -> TensorSource:
     """The runner's tensors, with zeros for the weights of ``modules``."""
     names = {f"{module}.weight" for module in modules if module is not None}
-    shapes = {name: runner.model.get_parameter(name).shape for name in names}
-
-    def load(name: str) -> torch.Tensor:
-        return torch.zeros(shapes[name]) if name in shapes else runner.load_tensor(name)
-
-    return load
+    return with_zeros(runner.load_tensor, {n: runner.model.get_parameter(n).shape for n in names})
 
 
 class _HeadCapture:
@@ -249,13 +245,11 @@ class _HeadCapture:
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             if not self.after_blocks:
                 return
-            inputs = normalized_input(module, args, output)
             if name not in self.accumulators:
-                self.accumulators[name] = DiagonalAccumulator(inputs.shape[-1], inputs.device)
-            accumulator = self.accumulators[name]
-            accumulator.add_batch(inputs)
+                channels = module.weight.shape[-1]
+                self.accumulators[name] = DiagonalAccumulator(channels, self.runner.device)
             where = name.removesuffix(".weight")
-            check_finite_activations(args[0], where, self.source, accumulator.diagonal)
+            add_normalized_input(self.accumulators[name], module, args, output, where, self.source)
 
         return hook
 

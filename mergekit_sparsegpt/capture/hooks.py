@@ -127,8 +127,9 @@ class HessianHooks:
                     module.weight.shape[-1], self.device
                 )
             accumulator = self.accumulators[tensor_name]
-            accumulator.add_batch(normalized_input(module, args, output), self._sequences)
-            check_finite_activations(args[0], where, self.source, accumulator.diagonal)
+            add_normalized_input(
+                accumulator, module, args, output, where, self.source, self._sequences
+            )
             self._captured_input(tensor_name)
 
         return hook
@@ -223,6 +224,21 @@ def normalized_input(module: torch.nn.Module, args: tuple, output: torch.Tensor)
     if output.dtype == torch.float32:
         return raised.sub_(output)
     return raised.sub_(_float32_forward(module, args, weight_shift=0.0))
+
+
+def add_normalized_input(
+    accumulator: HessianAccumulator,
+    module: torch.nn.Module,
+    args: tuple,
+    output: torch.Tensor,
+    where: str,
+    source: str = "",
+    sequences: int | None = None,
+) -> None:
+    """Add a norm call's normalized input to ``accumulator``; a non-finite input of the norm is
+    refused, named ``where``."""
+    accumulator.add_batch(normalized_input(module, args, output), sequences)
+    check_finite_activations(args[0], where, source, accumulator.diagonal)
 
 
 def _float32_forward(module: torch.nn.Module, args: tuple, weight_shift: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from mergekit_sparsegpt.capture.distributed import (
 )
 from mergekit_sparsegpt.capture.head import capture_head_hessians, head_units
 from mergekit_sparsegpt.capture.hooks import HessianHooks
-from mergekit_sparsegpt.capture.model import TensorSource
+from mergekit_sparsegpt.capture.model import TensorSource, with_zeros
 
 # Tensor name -> merged value, for the tensors of one merge unit (``merge_group`` below).
 MergedWeights = dict[str, torch.Tensor]
@@ -107,17 +107,13 @@ def _zeros_for_hooked(
 ) -> TensorSource:
     """``load_tensor``, with zeros for the block's hooked tensors and their modules' biases
     (merged with them): not merged yet."""
-    shapes = {}
+    shapes: dict[str, torch.Size] = {}
     for name, tensor in hooked_tensors(layer).items():
         shapes[f"{layer_prefix}.{name}"] = layer.get_parameter(name).shape
         bias = getattr(tensor.module, "bias", None)
         if isinstance(bias, torch.nn.Parameter) and tensor.kind == "input":
             shapes[f"{layer_prefix}.{tensor.module_name}.bias"] = bias.shape
-
-    def load_block_tensor(name: str) -> torch.Tensor:
-        return torch.zeros(shapes[name]) if name in shapes else load_tensor(name)
-
-    return load_block_tensor
+    return with_zeros(load_tensor, shapes)
 
 
 def _merge_units(runner: _BlockRunner, block: _Block) -> list[list[str]]:

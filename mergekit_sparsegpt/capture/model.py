@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +39,16 @@ class BlockStandIn(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "block"), name)
+
+
+def with_zeros(load_tensor: TensorSource, shapes: Mapping[str, torch.Size]) -> TensorSource:
+    """``load_tensor``, with zeros for the tensors ``shapes`` names: tensors of a merge not
+    built yet, whose values reach nothing the pass captures."""
+
+    def load(name: str) -> torch.Tensor:
+        return torch.zeros(shapes[name]) if name in shapes else load_tensor(name)
+
+    return load
 
 
 def module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
