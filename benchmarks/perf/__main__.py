@@ -1,6 +1,8 @@
-"""Performance benchmark: pre-pass speed, pre-pass memory across depths, merge phase.
+"""Performance benchmark: pre-pass speed, in process and as whole processes, pre-pass memory
+across depths, merge phase.
 
-    python -m benchmarks.perf [--out DIR] [--quick] [--only calibration,depth,merge,experts]
+    python -m benchmarks.perf [--out DIR] [--quick]
+                              [--only calibration,process,depth,merge,experts]
                               [--size quick|medium|full] [--repeats N] [--threads N]
 
 Run from the repository root. Builds random-weight Llama checkpoints under DIR/models/ (once;
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from benchmarks.perf import calibration, depth, experts, merge
+from benchmarks.perf import calibration, depth, experts, merge, process
 from benchmarks.perf.models import (
     FULL,
     MEDIUM,
@@ -33,7 +35,7 @@ from benchmarks.perf.models import (
 from benchmarks.perf.report import PartResult, format_part, write_part
 from mergekit_sparsegpt.demo.tiny import torch_threads
 
-DEFAULT_PARTS = (calibration.PART, depth.PART, merge.PART)
+DEFAULT_PARTS = (calibration.PART, process.PART, depth.PART, merge.PART)
 # Not run by default: 18 subprocesses with up to 5 experts, about a quarter of an hour at
 # --size medium and hours at full size, on top of the default parts' own hours.
 PARTS = (*DEFAULT_PARTS, experts.PART)
@@ -73,6 +75,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="torch threads, in-process and in every subprocess (default: torch's own "
         "choice; --quick 1, as tiny matmuls gain nothing from threads)",
+    )
+    parser.add_argument(
+        "--importance",
+        help="the depth part's importance score (default: the plugin's, whose pre-pass "
+        "accumulates diag H alone; obs: whole Hessians)",
     )
     args = parser.parse_args(argv)
     if args.quick and args.size not in (None, QUICK.name):
@@ -117,7 +124,8 @@ def part_runners(
     threads = args.threads
     return {
         calibration.PART: lambda: calibration.run(checkpoints, args.repeats, threads, work),
-        depth.PART: lambda: depth.run(checkpoints, args.repeats, threads, work),
+        process.PART: lambda: process.run(args.out, checkpoints.sizes, args.repeats, threads, work),
+        depth.PART: lambda: depth.run(checkpoints, args.repeats, threads, work, args.importance),
         merge.PART: lambda: merge.run(checkpoints, merged, args.repeats, threads, work),
         experts.PART: lambda: experts.run(checkpoints, args.experts_repeats, threads, work),
     }

@@ -12,6 +12,15 @@ from mergekit_sparsegpt.methods.parameters import PREPASS_PARAMETERS
 
 # What the plugin prints (unless --quiet) for each task its statistics cache served.
 CACHE_HIT_MESSAGE = "from cache"
+# ... for each cache entry it computed and wrote: a warm merge prints none.
+COMPUTED_MESSAGE = "written to cache"
+# ... once `calibrate` has every entry its config needs.
+READY_MESSAGE = "Calibration statistics ready"
+# What `mergekit-sparsegpt calibrate` imports before it reads any weight.
+CALIBRATE_IMPORTS = (
+    "import torch, transformers, mergekit, mergekit.merge, mergekit_sparsegpt, "
+    "mergekit_sparsegpt.prepass.run, transformers.models.llama.modeling_llama"
+)
 DENSITY = 0.3  # of the trimming methods in the merge part and the single-model pre-passes
 
 

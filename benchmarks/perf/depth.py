@@ -25,6 +25,8 @@ from transformers import AutoConfig
 from benchmarks.perf import formulas
 from benchmarks.perf.configs import (
     CACHE_HIT_MESSAGE,
+    CALIBRATE_IMPORTS,
+    READY_MESSAGE,
     calibrate_command,
     calibration_settings,
     prepass_default,
@@ -41,17 +43,12 @@ from benchmarks.perf.measure import (
 from benchmarks.perf.models import Checkpoints
 from benchmarks.perf.report import PartResult, ratio, seconds, size
 from mergekit_sparsegpt.demo.merges import write_config
+from mergekit_sparsegpt.trim.importance import DEFAULT_IMPORTANCE
 
 PART = "depth"
 TITLE = "Memory that does not grow with depth: pre-pass peak RSS per depth"
 TARGET_GROWTH = 1.15  # deepest / shallowest peak
 TARGET_MODEL_FRACTION = 0.40  # peak / float32 model size
-# What `mergekit-sparsegpt calibrate` imports before it reads any weight.
-OVERHEAD_IMPORTS = (
-    "import torch, transformers, mergekit, mergekit.merge, mergekit_sparsegpt, "
-    "mergekit_sparsegpt.prepass.run, transformers.models.llama.modeling_llama"
-)
-READY_MESSAGE = "Calibration statistics ready"
 
 
 @dataclass(frozen=True)
@@ -74,14 +71,22 @@ class DepthRuns:
         return median([run.sampled_peak_bytes.get(field, 0) for run in self.runs])
 
 
-def run(checkpoints: Checkpoints, repeats: int, threads: int, work: Path) -> PartResult:
+def run(
+    checkpoints: Checkpoints,
+    repeats: int,
+    threads: int,
+    work: Path,
+    importance: str | None = None,
+) -> PartResult:
+    """``importance``: the configs' (default: the plugin's, whose pre-pass accumulates diag H
+    alone; ``obs`` accumulates whole Hessians)."""
     env = benchmark_env(threads)
-    overhead = run_measured(python_command("-c", OVERHEAD_IMPORTS), env)
+    overhead = run_measured(python_command("-c", CALIBRATE_IMPORTS), env)
     depths = [
         DepthRuns(
             depth,
             [
-                calibrate_once(checkpoints, depth, work / PART / f"L{depth}", env)
+                calibrate_once(checkpoints, depth, work / PART / f"L{depth}", env, importance)
                 for _ in range(repeats)
             ],
             formulas.model_bytes(_shape(checkpoints, depth)),
@@ -91,16 +96,24 @@ def run(checkpoints: Checkpoints, repeats: int, threads: int, work: Path) -> Par
     # The shallowest depth's last config again: its cache entry exists, so this run only
     # imports, plans and tokenizes; what separates it from the imports-only run is that work.
     warm = calibrate_warm(work / PART / f"L{depths[0].depth}", env)
-    return summarize(checkpoints, depths, overhead, warm, threads)
+    result = summarize(checkpoints, depths, overhead, warm, threads)
+    result.data["importance"] = importance or DEFAULT_IMPORTANCE
+    return result
 
 
 def calibrate_once(
-    checkpoints: Checkpoints, depth: int, work_dir: Path, env: dict[str, str]
+    checkpoints: Checkpoints,
+    depth: int,
+    work_dir: Path,
+    env: dict[str, str],
+    importance: str | None = None,
 ) -> MeasuredRun:
     """One ``calibrate`` subprocess with an empty cache; checks it wrote one entry."""
     sizes = checkpoints.sizes
     cache_dir = fresh_directory(work_dir / "cache")
     settings = calibration_settings(sizes.calibration_samples, sizes.calibration_seq_len, cache_dir)
+    if importance is not None:
+        settings["importance"] = importance
     config = single_task_prepass_config(
         checkpoints.base(depth),
         checkpoints.task_alias(depth),

@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from benchmarks.perf import formulas, projection
 from benchmarks.perf.configs import (
     CACHE_HIT_MESSAGE,
+    COMPUTED_MESSAGE,
     DENSITY,
     calibrate_command,
     calibration_settings,
@@ -50,8 +51,6 @@ from mergekit_sparsegpt.demo.merges import write_config
 PART = "experts"
 EXPERT_COUNTS = (2, 5)
 REPEATS = 1  # merges per method and expert count unless --repeats is given
-# What a pre-pass prints when it computed statistics: a warm merge must print none of it.
-COMPUTED_MESSAGE = "written to cache"
 
 
 def calibration_samples(checkpoints: Checkpoints) -> int:

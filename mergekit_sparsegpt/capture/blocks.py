@@ -166,8 +166,13 @@ class _BlockRunner:
         batch_size: int,
         *,
         host: torch.device | str = HOST,
+        whole_matrices: bool = True,
     ):
-        map_large_allocations()
+        # Only where the blocks' consumers hold d x d matrices (whole Hessians, factors, solves):
+        # there the heap fragments without it, while its fresh mappings cost a page fault per
+        # page of every batch temporary, which a pass of diagonals alone need not pay.
+        if whole_matrices:
+            map_large_allocations()
         self.model = model
         self.load_tensor = load_tensor
         self.device = device
@@ -273,7 +278,9 @@ def capture_layer_hessians(
     called once the consumer has taken block ``index``'s Hessians (when it asks for the next
     block), with that block's outputs (on the host): block index+1's input.
     """
-    runner = _BlockRunner(model, load_tensor, {_TASK: windows}, device, batch_size)
+    runner = _BlockRunner(
+        model, load_tensor, {_TASK: windows}, device, batch_size, whole_matrices=not diagonal
+    )
     first = 0
     if resume is not None:  # the embedding pass still ran: it records every block's arguments
         first = resume[0]

@@ -35,9 +35,11 @@ def map_large_allocations() -> None:
 
     By default glibc raises this threshold (up to 32 MiB) whenever a mapped block is freed, so
     the per-batch activations of a block then come from its heap, where freed pieces of
-    different sizes fragment it: the peak inside a block rose with every block (measured in
-    benchmarks/perf). Setting the threshold also turns glibc's raising off, for the rest of the
-    process. A no-op off glibc.
+    different sizes fragment it: the peak inside a block rose with every block when the blocks'
+    whole Hessians were held (measured in benchmarks/perf). The price: every fresh mapping is
+    faulted in page by page, for each batch temporary of every block, so passes that hold no
+    d x d matrix do without it. Setting the threshold also turns glibc's raising off, for the
+    rest of the process. A no-op off glibc.
     """
     if _GLIBC is not None:
         _GLIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)

@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
+from mergekit_sparsegpt.capture import blocks
 from mergekit_sparsegpt.capture.architecture import decoder_layers
 from mergekit_sparsegpt.capture.blocks import (
     _ArgumentRecorder,
@@ -123,6 +124,19 @@ def test_diagonal_capture_is_the_diagonal_of_the_whole_one(full_model):
                     small.hessians[group], torch.diagonal(hessian), rtol=1e-5, atol=1e-5
                 )
     assert "lm_head.weight" in diagonal[-1].estimated
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_only_passes_of_whole_hessians_map_large_allocations(full_model, monkeypatch, diagonal):
+    """The fixed mmap threshold keeps a pass holding d x d matrices from fragmenting the heap;
+    a pass of diagonals alone keeps glibc's defaults and their speed."""
+    calls = []
+    monkeypatch.setattr(blocks, "map_large_allocations", lambda: calls.append(1))
+    windows = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(5))
+    state = full_model.state_dict()
+    model = empty_model(_config())
+    list(capture_layer_hessians(model, state.__getitem__, windows, diagonal=diagonal))
+    assert len(calls) == (0 if diagonal else 1)
 
 
 def test_only_one_block_is_materialised_at_a_time(full_model):
