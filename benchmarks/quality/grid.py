@@ -37,6 +37,7 @@ NONGRAM_KINDS = ("embed_tokens", "lm_head", "norm")
 # had statistics keep their meaning.
 STOCK_NORMS = {"norm_rule": "stock"}
 STOCK_REST = {"embedding_rule": "stock", "lm_head_statistics": False, **STOCK_NORMS}
+DARE_HEAD = {"lm_head_statistics": True}  # not sparsegpt_dare's default
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,27 @@ VARIANTS: dict[str, Variant] = {
             (",energy", {"combine": "energy", **STOCK_NORMS}),
             (",all", {}),
             (",all,norms=mean", {"norm_rule": "mean"}),
+        )
+    },
+    # sparsegpt_dare with the issue-16 rules, each row over the seeds; every row pins the rules
+    # it does not vary (the defaults since: combine energy, lm_head by the stock rule).
+    **{
+        f"sparsegpt_dare[{suffix}]": Variant("sparsegpt_dare", extra, seeds=SEEDS, plotted=False)
+        for suffix, extra in (
+            ("stock-rest", {**STOCK_REST, "combine": "mean"}),
+            ("new", {**DARE_HEAD, "combine": "mean", **STOCK_NORMS}),
+            ("new,norms=mean", {**DARE_HEAD, "combine": "mean", "norm_rule": "mean"}),
+            ("new,norms=energy", {**DARE_HEAD, "combine": "mean", "norm_rule": "energy"}),
+            ("new,combine=energy", {**DARE_HEAD, "combine": "energy", **STOCK_NORMS}),
+            ("stock-rest,combine=energy", {**STOCK_REST, "combine": "energy"}),
+            (
+                "head,combine=energy",
+                {**DARE_HEAD, "embedding_rule": "stock", "combine": "energy", **STOCK_NORMS},
+            ),
+            (
+                "tokens,combine=energy",
+                {"lm_head_statistics": False, "combine": "energy", **STOCK_NORMS},
+            ),
         )
     },
 }

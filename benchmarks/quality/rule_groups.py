@@ -43,6 +43,29 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "sparsegpt_regmean new + norms": ("sparsegpt_regmean[wanda,compensate,merged,all]",),
     "sparsegpt_ties + all + norms": ("sparsegpt_ties[wanda,base,all]",),
     "sparsegpt_ties + all + norms by mean": ("sparsegpt_ties[wanda,base,all,norms=mean]",),
+    # sparsegpt_dare (each row over three seeds): before issue 16, its default (lm_head and
+    # embedding data-aware, norms stock), and its norms by mean or by channel energy.
+    "dare_linear": ("dare_linear",),
+    "sparsegpt_dare today": ("sparsegpt_dare[stock-rest]",),
+    "sparsegpt_dare new": ("sparsegpt_dare[new]",),
+    "sparsegpt_dare new + norms by mean": ("sparsegpt_dare[new,norms=mean]",),
+    "sparsegpt_dare new + norms by energy": ("sparsegpt_dare[new,norms=energy]",),
+    "sparsegpt_dare new + combine by energy": ("sparsegpt_dare[new,combine=energy]",),
+    "sparsegpt_dare today + combine by energy": ("sparsegpt_dare[stock-rest,combine=energy]",),
+    "sparsegpt_dare lm_head + combine by energy": ("sparsegpt_dare[head,combine=energy]",),
+    # The default since: the embedding by counts, lm_head stock, combined by energy.
+    "sparsegpt_dare embedding + combine by energy": ("sparsegpt_dare[tokens,combine=energy]",),
+    "sparsegpt_dare, any rule": tuple(
+        f"sparsegpt_dare[{suffix}]"
+        for suffix in (
+            "stock-rest",
+            "new",
+            "new,combine=energy",
+            "stock-rest,combine=energy",
+            "head,combine=energy",
+            "tokens,combine=energy",
+        )
+    ),
     # A tied family (--tied): the rules for the one tensor that is embedding and head.
     "regmean, tied: blend": ("regmean[merged,tied=blend]",),
     "regmean, tied: head": ("regmean[merged,tied=head]",),
@@ -98,6 +121,15 @@ PAIRS: tuple[tuple[str, str, float | None], ...] = (
     ("regmean, tied: blend", "regmean today", None),
     ("regmean, tied: head", "regmean today", None),
     ("regmean, tied: tokens", "regmean today", None),
+    ("sparsegpt_dare today", "dare_linear", None),
+    ("sparsegpt_dare new", "dare_linear", None),
+    ("sparsegpt_dare new", "sparsegpt_dare today", None),
+    ("sparsegpt_dare new + norms by mean", "sparsegpt_dare new", None),
+    ("sparsegpt_dare new + norms by energy", "sparsegpt_dare new", None),
+    ("sparsegpt_dare new + combine by energy", "sparsegpt_dare new", None),
+    ("sparsegpt_dare embedding + combine by energy", "sparsegpt_dare new", None),
+    ("sparsegpt_dare embedding + combine by energy", "dare_linear", None),
+    ("sparsegpt_dare, any rule", "dare_linear", None),
     ("sparsegpt_ties, any rule", "ties", 0.03),
     ("regmean, any rule", "regmean today", 0.05),
 )

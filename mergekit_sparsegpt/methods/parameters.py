@@ -67,9 +67,8 @@ PREPASS_PARAMETERS: tuple[ParameterSpec, ...] = (
 
 # Read by every method's kernel: false merges the output head by the stock rule, as if it had
 # no Hessian (its Hessian is captured all the same).
-HEAD_PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("lm_head_statistics", bool, ParameterScope.SHARED, default=True),
-)
+LM_HEAD_STATISTICS = ParameterSpec("lm_head_statistics", bool, ParameterScope.SHARED, default=True)
+HEAD_PARAMETERS: tuple[ParameterSpec, ...] = (LM_HEAD_STATISTICS,)
 
 IMPORTANCE = Choice(
     "importance", tuple(sorted(COLUMN_WEIGHTS)), DEFAULT_IMPORTANCE, validate_importance

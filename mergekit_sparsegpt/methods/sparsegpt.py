@@ -35,7 +35,7 @@ from mergekit_sparsegpt.methods.norms import (
     scale_delta,
 )
 from mergekit_sparsegpt.methods.parameters import (
-    HEAD_PARAMETERS,
+    LM_HEAD_STATISTICS,
     PREPASS_PARAMETERS,
     SIGN_FROM,
     SIGN_PARAMETERS,
@@ -56,9 +56,9 @@ from mergekit_sparsegpt.trim.trim import trim_task_vectors
 # How the trimmed task vectors are combined: mergekit's own mean ("mean"), or each model weighted
 # entry by entry by its input energy ("energy": RegMean's alpha = 0 solution on the kept entries).
 COMBINE = Choice("combine", ("mean", "energy"), "mean")
-# sparsegpt_ties combines by energy: validation chose it in each of the quality benchmark's
-# families (docs/quality-benchmark.md); sparsegpt_dare's sum is not measured with it.
-TIES_COMBINE = replace(COMBINE, default="energy")
+# Both trimming methods combine by energy: validation chose it in each of the quality
+# benchmark's families (docs/quality-benchmark.md).
+ENERGY_COMBINE = replace(COMBINE, default="energy")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
     fallback_method: str
     combine: Choice = COMBINE
     norm_rule: Choice = NORM_RULE
+    # lm_head trimmed by its Hessian (true) or by the stock method (false).
+    head_statistics: bool = True
 
     # What the pre-pass reads (see ``methods.base``): trimming needs only diagonals.
     keeps_hessians: ClassVar[bool] = False
@@ -103,7 +105,7 @@ class SparseGPTMerge(PluginMethod, GeneralizedTaskArithmeticMerge):
             pretty_name=stock.pretty_name,
             reference_url=stock.reference_url,
             parameters=stock.parameters
-            + HEAD_PARAMETERS
+            + (replace(LM_HEAD_STATISTICS, default=self.head_statistics),)
             + TOKEN_PARAMETERS
             + (self.norm_rule.spec,)
             + (self.combine.spec,)
@@ -251,7 +253,7 @@ SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
         default_normalize=True,
         default_rescale=False,
         method_name="sparsegpt_ties",
-        combine=TIES_COMBINE,
+        combine=ENERGY_COMBINE,
         method_pretty_name="SparseGPT-importance TIES",
         method_reference_url="https://arxiv.org/abs/2301.00774",
         fallback_method="ties",
@@ -262,6 +264,10 @@ SPARSEGPT_METHODS: tuple[SparseGPTMerge, ...] = (
         default_normalize=False,
         default_rescale=True,
         method_name="sparsegpt_dare",
+        combine=ENERGY_COMBINE,
+        # Validation chose DARE's stock rule for lm_head in two of three families, and its norm
+        # rules all merge alike (docs/quality-benchmark.md).
+        head_statistics=False,
         norm_rule=replace(NORM_RULE, default="stock"),
         method_pretty_name="SparseGPT-importance DARE",
         method_reference_url="https://arxiv.org/abs/2301.00774",

@@ -48,3 +48,12 @@ def test_choice_is_on_validation_and_differences_are_within_a_family(tmp_path):
     assert pair["domains"]["code"] == pytest.approx([0.2, 0.0])
     assert "regmean new - regmean today: mean +0.060" in text
     assert "MISS (target +0.05 each)" in text  # the second family gains only 0.02
+
+
+def test_every_group_names_rows_of_the_grid_and_every_pair_names_groups():
+    from benchmarks.quality.grid import VARIANTS
+
+    named = {variant for variants in rule_groups.GROUPS.values() for variant in variants}
+    assert named - set(VARIANTS) == set()
+    compared = {name for group, reference, _ in rule_groups.PAIRS for name in (group, reference)}
+    assert compared - set(rule_groups.GROUPS) == set()

@@ -165,3 +165,18 @@ def test_norm_scale_is_trimmed_and_combined_by_channel_energies(method, combine)
     torch.testing.assert_close(merged.to(F64), expected, rtol=1e-5, atol=1e-5)
     assert merged.shape == (COLUMNS,)
     assert (context.report[NORM]["path"], context.report[NORM]["kind"]) == ("norm", "norm or scale")
+
+
+def test_trimming_methods_default_to_the_rules_chosen_on_validation():
+    """Both combine by energy; sparsegpt_dare merges lm_head by its stock rule and its norms by
+    theirs (docs/quality-benchmark.md)."""
+    defaults = {
+        method: {p.name: p.default for p in merge_methods.get(method).spec.parameters}
+        for method in ("sparsegpt_ties", "sparsegpt_dare")
+    }
+    assert (
+        defaults["sparsegpt_ties"]["combine"] == defaults["sparsegpt_dare"]["combine"] == "energy"
+    )
+    assert defaults["sparsegpt_ties"]["lm_head_statistics"] is True
+    assert defaults["sparsegpt_dare"]["lm_head_statistics"] is False
+    assert defaults["sparsegpt_dare"]["norm_rule"] == "stock"

@@ -44,7 +44,10 @@ def test_stock_cli_merges_and_second_run_reuses_cache(tiny_models, tmp_path, met
     first = _run(MERGEKIT_YAML, str(config), str(tmp_path / "out1"), cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Hessians of" in first.stderr
-    assert "Hessian importance: 15 tensors" in first.stderr  # 14 decoder linears and lm_head
+    # 14 decoder linears and lm_head; sparsegpt_dare merges lm_head by its stock rule.
+    linears = 15 if method == "sparsegpt_ties" else 14
+    assert f"Hessian importance: {linears} tensors" in first.stderr
+    assert ("lm_head_statistics: false" in first.stderr) == (method == "sparsegpt_dare")
     assert "token-count importance: 1 tensors" in first.stderr
     # The summary by kind: the norms' default rule (sparsegpt_dare keeps its stock rule).
     if method == "sparsegpt_ties":
