@@ -24,6 +24,14 @@ CALIBRATE_IMPORTS = (
 DENSITY = 0.3  # of the trimming methods in the merge part and the single-model pre-passes
 
 
+def check_served(stderr: str, entries: int, what: str) -> None:
+    """A warm run's output (``stderr``): the cache served all ``entries`` and nothing was
+    computed; raises naming ``what`` otherwise."""
+    hits = stderr.count(CACHE_HIT_MESSAGE)
+    if hits != entries or COMPUTED_MESSAGE in stderr:
+        raise RuntimeError(f"{what} found {hits} of {entries} entries in the cache: not warm")
+
+
 def prepass_default(name: str) -> Any:
     """The plugin's default for a pre-pass setting, read from its own parameter spec."""
     return next(spec.default for spec in PREPASS_PARAMETERS if spec.name == name)

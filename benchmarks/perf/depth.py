@@ -24,11 +24,11 @@ from transformers import AutoConfig
 
 from benchmarks.perf import formulas
 from benchmarks.perf.configs import (
-    CACHE_HIT_MESSAGE,
     CALIBRATE_IMPORTS,
     READY_MESSAGE,
     calibrate_command,
     calibration_settings,
+    check_served,
     prepass_default,
     single_task_prepass_config,
 )
@@ -131,8 +131,7 @@ def calibrate_once(
 def calibrate_warm(work_dir: Path, env: dict[str, str]) -> MeasuredRun:
     """``calibrate`` of ``work_dir``'s config once more; it must be served by the cache."""
     measured = run_measured(calibrate_command(work_dir / "config.yml"), env)
-    if CACHE_HIT_MESSAGE not in measured.stderr:
-        raise RuntimeError(f"calibrate of {work_dir / 'config.yml'} missed its cache entry")
+    check_served(measured.stderr, 1, f"calibrate of {work_dir / 'config.yml'}")
     return measured
 
 

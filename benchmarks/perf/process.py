@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,12 @@ from transformers import AutoConfig
 from benchmarks.perf import formulas
 from benchmarks.perf.calibration import check_same_tokens, plugin_windows
 from benchmarks.perf.configs import (
-    CACHE_HIT_MESSAGE,
     CALIBRATE_IMPORTS,
-    COMPUTED_MESSAGE,
     DENSITY,
     READY_MESSAGE,
     calibrate_command,
     calibration_settings,
+    check_served,
     merge_config,
     prepass_default,
 )
@@ -65,12 +63,18 @@ REFERENCE_IMPORTS = (
     "from transformers import AutoModelForCausalLM"
 )
 MERGEKIT_IMPORTS = f"{REFERENCE_IMPORTS}; import mergekit, mergekit.merge, mergekit.config"
+INTERPRETER, TORCH, MERGEKIT, PLUGIN = (
+    "interpreter",
+    "torch + transformers",
+    "+ mergekit",
+    "+ the plugin (calibrate's imports)",
+)
 # Start-up alone, each a process of its own: label -> (code, whether the plugin's hook runs).
 STARTUPS = {
-    "interpreter": ("pass", True),
-    "torch + transformers": (REFERENCE_IMPORTS, True),
-    "+ mergekit": (MERGEKIT_IMPORTS, False),
-    "+ the plugin (calibrate's imports)": (CALIBRATE_IMPORTS, True),
+    INTERPRETER: ("pass", True),
+    TORCH: (REFERENCE_IMPORTS, True),
+    MERGEKIT: (MERGEKIT_IMPORTS, False),
+    PLUGIN: (CALIBRATE_IMPORTS, True),
 }
 
 
@@ -84,8 +88,8 @@ class ProcessTimings:
     startup: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in STARTUPS})
     reference_parts: list[dict[str, Any]] = field(default_factory=list)
 
-    def median_startup(self, name: str) -> float:
-        return median(self.startup[name])
+    def median_startups(self) -> dict[str, float]:
+        return {name: median(seconds) for name, seconds in self.startup.items()}
 
     def median_reference_part(self, name: str) -> float:
         return median([parts[name] for parts in self.reference_parts])
@@ -106,15 +110,11 @@ def process_sizes(sizes: Sizes) -> Sizes:
 def run(out: Path, sizes: Sizes, repeats: int, threads: int, work: Path) -> PartResult:
     sizes = process_sizes(sizes)
     checkpoints = prepare(out, sizes, sizes.depths, experts=TASKS)
+    base = checkpoints.base(sizes.shallowest)
     work = fresh_directory(work / PART)
     texts = [checkpoints.expert_calibration_text(name) for name in expert_domains(TASKS)]
     windows = [
-        plugin_windows(
-            checkpoints.base(sizes.shallowest),
-            text,
-            sizes.merge_calibration_samples,
-            sizes.calibration_seq_len,
-        )
+        plugin_windows(base, text, sizes.merge_calibration_samples, sizes.calibration_seq_len)
         for text in texts
     ]
     tokens_file = work / "tokens.pt"
@@ -123,7 +123,6 @@ def run(out: Path, sizes: Sizes, repeats: int, threads: int, work: Path) -> Part
     config = write_config(calibrate_config(checkpoints, cache_dir), work / "config.yml")
     env = benchmark_env(threads)
     batch_size = prepass_default("calibration_batch_size")
-    base = checkpoints.base(sizes.shallowest)
     timings = ProcessTimings()
     for _ in range(repeats):
         for name, (code, hook) in STARTUPS.items():
@@ -173,23 +172,21 @@ def reference_parts(reference: MeasuredRun, windows: list[torch.Tensor]) -> dict
 
 
 def calibrate_fresh(
-    config: Path, env: Mapping[str, str], cache_dir: Path, windows: list[torch.Tensor]
+    config: Path, env: dict[str, str], cache_dir: Path, windows: list[torch.Tensor]
 ) -> MeasuredRun:
     """``calibrate`` with an empty cache: it must write one entry per task, on the reference's
     tokens."""
-    measured = run_measured(calibrate_command(config), dict(env))
+    measured = run_measured(calibrate_command(config), env)
     if READY_MESSAGE not in measured.stderr:
         raise RuntimeError(f"calibrate of {config} did not finish:\n{measured.stderr[-2000:]}")
     check_same_tokens(cache_dir, windows)
     return measured
 
 
-def calibrate_warm(config: Path, env: Mapping[str, str]) -> MeasuredRun:
+def calibrate_warm(config: Path, env: dict[str, str]) -> MeasuredRun:
     """``calibrate`` again: the cache must serve every task, and nothing may be computed."""
-    measured = run_measured(calibrate_command(config), dict(env))
-    hits = measured.stderr.count(CACHE_HIT_MESSAGE)
-    if hits != TASKS or COMPUTED_MESSAGE in measured.stderr:
-        raise RuntimeError(f"the warm calibrate of {config} found {hits} of {TASKS} entries")
+    measured = run_measured(calibrate_command(config), env)
+    check_served(measured.stderr, TASKS, f"the warm calibrate of {config}")
     return measured
 
 
@@ -202,9 +199,8 @@ def summarize(
 ) -> PartResult:
     result = PartResult(PART, TITLE)
     reference, calibrate = median(timings.reference), median(timings.calibrate)
-    reference_imports = timings.median_startup("torch + transformers")
-    calibrate_imports = timings.median_startup("+ the plugin (calibrate's imports)")
-    mergekit_imports = timings.median_startup("+ mergekit")
+    startup = timings.median_startups()
+    reference_imports, calibrate_imports = startup[TORCH], startup[PLUGIN]
     plain = f"plain forward process {seconds(reference)}"
     result.add(
         "calibrate process (empty cache)",
@@ -226,7 +222,7 @@ def summarize(
         f"calibrate, empty cache {seconds(calibrate)}",
         ratio(warm, calibrate),
     )
-    _add_startup_rows(result, timings, reference, calibrate, reference_imports, mergekit_imports)
+    _add_startup_rows(result, startup, reference, calibrate)
     for part in ("import_s", "load_s", "forward_s"):
         value = timings.median_reference_part(part)
         label = part.removesuffix("_s")
@@ -256,31 +252,30 @@ def summarize(
 
 
 def _add_startup_rows(
-    result: PartResult,
-    timings: ProcessTimings,
-    reference: float,
-    calibrate: float,
-    reference_imports: float,
-    mergekit_imports: float,
+    result: PartResult, startup: dict[str, float], reference: float, calibrate: float
 ) -> None:
-    """Start-up, each row a process that only imports; the last two are what mergekit and the
-    plugin add to the reference's imports, as shares of the calibrate process."""
-    interpreter = timings.median_startup("interpreter")
+    """Start-up (``startup``: median seconds per imports-only process); the first two rows as
+    shares of the plain process, the last two, what mergekit and the plugin add to the
+    reference's imports, as shares of the calibrate process."""
     plain = f"plain forward process {seconds(reference)}"
     whole = f"calibrate process {seconds(calibrate)}"
-    result.add("start-up: empty interpreter", seconds(interpreter), plain, interpreter / reference)
-    result.add(
-        "start-up: import torch + transformers",
-        seconds(reference_imports),
-        plain,
-        ratio(reference_imports, reference),
-    )
-    calibrate_imports = timings.median_startup("+ the plugin (calibrate's imports)")
-    for label, extra in (
-        ("start-up: mergekit's import on top", mergekit_imports - reference_imports),
-        ("start-up: the plugin's import on top", calibrate_imports - mergekit_imports),
+    for label, value, reference_label, reference_s in (
+        ("start-up: empty interpreter", startup[INTERPRETER], plain, reference),
+        ("start-up: import torch + transformers", startup[TORCH], plain, reference),
+        (
+            "start-up: mergekit's import on top",
+            startup[MERGEKIT] - startup[TORCH],
+            whole,
+            calibrate,
+        ),
+        (
+            "start-up: the plugin's import on top",
+            startup[PLUGIN] - startup[MERGEKIT],
+            whole,
+            calibrate,
+        ),
     ):
-        result.add(label, seconds(extra), whole, ratio(extra, calibrate))
+        result.add(label, seconds(value), reference_label, ratio(value, reference_s))
 
 
 def _notes(

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from benchmarks.perf import process
 from benchmarks.perf.calibration import check_same_tokens
+from benchmarks.perf.configs import CACHE_HIT_MESSAGE, COMPUTED_MESSAGE, check_served
 from benchmarks.perf.measure import MeasuredRun
 from benchmarks.perf.models import MEDIUM
 from benchmarks.perf.report import MISS, PASS
@@ -35,6 +36,15 @@ def test_cache_entries_must_name_the_reference_tokens(tmp_path: Path) -> None:
         check_same_tokens(tmp_path, [first, other])
     with pytest.raises(RuntimeError, match="expected 1 cache entries"):
         check_same_tokens(tmp_path, [first])
+
+
+def test_a_warm_run_must_be_served_every_entry_and_compute_nothing() -> None:
+    hit = f"Hessian statistics for a {CACHE_HIT_MESSAGE} /c/1.safetensors\n"
+    check_served(hit * 2, 2, "calibrate")
+    with pytest.raises(RuntimeError, match="calibrate found 1 of 2 entries"):
+        check_served(hit, 2, "calibrate")
+    with pytest.raises(RuntimeError, match="not warm"):
+        check_served(hit * 2 + f"Hessian statistics for b {COMPUTED_MESSAGE} /c/2\n", 2, "x")
 
 
 def _reference_run(report: dict) -> MeasuredRun:
